@@ -1,0 +1,182 @@
+// CLLM core: configuration, parameter/activation layouts and the kernel declarations.
+// Every part has its forward and backward side by side in its own file (see DESIGN.md).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace cllm {
+
+struct Config {
+    int vocab_size = 256;
+    int max_seq_len = 128;
+    int embedding_dim = 128;
+    int num_layers = 4;
+    int num_heads = 4;
+    int ff_dim = 512;
+    float dropout = 0.0f;
+    bool learned_pos = true;  // false: fixed sinusoidal table
+};
+
+// Throws std::invalid_argument naming the offending field.
+void validate_config(const Config& c);
+
+// ---- memory ---------------------------------------------------------------------------------
+// 64-byte aligned float buffer (AVX-512 loads), zero-initialised.
+struct AlignedFree { void operator()(float* p) const; };
+using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
+FloatBuffer alloc_floats(size_t n);
+
+// One parameter tensor inside the flat buffer.
+struct TensorInfo {
+    std::string name;
+    std::vector<int64_t> shape;
+    size_t offset;  // in floats, 16-float aligned
+    size_t size;
+    bool decay;     // 2-D weights get weight decay; biases and LayerNorm parameters do not
+};
+
+// Pointers to one layer's tensors; built over the parameter buffer or the gradient buffer alike.
+struct LayerTensors {
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *attproj_w, *attproj_b;
+    float *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w, *fcproj_b;
+};
+struct ModelTensors {
+    float* wte;
+    float* wpe;  // nullptr for sinusoidal
+    std::vector<LayerTensors> layers;
+    float *lnf_w, *lnf_b;
+};
+
+struct ParamLayout {
+    std::vector<TensorInfo> tensors;
+    size_t total = 0;
+    explicit ParamLayout(const Config& c);
+    ModelTensors bind(float* base) const;
+};
+
+// Activations of one training step for a (B, T): one arena, sized once.
+struct LayerActs {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *att_lse, *res2;
+    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_gelu, *res3;
+};
+struct Activations {
+    int B = 0, T = 0;
+    FloatBuffer arena;
+    size_t arena_floats = 0;
+    float* encoded;  // x0 [B,T,C]
+    std::vector<LayerActs> layers;
+    float *lnf, *lnf_mean, *lnf_rstd;
+    float* logits;  // [B,T,V]; holds dlogits after a forward_backward
+    float* losses;  // [B,T]
+    // backward scratch, reused by every layer
+    float *dres, *dln, *dqkv, *datty, *dfch;
+    void allocate(const Config& c, int B, int T);
+};
+
+// ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
+// so the backward regenerates it instead of storing it, and results do not depend on threads.
+uint64_t mix64(uint64_t x);
+inline bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, uint32_t threshold) {
+    return (uint32_t)(mix64(seed ^ mix64(site * 0x9E3779B97F4A7C15ULL + index)) >> 32) >= threshold;
+}
+inline uint32_t dropout_threshold(float p) { return (uint32_t)((double)p * 4294967296.0); }
+// Dropout sites in the model: embedding, then per layer attention probabilities and two residuals.
+inline uint64_t site_embedding() { return 1; }
+inline uint64_t site_attn(int l) { return 16 + 4 * (uint64_t)l; }
+inline uint64_t site_attn_resid(int l) { return 17 + 4 * (uint64_t)l; }
+inline uint64_t site_mlp_resid(int l) { return 18 + 4 * (uint64_t)l; }
+struct Dropout {
+    float p = 0.0f;
+    uint64_t seed = 0;  // per step
+    bool active() const { return p > 0.0f; }
+};
+// x *= mask/(1-p) in place over n elements at a site.
+void dropout_forward(float* x, size_t n, const Dropout& d, uint64_t site);
+void dropout_backward(float* dx, size_t n, const Dropout& d, uint64_t site);
+void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
+
+// ---- kernels (one file each) -------------------------------------------------------------------
+// cllm_matmul.cpp: C[M,N] = (accumulate ? C : 0) + op(A) op(B); A is [M,K] (or [K,M] if trans_a),
+// B is [K,N] (or [N,K] if trans_b), all row-major and contiguous.
+void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
+            bool accumulate);
+// out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+// dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
+void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
+                     int N, int IC, int OC, bool accumulate_dinp);
+
+// cllm_embedding.cpp
+void sinusoidal_table(float* out, int P, int C);
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int B, int T, int C);
+void embedding_backward(float* dwte, float* dpos, const float* dout, const int32_t* tokens, int B, int T, int C);
+
+// cllm_layernorm.cpp (eps 1e-5)
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                       int N, int C);
+// dinp += ..., dw += ..., db += ...
+void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                        const float* mean, const float* rstd, int N, int C);
+
+// cllm_attention.cpp: causal multi-head self-attention over qkv [B,T,3C]; out [B,T,C], lse [B,H,T].
+// Only the per-row log-sum-exp is kept, so memory is linear in T; the backward recomputes probabilities.
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
+                       uint64_t site);
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        int B, int T, int C, int H, const Dropout& d, uint64_t site);
+// The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
+void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
+
+// cllm_feedforward.cpp: GELU (tanh approximation) and the two-layer MLP built on linear_*.
+void gelu_forward(float* out, const float* inp, size_t n);
+void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
+
+// cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
+// dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
+void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V);
+void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V,
+                            float scale);
+// Both at once: losses and dlogits in one pass over the logits (in place).
+void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
+                         float scale);
+
+// ---- the model (cllm_forward.cpp, cllm_backward.cpp) --------------------------------------------
+struct Model {
+    Config cfg;
+    ParamLayout layout;
+    FloatBuffer params, grads;
+    ModelTensors p, g;
+    std::vector<float> pos_table;  // sinusoidal table, when not learned
+    Activations acts;
+    uint64_t dropout_seed = 0;   // base seed
+    uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
+
+    Model(const Config& c, uint64_t seed);
+    const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
+    Dropout step_dropout() const;
+    // Forward through every layer, keeping the activations; logits land in acts.logits.
+    void forward(const int32_t* tokens, int B, int T, const Dropout& d);
+    // Mean cross-entropy of the last forward; turns the logits into dlogits scaled by grad_scale/(B*T).
+    float loss_and_dlogits(const int32_t* targets, float grad_scale);
+    float loss_only(const int32_t* targets);
+    void backward(const int32_t* tokens, const Dropout& d);
+    float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
+                           float grad_scale);
+    void zero_grad();
+};
+
+// ---- optimizer (cllm_optimizer.cpp) -------------------------------------------------------------
+double grad_norm(const float* g, size_t n);
+void scale_inplace(float* x, size_t n, float s);
+void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
+                float beta1, float beta2, float eps, float weight_decay, int64_t step);
+void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
+              float weight_decay, bool nesterov, bool first_step);
+
+int get_num_threads();
+void set_num_threads(int n);
+
+}  // namespace cllm

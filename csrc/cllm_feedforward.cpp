@@ -1,0 +1,31 @@
+// The feed-forward block's nonlinearity: GELU, tanh approximation, forward and backward.
+// (The block itself is c_fc -> GELU -> c_proj, composed from linear_* in the model.)
+#include <cmath>
+
+#include "cllm.h"
+
+namespace cllm {
+
+static constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+
+void gelu_forward(float* out, const float* inp, size_t n) {
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + 0.044715f * x * x * x)));
+    }
+}
+
+void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float u = kGeluScale * (x + 0.044715f * x * x * x);
+        float th = std::tanh(u);
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = dout[i] * grad;
+    }
+}
+
+}  // namespace cllm

@@ -1,0 +1,70 @@
+// The whole-model training forward: every layer in order, keeping the activations the backward needs.
+//   x = drop(wte[tokens] + pos); per block: x += drop(attn(ln_1(x))); x += drop(mlp(ln_2(x)));
+//   logits = ln_f(x) @ wte^T
+#include <cmath>
+#include <cstring>
+
+#include "cllm.h"
+
+namespace cllm {
+
+void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
+    if (acts.B != B || acts.T != T) acts.allocate(cfg, B, T);
+    const int C = cfg.embedding_dim, F = cfg.ff_dim, V = cfg.vocab_size, H = cfg.num_heads;
+    const int N = B * T;
+    const size_t NC = (size_t)N * C;
+
+    embedding_forward(acts.encoded, tokens, p.wte, positions(), B, T, C);
+    dropout_forward(acts.encoded, NC, d, site_embedding());
+    const float* x = acts.encoded;
+    for (int l = 0; l < cfg.num_layers; l++) {
+        const LayerTensors& w = p.layers[l];
+        LayerActs& a = acts.layers[l];
+        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C);
+        linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, C, 3 * C);
+        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, d, site_attn(l));
+        linear_forward(a.res2, a.atty, w.attproj_w, w.attproj_b, N, C, C);
+        dropout_forward(a.res2, NC, d, site_attn_resid(l));
+        #pragma omp parallel for simd schedule(static)
+        for (size_t i = 0; i < NC; i++) a.res2[i] += x[i];
+        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
+        linear_forward(a.fch, a.ln2, w.fc_w, w.fc_b, N, C, F);
+        gelu_forward(a.fch_gelu, a.fch, (size_t)N * F);
+        linear_forward(a.res3, a.fch_gelu, w.fcproj_w, w.fcproj_b, N, F, C);
+        dropout_forward(a.res3, NC, d, site_mlp_resid(l));
+        #pragma omp parallel for simd schedule(static)
+        for (size_t i = 0; i < NC; i++) a.res3[i] += a.res2[i];
+        x = a.res3;
+    }
+    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, x, p.lnf_w, p.lnf_b, N, C);
+    matmul(acts.logits, acts.lnf, p.wte, N, V, C, false, true, false);  // tied head: lnf @ wte^T
+}
+
+float Model::loss_only(const int32_t* targets) {
+    const int N = acts.B * acts.T;
+    cross_entropy_forward(acts.losses, acts.logits, targets, N, cfg.vocab_size);
+    double s = 0.0;
+    for (int i = 0; i < N; i++) s += acts.losses[i];
+    return (float)(s / N);
+}
+
+float Model::loss_and_dlogits(const int32_t* targets, float grad_scale) {
+    const int N = acts.B * acts.T;
+    cross_entropy_fused(acts.losses, acts.logits, targets, N, cfg.vocab_size, grad_scale / N);
+    double s = 0.0;
+    for (int i = 0; i < N; i++) s += acts.losses[i];
+    return (float)(s / N);
+}
+
+float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
+                              float grad_scale) {
+    Dropout d = step_dropout();
+    dropout_step++;
+    forward(tokens, B, T, d);
+    float loss = loss_and_dlogits(targets, grad_scale);
+    if (!accumulate) zero_grad();
+    backward(tokens, d);
+    return loss;
+}
+
+}  // namespace cllm

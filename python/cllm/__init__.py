@@ -1,0 +1,21 @@
+"""CLLM: a small, fast CPU training engine for decoder-only transformers."""
+from . import _core
+from ._core import kernels
+from .config import ModelConfig
+from .model import Model
+from .optim import SGD, AdamW, clip_grad_norm, grad_norm
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the C++ kernels (OpenMP)."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+__all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "kernels",
+           "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,58 @@
+"""Model configuration: plain values with defaults, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+POS_ENCODINGS = ("learned", "sinusoidal")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GPT-2-style model (mirrors the original CLLMConfig)."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 128
+    embedding_dim: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.0
+    pos_encoding: str = "learned"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "ff_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.embedding_dim % self.num_heads != 0:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {type(self.dropout).__name__}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"model config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

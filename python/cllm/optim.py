@@ -1,0 +1,102 @@
+"""Optimizers over the model's flat buffers (the maths is in C++): AdamW, SGD, global-norm clipping."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _core
+from .model import Model
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a cllm.Model, got {type(model).__name__}")
+
+
+def _views(model: Model, flat: np.ndarray) -> dict:
+    return {t["name"]: flat[t["offset"]:t["offset"] + t["size"]].reshape(t["shape"]) for t in model.tensor_info}
+
+
+class AdamW:
+    """AdamW (decoupled weight decay on 2-D weights only, bias-corrected moments), PyTorch semantics."""
+
+    def __init__(self, model: Model, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1):
+        _check_model(model)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite non-negative number, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        self.model = model
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
+        n = model._core.flat_size
+        self.exp_avg = np.zeros(n, dtype=np.float32)
+        self.exp_avg_sq = np.zeros(n, dtype=np.float32)
+        self.step_count = 0
+
+    def step(self) -> None:
+        self.step_count += 1
+        _core.adamw_step(self.model._core, self.exp_avg, self.exp_avg_sq, self.lr, self.betas[0], self.betas[1],
+                         self.eps, self.weight_decay, self.step_count)
+
+    def state(self) -> dict:
+        return {"step": self.step_count, "exp_avg": _views(self.model, self.exp_avg),
+                "exp_avg_sq": _views(self.model, self.exp_avg_sq)}
+
+    def load_state(self, step: int, exp_avg: dict, exp_avg_sq: dict) -> None:
+        for flat, src, what in ((self.exp_avg, exp_avg, "exp_avg"), (self.exp_avg_sq, exp_avg_sq, "exp_avg_sq")):
+            views = _views(self.model, flat)
+            if set(views) != set(src):
+                raise ValueError(f"optimizer state {what} names do not match the model")
+            for name, v in views.items():
+                a = np.asarray(src[name])
+                if a.shape != v.shape:
+                    raise ValueError(f"optimizer state {what}.{name}: shape {a.shape} != {v.shape}")
+                v[...] = a
+        self.step_count = int(step)
+
+
+class SGD:
+    """SGD with momentum (optionally Nesterov) and L2 weight decay on 2-D weights, PyTorch semantics."""
+
+    def __init__(self, model: Model, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False):
+        _check_model(model)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite non-negative number, got {lr}")
+        if not momentum >= 0:
+            raise ValueError(f"momentum must be non-negative, got {momentum}")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov momentum requires momentum > 0")
+        self.model = model
+        self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
+        self.momentum_buffer = np.zeros(model._core.flat_size, dtype=np.float32)
+        self.step_count = 0
+
+    def step(self) -> None:
+        _core.sgd_step(self.model._core, self.momentum_buffer, self.lr, self.momentum, self.weight_decay,
+                       self.nesterov, self.step_count == 0)
+        self.step_count += 1
+
+
+def grad_norm(model: Model) -> float:
+    """Global L2 norm of all gradients."""
+    _check_model(model)
+    return float(_core.grad_norm(model._core))
+
+
+def clip_grad_norm(model: Model, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
+    _check_model(model)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    norm = float(_core.grad_norm(model._core))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        _core.scale_grads(model._core, coef)
+    return norm

@@ -1,0 +1,410 @@
+"""Tokenizers for CLLM: a raw byte tokenizer and a trainable byte-level BPE.
+
+Two tokenizers share one small interface (:class:`Tokenizer`):
+
+* :class:`ByteTokenizer` maps text to the ids of its UTF-8 bytes (vocabulary
+  of 256).  It needs no training and is the default.
+* :class:`BPETokenizer` is a byte-level BPE built with the Hugging Face
+  ``tokenizers`` library (ByteLevel pre-tokenizer and decoder, no normaliser,
+  no special tokens), so that it too is lossless for any text.
+
+Both encode to ``np.int32`` arrays.  ``decode(encode(s)) == s`` holds for every
+Python string ``s`` that is valid Unicode; a string holding lone surrogates
+(which cannot be written as UTF-8) is encoded as if each lone surrogate were
+U+FFFD REPLACEMENT CHARACTER.
+
+Serialisation: ``tok.to_json()`` returns a JSON object of the form
+``{"type": "byte"}`` or ``{"type": "bpe", "tokenizer": "<HF tokenizer JSON>"}``
+and :func:`tokenizer_from_json` restores the right class from it;
+``tok.save(path)`` / :func:`load_tokenizer` do the same through a file.
+Malformed or foreign JSON raises :class:`ValueError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "Tokenizer",
+    "ByteTokenizer",
+    "BPETokenizer",
+    "tokenizer_from_json",
+    "load_tokenizer",
+    "MissingFileError",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_MIN_BPE_VOCAB = 257
+
+
+class MissingFileError(FileNotFoundError, ValueError):
+    """A required input file does not exist.
+
+    It is both a :class:`FileNotFoundError` and a :class:`ValueError`, so code
+    that handles either (for example a command-line front end that reports
+    every ``ValueError`` as a user error) sees it.
+    """
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; lone surrogates become U+FFFD."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected text of type str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text).encode("utf-8")
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (usually ``text`` itself)."""
+    _utf8(text)  # type check
+    if _SURROGATES.search(text) is None:
+        return text
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _as_id_array(ids, vocab_size: int) -> np.ndarray:
+    """Validate a sequence of token ids and return it as a 1-D int64 array."""
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be a 1-D sequence, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class Tokenizer:
+    """Interface shared by the CLLM tokenizers."""
+
+    #: short name stored in the JSON form ("byte" or "bpe")
+    kind: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct token ids; every id is in ``[0, vocab_size)``."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as a 1-D ``np.int32`` array."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        """Encode several texts; same result as ``[encode(t) for t in texts]``."""
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of token ids (invalid UTF-8 becomes U+FFFD)."""
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string readable by :func:`tokenizer_from_json`."""
+        raise NotImplementedError
+
+    def save(self, path: PathLike) -> None:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        _write_text_atomic(Path(path), self.to_json())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """One token per UTF-8 byte: ids 0..255, no training, lossless."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(_utf8(text), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        arr = _as_id_array(ids, 256)
+        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "byte"})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash("ByteTokenizer")
+
+
+def _hf():
+    """Import the Hugging Face ``tokenizers`` package with a clear error."""
+    try:
+        import tokenizers
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise ImportError(
+            "BPETokenizer needs the 'tokenizers' package: pip install tokenizers"
+        ) from e
+    return tokenizers
+
+
+def _chunk_text(text: str, target: int) -> List[str]:
+    """Split ``text`` into pieces of about ``target`` characters for batch encoding.
+
+    Cuts are made only just before a newline whose preceding character is not
+    whitespace.  The GPT-2 pre-tokenisation regex used by the ByteLevel
+    pre-tokenizer always has a token boundary there and no match looks across
+    it, so encoding the pieces separately gives exactly the ids of encoding
+    the whole text at once.
+    """
+    n = len(text)
+    if n <= target:
+        return [text]
+    pieces: List[str] = []
+    start = 0
+    while n - start > target:
+        pos = text.find("\n", start + target)
+        while pos != -1 and text[pos - 1].isspace():
+            pos = text.find("\n", pos + 1)
+        if pos == -1:
+            break
+        pieces.append(text[start:pos])
+        start = pos
+    pieces.append(text[start:])
+    return pieces
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE tokenizer backed by a Hugging Face ``tokenizers.Tokenizer``.
+
+    Create one with :meth:`train`, or restore one with
+    :func:`tokenizer_from_json` / :func:`load_tokenizer`.
+    """
+
+    kind = "bpe"
+    #: texts longer than this many characters are cut into pieces (at safe
+    #: places, see :func:`_chunk_text`) and encoded in parallel
+    chunk_chars: int = 1 << 16
+
+    def __init__(self, hf_tokenizer) -> None:
+        _check_hf_tokenizer(hf_tokenizer)
+        self._tok = hf_tokenizer
+        self._vocab_size = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))
+
+    @classmethod
+    def train(
+        cls,
+        files_or_texts: Union[str, PathLike, Iterable[Union[str, PathLike]]],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> "BPETokenizer":
+        """Train a byte-level BPE on some text.
+
+        ``files_or_texts``: one item or an iterable of items, where a
+        :class:`str` is taken as *text* and a :class:`pathlib.Path` (any
+        ``os.PathLike``) as a UTF-8 *file* to read.  ``vocab_size`` (>= 257)
+        is the largest vocabulary wanted: the 256 byte tokens plus up to
+        ``vocab_size - 256`` merges.  A small corpus may support fewer merges,
+        in which case :attr:`vocab_size` of the result is smaller.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        if vocab_size < _MIN_BPE_VOCAB:
+            raise ValueError(
+                f"BPE vocab_size must be at least {_MIN_BPE_VOCAB} "
+                f"(256 byte tokens + at least one merge), got {vocab_size}"
+            )
+        if vocab_size > 2**31 - 1:
+            raise ValueError(f"BPE vocab_size {vocab_size} is too large")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
+        if isinstance(files_or_texts, (str, os.PathLike)):
+            items = [files_or_texts]
+        else:
+            items = list(files_or_texts)
+        texts = [_read_training_item(item) for item in items]
+        if not any(texts):
+            raise ValueError("cannot train a BPE tokenizer: the training text is empty")
+
+        hf = _hf()
+        tok = hf.Tokenizer(hf.models.BPE())
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = hf.decoders.ByteLevel()
+        trainer = hf.trainers.BpeTrainer(
+            vocab_size=int(vocab_size),
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+            initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+        )
+
+        def pieces():
+            for text in texts:
+                yield from _chunk_text(text, cls.chunk_chars)
+
+        tok.train_from_iterator(pieces(), trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def hf_tokenizer(self):
+        """The underlying ``tokenizers.Tokenizer`` (do not modify it)."""
+        return self._tok
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch expects a sequence of str, got a single str")
+        pieces: List[str] = []
+        counts: List[int] = []
+        for text in texts:
+            parts = [p for p in _chunk_text(_valid_text(text), self.chunk_chars) if p]
+            pieces.extend(parts)
+            counts.append(len(parts))
+        encodings = self._tok.encode_batch(pieces, add_special_tokens=False) if pieces else []
+        out: List[np.ndarray] = []
+        i = 0
+        for c in counts:
+            arrays = [np.asarray(e.ids, dtype=np.int32) for e in encodings[i : i + c]]
+            i += c
+            out.append(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32))
+        return out
+
+    def decode(self, ids) -> str:
+        arr = _as_id_array(ids, self._vocab_size)
+        if arr.size == 0:
+            return ""
+        return self._tok.decode(arr.tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "bpe", "tokenizer": self._tok.to_str()})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BPETokenizer) and self._tok.to_str() == other._tok.to_str()
+
+    __hash__ = None  # mutable wrapper around a foreign object: not hashable
+
+
+def _read_training_item(item) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, os.PathLike):
+        path = Path(item)
+        if not path.is_file():
+            raise MissingFileError(2, "BPE training file not found", str(path))
+        data = path.read_bytes()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}: BPE training file is not valid UTF-8 (byte offset {e.start})"
+            ) from None
+    raise TypeError(
+        "BPE training items must be str (text) or os.PathLike (file), "
+        f"got {type(item).__name__}"
+    )
+
+
+def _check_hf_tokenizer(tok) -> None:
+    """Check that a Hugging Face tokenizer is a lossless byte-level BPE."""
+    hf = _hf()
+    if not isinstance(tok, hf.Tokenizer):
+        raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tok).__name__}")
+    spec = json.loads(tok.to_str())
+    model = (spec.get("model") or {}).get("type")
+    if model != "BPE":
+        raise ValueError(f"BPE tokenizer JSON has model type {model!r}, expected 'BPE'")
+    for part in ("pre_tokenizer", "decoder"):
+        kind = (spec.get(part) or {}).get("type")
+        if kind != "ByteLevel":
+            raise ValueError(
+                f"BPE tokenizer JSON has {part} {kind!r}; CLLM needs 'ByteLevel' "
+                "so that encoding is lossless"
+            )
+    if spec.get("normalizer") is not None:
+        raise ValueError("BPE tokenizer JSON has a normalizer; CLLM needs none (lossless encoding)")
+
+
+def tokenizer_from_json(s: str) -> Tokenizer:
+    """Restore a tokenizer from the string made by :meth:`Tokenizer.to_json`."""
+    if isinstance(s, (bytes, bytearray)):
+        s = bytes(s).decode("utf-8", errors="replace")
+    if not isinstance(s, str):
+        raise TypeError(f"tokenizer JSON must be a str, got {type(s).__name__}")
+    try:
+        spec = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer JSON is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"tokenizer JSON must be an object, got {type(spec).__name__}")
+    kind = spec.get("type")
+    if kind is None:
+        raise ValueError("tokenizer JSON has no 'type' field (is this a CLLM tokenizer file?)")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        inner = spec.get("tokenizer")
+        if not isinstance(inner, str):
+            raise ValueError("BPE tokenizer JSON needs a 'tokenizer' field holding the HF tokenizer JSON string")
+        hf = _hf()
+        try:
+            hf_tok = hf.Tokenizer.from_str(inner)
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise ValueError(f"BPE tokenizer JSON could not be parsed by 'tokenizers': {e}") from None
+        return BPETokenizer(hf_tok)
+    raise ValueError(f"unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """Load a tokenizer saved with :meth:`Tokenizer.save`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(2, "tokenizer file not found", str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: tokenizer file is not UTF-8 text") from None
+    try:
+        return tokenizer_from_json(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,109 @@
+"""Shared fixtures and error-measuring helpers for the CLLM tests.
+
+Tests measure errors through the ``errs`` fixture, which records every measured error (printed in a table
+at the end of the run, see ``pytest_terminal_summary``) and fails the test listing *all* quantities over
+tolerance, not only the first one.
+
+    def test_x(errs):
+        errs.maxabs("logits", got, ref, tol=1e-4)      # max |got-ref| / max(1, |ref|)
+        errs.normwise("dW", got, ref, tol=1e-4)        # ||got-ref|| / ||ref||
+        errs.finish()                                  # raises if anything was over tolerance
+
+Set CLLM_TEST_ERRORS=all to print every measured quantity instead of the worst per test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so that `import oracle` always works
+
+_RECORDS: list = []  # (nodeid, what, err, tol)
+
+
+def normwise_rel_err(got, ref) -> float:
+    """||got - ref|| / ||ref|| in float64 (absolute when ||ref|| == 0)."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} != reference shape {ref.shape}"
+    num = float(np.linalg.norm((got - ref).ravel()))
+    den = float(np.linalg.norm(ref.ravel()))
+    return num / den if den > 0 else num
+
+
+def max_scaled_abs_err(got, ref) -> float:
+    """max |got - ref| / max(1, |ref|): absolute for values of order one, relative for large ones."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} != reference shape {ref.shape}"
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))))
+
+
+class ErrorLog:
+    def __init__(self, nodeid):
+        self.nodeid = nodeid
+        self.failures = []
+        self.finished = False
+
+    def record(self, what, err, tol):
+        err = float(err)
+        _RECORDS.append((self.nodeid, what, err, tol))
+        if not (err <= tol):  # NaN fails too
+            self.failures.append(f"{what}: error {err:.3e} > tol {tol:.1e}")
+        return err
+
+    def normwise(self, what, got, ref, tol):
+        return self.record(what, normwise_rel_err(got, ref), tol)
+
+    def maxabs(self, what, got, ref, tol):
+        return self.record(what, max_scaled_abs_err(got, ref), tol)
+
+    def finish(self):
+        self.finished = True
+        if self.failures:
+            pytest.fail(f"{len(self.failures)} quantities over tolerance:\n  " + "\n  ".join(self.failures),
+                        pytrace=False)
+
+
+@pytest.fixture
+def errs(request):
+    log = ErrorLog(request.node.nodeid)
+    yield log
+    if not log.finished and log.failures:  # a test that forgot finish() still must not pass silently
+        pytest.fail("unreported failures:\n  " + "\n  ".join(log.failures), pytrace=False)
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy Generator seeded from the test id, so every test is reproducible on its own."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _RECORDS:
+        return
+    tr = terminalreporter
+    show_all = os.environ.get("CLLM_TEST_ERRORS", "") == "all"
+    tr.write_sep("=", "measured errors" + (" (all)" if show_all else " (worst quantity per test, err/tol)"))
+    if show_all:
+        for nodeid, what, err, tol in _RECORDS:
+            flag = "" if err <= tol else "  <-- OVER"
+            tr.write_line(f"{nodeid} | {what}: {err:.3e} (tol {tol:.0e}){flag}")
+        return
+    worst = {}
+    count = {}
+    for nodeid, what, err, tol in _RECORDS:
+        ratio = err / tol if tol > 0 else float("inf")
+        count[nodeid] = count.get(nodeid, 0) + 1
+        if nodeid not in worst or not (ratio <= worst[nodeid][0]):
+            worst[nodeid] = (ratio, what, err, tol)
+    for nodeid, (ratio, what, err, tol) in worst.items():
+        flag = "" if err <= tol else "  <-- OVER"
+        tr.write_line(f"{nodeid} | {count[nodeid]} checked, worst {what}: {err:.3e} (tol {tol:.0e}){flag}")
