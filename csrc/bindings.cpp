@@ -208,7 +208,36 @@ PYBIND11_MODULE(_core, mod) {
                 }
                 return out;
             },
-            py::arg("B"), py::arg("T"));
+            py::arg("B"), py::arg("T"))
+        .def(
+            "generate",
+            [](PyModel& pm, const IntArray& prompt, int max_new_tokens, float temperature, int top_k, float top_p,
+               uint64_t seed, bool return_logits) {
+                require(prompt.ndim() == 1, "prompt must be a 1-D array of token ids");
+                require(max_new_tokens >= 0, "max_new_tokens must be >= 0");
+                const Config& c = pm.m.cfg;
+                const int32_t* d = prompt.data();
+                for (py::ssize_t i = 0; i < prompt.shape(0); i++)
+                    if (d[i] < 0 || d[i] >= c.vocab_size)
+                        throw py::value_error("token id " + std::to_string(d[i]) + " out of range for vocab_size " +
+                                              std::to_string(c.vocab_size) + " (prompt position " + std::to_string(i) + ")");
+                std::vector<int32_t> p(d, d + prompt.shape(0)), out;
+                std::vector<float> logits;
+                {
+                    py::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(pm.mu);
+                    out = generate(pm.m, p, max_new_tokens, temperature, top_k, top_p, seed,
+                                   return_logits ? &logits : nullptr);
+                }
+                py::array_t<int32_t> toks((py::ssize_t)out.size());
+                std::copy(out.begin(), out.end(), toks.mutable_data());
+                if (!return_logits) return py::object(toks);
+                FloatArray lg = empty({(py::ssize_t)out.size(), c.vocab_size});
+                std::copy(logits.begin(), logits.end(), lg.mutable_data());
+                return py::object(py::make_tuple(toks, lg));
+            },
+            py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+            py::arg("seed"), py::arg("return_logits") = false);
 
     // ---- optimizer -----------------------------------------------------------------------------
     mod.def(

@@ -176,6 +176,14 @@ void adamw_step(float* params, const float* grads, float* m, float* v, const Par
 void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
               float weight_decay, bool nesterov, bool first_step);
 
+// ---- inference (cllm_inference.cpp) ------------------------------------------------------------
+// temperature <= 0 is greedy; top_k <= 0 and top_p outside (0, 1) disable those filters.
+int32_t sample_token(float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed, uint64_t step);
+// New tokens only. When the context reaches max_seq_len the newest half is kept and prefilled again.
+// all_logits (optional) receives the logits each new token was sampled from.
+std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
+                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
+
 int get_num_threads();
 void set_num_threads(int n);
 

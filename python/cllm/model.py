@@ -128,5 +128,34 @@ class Model:
     def dropout_step(self, value: int) -> None:
         self._core.dropout_step = int(value)
 
+    def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
+                  seed: int = 0, return_logits: bool = False):
+        """Sample a continuation of `prompt` (1-D token ids) with a KV cache; returns the new token ids.
+
+        temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
+        probability reaches p. The same seed gives the same tokens. With return_logits=True also returns the
+        [n, V] logits each token was drawn from. Past max_seq_len the newest half of the context is kept."""
+        p = np.asarray(prompt)
+        if p.size == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
+            raise ValueError(f"prompt must be a 1-D integer array of token ids, got shape {p.shape} dtype {p.dtype}")
+        if p.size > self.config.max_seq_len:
+            raise ValueError(f"prompt length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not (temperature >= 0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if top_k is not None and (int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not (0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if p.min() < 0 or p.max() >= self.config.vocab_size:
+            bad = int(p.min()) if p.min() < 0 else int(p.max())
+            pos = int(np.nonzero(p == bad)[0][0])
+            raise ValueError(f"token id {bad} out of range for vocab_size {self.config.vocab_size} (prompt position {pos})")
+        return self._core.generate(np.ascontiguousarray(p, dtype=np.int32), int(max_new_tokens), float(temperature),
+                                   int(top_k or 0), float(top_p or 1.0), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(return_logits))
+
     def __repr__(self) -> str:
         return f"cllm.Model({self.config}, parameters={self.num_parameters:,})"
