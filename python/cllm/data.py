@@ -143,7 +143,9 @@ def write_tokens(path: PathLike, tokens, vocab_size: int) -> Path:
             raise ValueError(f"{path}: token value {bad} is out of range for vocab_size {vocab_size}")
 
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, bytes_per_token, vocab_size, 0, n)
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
+    if not directory.is_dir():
+        raise MissingFileError(2, "directory for the token file not found", str(directory))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -67,7 +67,8 @@ def _utf8(text: str) -> bytes:
 
 def _valid_text(text: str) -> str:
     """``text`` with lone surrogates replaced by U+FFFD (usually ``text`` itself)."""
-    _utf8(text)  # type check
+    if not isinstance(text, str):
+        raise TypeError(f"expected text of type str, got {type(text).__name__}")
     if _SURROGATES.search(text) is None:
         return text
     return _SURROGATES.sub("\ufffd", text)
@@ -92,7 +93,9 @@ def _as_id_array(ids, vocab_size: int) -> np.ndarray:
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
+    if not directory.is_dir():
+        raise MissingFileError(2, "directory to save the tokenizer in not found", str(directory))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
