@@ -243,7 +243,7 @@ PYBIND11_MODULE(_core, mod) {
     mod.def(
         "adamw_step",
         [](PyModel& pm, py::array_t<float, py::array::c_style> m, py::array_t<float, py::array::c_style> v, float lr,
-           float beta1, float beta2, float eps, float weight_decay, int64_t step) {
+           double beta1, double beta2, float eps, float weight_decay, int64_t step) {
             check_flat(m, pm, "exp_avg");
             check_flat(v, pm, "exp_avg_sq");
             require(step >= 1, "step must be >= 1");

@@ -76,6 +76,33 @@ struct Activations {
     void allocate(const Config& c, int B, int T);
 };
 
+// ---- vectorisable transcendental functions ------------------------------------------------------
+// Plain arithmetic (no libm call), so `omp simd` loops over them become AVX-512/AVX2 code.
+// exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, scale by 2^n.
+// Relative error about 2e-7 over the float range; exp(x) = 0 below -87.3 (covers -inf).
+#pragma omp declare simd
+inline float fast_exp(float x) {
+    // selects, not branches or fmin/fmax calls, so that GCC vectorises loops over it
+    const float lo = -87.3365447504f, hi = 88.3762626647949f;
+    const float xc = x < lo ? lo : (x > hi ? hi : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    const float scale = __builtin_bit_cast(float, bits);
+    return x < lo ? 0.0f : p * scale;
+}
+// tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at +-inf
+#pragma omp declare simd
+inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+
 // ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
 // so the backward regenerates it instead of storing it, and results do not depend on threads.
 uint64_t mix64(uint64_t x);
@@ -103,6 +130,10 @@ void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
 // B is [K,N] (or [N,K] if trans_b), all row-major and contiguous.
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
             bool accumulate);
+// The same with leading dimensions (row strides, in floats) for strided operands; parallel = false runs
+// on the calling thread only (for use inside an outer parallel loop).
+void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
+          bool trans_b, bool accumulate, bool parallel);
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
@@ -172,7 +203,7 @@ struct Model {
 double grad_norm(const float* g, size_t n);
 void scale_inplace(float* x, size_t n, float s);
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                float beta1, float beta2, float eps, float weight_decay, int64_t step);
+                double beta1, double beta2, float eps, float weight_decay, int64_t step);
 void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
               float weight_decay, bool nesterov, bool first_step);
 

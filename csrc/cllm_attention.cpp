@@ -1,7 +1,11 @@
 // Causal multi-head self-attention, scale 1/sqrt(head_dim), over qkv [B,T,3C] laid out as GPT-2's c_attn
 // output: q = [:, :, 0:C], k = [C:2C], v = [2C:3C], head h in columns h*hs:(h+1)*hs.
-// The forward keeps only each row's log-sum-exp; the backward recomputes the probabilities from it, so
-// activation memory is O(B*H*T), not O(B*H*T*T). Attention dropout regenerates its mask from the counter RNG.
+//
+// Tiled in blocks of query rows (flash-attention style): for a block, the scores against all earlier keys
+// live in a per-thread scratch of BQ x T floats, never a T x T matrix, and the forward keeps only each row's
+// log-sum-exp, so activation memory is O(B*H*T). The backward recomputes the probabilities from it. All
+// block products run on the GEMM micro-kernel. Attention dropout regenerates its mask from the counter RNG.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -11,98 +15,141 @@
 namespace cllm {
 
 namespace {
-inline float dot(const float* a, const float* b, int n) {
-    float s = 0.0f;
-    #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-inline void axpy(float* y, float a, const float* x, int n) {
-    #pragma omp simd
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
+constexpr int BQ = 64;  // query rows per block
+
 inline size_t drop_index(int b, int h, int t, int j, int H, int T) {
     return (((size_t)b * H + h) * T + t) * T + j;
 }
+
+// Per-thread scratch that grows once.
+struct Rows {
+    FloatBuffer a, b;
+    size_t n = 0;
+    void need(size_t m) {
+        if (m > n) {
+            a = alloc_floats(m);
+            b = alloc_floats(m);
+            n = m;
+        }
+    }
+};
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
                        uint64_t site) {
-    const int hs = C / H;
+    const int hs = C / H, ld = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     const uint32_t th = dropout_threshold(d.p);
     const float keep_scale = d.active() ? 1.0f / (1.0f - d.p) : 1.0f;
+    const int nblk = (T + BQ - 1) / BQ;
     #pragma omp parallel
     {
-        std::vector<float> s(T);
-        #pragma omp for schedule(dynamic, 4) collapse(3)
+        thread_local Rows scratch;
+        scratch.need((size_t)BQ * T);
+        float* S = scratch.a.get();
+        #pragma omp for schedule(dynamic, 1) collapse(3)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < H; h++)
-                for (int t = 0; t < T; t++) {
-                    const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                    float mx = -INFINITY;
-                    for (int j = 0; j <= t; j++) {
-                        const float* k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hs;
-                        s[j] = dot(q, k, hs) * scale;
-                        mx = s[j] > mx ? s[j] : mx;
-                    }
-                    float sum = 0.0f;
-                    for (int j = 0; j <= t; j++) {
-                        s[j] = std::exp(s[j] - mx);
-                        sum += s[j];
-                    }
-                    const float inv = 1.0f / sum;
-                    float* o = out + ((size_t)b * T + t) * C + h * hs;
-                    std::memset(o, 0, hs * sizeof(float));
-                    for (int j = 0; j <= t; j++) {
-                        float pj = s[j] * inv;
+                for (int blk = 0; blk < nblk; blk++) {
+                    const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
+                    const float* q = qkv + ((size_t)b * T + i0) * ld + h * hs;
+                    const float* k = qkv + (size_t)b * T * ld + C + h * hs;
+                    const float* v = k + C;
+                    // S[r, j] = q_{i0+r} . k_j for keys j < i1
+                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false);
+                    for (int r = 0; r < rows; r++) {
+                        const int i = i0 + r;
+                        float* s = S + (size_t)r * T;
+                        float mx = -INFINITY;
+                        #pragma omp simd reduction(max : mx)
+                        for (int j = 0; j <= i; j++) mx = std::max(mx, s[j] * scale);
+                        float sum = 0.0f;
+                        #pragma omp simd reduction(+ : sum)
+                        for (int j = 0; j <= i; j++) {
+                            s[j] = fast_exp(s[j] * scale - mx);
+                            sum += s[j];
+                        }
+                        const float inv = 1.0f / sum;
+                        #pragma omp simd
+                        for (int j = 0; j <= i; j++) s[j] *= inv;
                         if (d.active())
-                            pj = dropout_keep(d.seed, site, drop_index(b, h, t, j, H, T), th) ? pj * keep_scale : 0.0f;
-                        axpy(o, pj, qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * hs, hs);
+                            for (int j = 0; j <= i; j++)
+                                s[j] = dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), th) ? s[j] * keep_scale
+                                                                                                 : 0.0f;
+                        for (int j = i + 1; j < i1; j++) s[j] = 0.0f;  // causal mask
+                        lse[((size_t)b * H + h) * T + i] = mx + std::log(sum);
                     }
-                    lse[((size_t)b * H + h) * T + t] = mx + std::log(sum);
+                    // out rows = P @ V
+                    gemm(out + ((size_t)b * T + i0) * C + h * hs, C, S, T, v, ld, rows, hs, i1, false, false, false,
+                         false);
                 }
     }
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                         int B, int T, int C, int H, const Dropout& d, uint64_t site) {
-    const int hs = C / H;
+    const int hs = C / H, ld = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     const uint32_t th = dropout_threshold(d.p);
     const float keep_scale = d.active() ? 1.0f / (1.0f - d.p) : 1.0f;
-    // Each (b, h) owns its q/k/v columns of dqkv: no races, fixed summation order.
-    #pragma omp parallel for schedule(dynamic, 1) collapse(2)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            for (int t = 0; t < T; t++) {
-                float* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                std::memset(dq, 0, hs * sizeof(float));
-                std::memset(dq + C, 0, hs * sizeof(float));
-                std::memset(dq + 2 * C, 0, hs * sizeof(float));
-            }
-            for (int t = 0; t < T; t++) {
-                const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                const float* go = dout + ((size_t)b * T + t) * C + h * hs;
-                const float* o = out + ((size_t)b * T + t) * C + h * hs;
-                float* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                const float l = lse[((size_t)b * H + h) * T + t];
-                const float D = dot(go, o, hs);  // sum_j p_j * dp_j
-                for (int j = 0; j <= t; j++) {
-                    const float* k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hs;
-                    const float* v = k + C;
-                    float p = std::exp(dot(q, k, hs) * scale - l);
-                    float m = 1.0f;
-                    if (d.active()) m = dropout_keep(d.seed, site, drop_index(b, h, t, j, H, T), th) ? keep_scale : 0.0f;
-                    float dp = m * dot(go, v, hs);
-                    float ds = p * (dp - D) * scale;
-                    float* dk = dqkv + ((size_t)b * T + j) * 3 * C + C + h * hs;
-                    axpy(dq, ds, k, hs);
-                    axpy(dk, ds, q, hs);
-                    axpy(dk + C, p * m, go, hs);
+    const int nblk = (T + BQ - 1) / BQ;
+    // Each (b, h) owns its q/k/v columns of dqkv: no races; its query blocks run in order, so dK and dV
+    // are summed in a fixed order whatever the thread count.
+    #pragma omp parallel
+    {
+        thread_local Rows scratch;
+        scratch.need((size_t)BQ * T);
+        float* P = scratch.a.get();   // probabilities after dropout
+        float* dS = scratch.b.get();  // dP, then the score gradient
+        #pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                const float* q_all = qkv + (size_t)b * T * ld + h * hs;
+                const float* k = q_all + C;
+                const float* v = q_all + 2 * C;
+                float* dq_all = dqkv + (size_t)b * T * ld + h * hs;
+                float* dk = dq_all + C;
+                float* dv = dq_all + 2 * C;
+                for (int t = 0; t < T; t++) {
+                    std::memset(dk + (size_t)t * ld, 0, hs * sizeof(float));
+                    std::memset(dv + (size_t)t * ld, 0, hs * sizeof(float));
+                }
+                for (int blk = 0; blk < nblk; blk++) {
+                    const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
+                    const float* q = q_all + (size_t)i0 * ld;
+                    const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
+                    const float* o = out + ((size_t)b * T + i0) * C + h * hs;
+                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false);    // scores
+                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false);   // dP' = dO V^T
+                    for (int r = 0; r < rows; r++) {
+                        const int i = i0 + r;
+                        float* p = P + (size_t)r * T;
+                        float* ds = dS + (size_t)r * T;
+                        const float l = lse[((size_t)b * H + h) * T + i];
+                        float D = 0.0f;  // sum_j p_j dp_j = dO_i . O_i
+                        #pragma omp simd reduction(+ : D)
+                        for (int c = 0; c < hs; c++) D += go[(size_t)r * C + c] * o[(size_t)r * C + c];
+                        #pragma omp simd
+                        for (int j = 0; j <= i; j++) p[j] = fast_exp(p[j] * scale - l);
+                        if (d.active()) {
+                            for (int j = 0; j <= i; j++) {
+                                const float m =
+                                    dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), th) ? keep_scale : 0.0f;
+                                ds[j] = p[j] * (m * ds[j] - D) * scale;
+                                p[j] *= m;
+                            }
+                        } else {
+                            #pragma omp simd
+                            for (int j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - D) * scale;
+                        }
+                        for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
+                    }
+                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, true, false);   // dV += P^T dO
+                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false);
+                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, true, false);  // dK += dS^T Q
                 }
             }
-        }
+    }
 }
 
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site) {

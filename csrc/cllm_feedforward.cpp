@@ -12,7 +12,7 @@ void gelu_forward(float* out, const float* inp, size_t n) {
     #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + 0.044715f * x * x * x)));
+        out[i] = 0.5f * x * (1.0f + fast_tanh(kGeluScale * (x + 0.044715f * x * x * x)));
     }
 }
 
@@ -21,7 +21,7 @@ void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float u = kGeluScale * (x + 0.044715f * x * x * x);
-        float th = std::tanh(u);
+        float th = fast_tanh(u);
         float sech2 = 1.0f - th * th;
         float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] = dout[i] * grad;

@@ -7,13 +7,14 @@
 namespace cllm {
 
 namespace {
-// returns log-sum-exp of row; optionally writes exp(x - max) into e
+// log-sum-exp of a row
 inline float row_lse(const float* x, int V) {
     float mx = -INFINITY;
+    #pragma omp simd reduction(max : mx)
     for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
     float s = 0.0f;
     #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < V; i++) s += std::exp(x[i] - mx);
+    for (int i = 0; i < V; i++) s += fast_exp(x[i] - mx);
     return mx + std::log(s);
 }
 }  // namespace
@@ -34,7 +35,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
         float* d = dlogits + (size_t)n * V;
         const float l = row_lse(x, V);
         #pragma omp simd
-        for (int i = 0; i < V; i++) d[i] = std::exp(x[i] - l) * scale;
+        for (int i = 0; i < V; i++) d[i] = fast_exp(x[i] - l) * scale;
         d[targets[n]] -= scale;
     }
 }
@@ -46,7 +47,7 @@ void cross_entropy_fused(float* losses, float* logits, const int32_t* targets, i
         const float l = row_lse(x, V);
         losses[n] = l - x[targets[n]];
         #pragma omp simd
-        for (int i = 0; i < V; i++) x[i] = std::exp(x[i] - l) * scale;
+        for (int i = 0; i < V; i++) x[i] = fast_exp(x[i] - l) * scale;
         x[targets[n]] -= scale;
     }
 }

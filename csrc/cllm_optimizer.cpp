@@ -20,9 +20,12 @@ void scale_inplace(float* x, size_t n, float s) {
 
 // One pass per tensor: decoupled decay, moment updates, bias-corrected step (PyTorch AdamW semantics).
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                float beta1, float beta2, float eps, float weight_decay, int64_t step) {
-    const float bc1 = 1.0f - (float)std::pow((double)beta1, (double)step);
-    const float bc2 = 1.0f - (float)std::pow((double)beta2, (double)step);
+                double beta1_d, double beta2_d, float eps, float weight_decay, int64_t step) {
+    // coefficients formed in double: float(1 - 0.999) differs from 1 - float(0.999) by 1e-5 relative
+    const float beta1 = (float)beta1_d, beta2 = (float)beta2_d;
+    const float one_minus_b1 = (float)(1.0 - beta1_d), one_minus_b2 = (float)(1.0 - beta2_d);
+    const float bc1 = (float)(1.0 - std::pow(beta1_d, (double)step));
+    const float bc2 = (float)(1.0 - std::pow(beta2_d, (double)step));
     const float step_size = lr / bc1;
     const float bc2_sqrt = std::sqrt(bc2);
     for (const TensorInfo& t : layout.tensors) {
@@ -34,8 +37,8 @@ void adamw_step(float* params, const float* grads, float* m, float* v, const Par
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < t.size; i++) {
             float gi = g[i];
-            float mi = beta1 * mt[i] + (1.0f - beta1) * gi;
-            float vi = beta2 * vt[i] + (1.0f - beta2) * gi * gi;
+            float mi = beta1 * mt[i] + one_minus_b1 * gi;
+            float vi = beta2 * vt[i] + one_minus_b2 * gi * gi;
             mt[i] = mi;
             vt[i] = vi;
             p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
