@@ -92,6 +92,7 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("ff_dim", &Config::ff_dim)
         .def_readwrite("dropout", &Config::dropout)
         .def_readwrite("learned_pos", &Config::learned_pos)
+        .def_readwrite("bf16", &Config::bf16)
         .def("validate", [](const Config& c) { validate_config(c); });
 
     py::class_<PyModel>(mod, "Model")
@@ -273,6 +274,7 @@ PYBIND11_MODULE(_core, mod) {
         scale_inplace(pm.m.grads.get(), pm.m.layout.total, s);
     });
     mod.def("get_num_threads", &get_num_threads);
+    mod.def("bf16_native", &bf16_native, "True when built with AVX-512 BF16 dot products");
     mod.def("set_num_threads", [](int n) {
         require(n >= 1, "number of threads must be >= 1, got " + std::to_string(n));
         set_num_threads(n);
@@ -354,6 +356,22 @@ PYBIND11_MODULE(_core, mod) {
                         OC, false);
         return py::make_tuple(dx, dw, db);
     });
+    k.def(
+        "matmul",
+        [dims](FloatArray a, FloatArray b, bool trans_a, bool trans_b, bool bf16) {
+            dims(a, 2, "a");
+            dims(b, 2, "b");
+            const int M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+            const int N = trans_b ? b.shape(0) : b.shape(1), Kb = trans_b ? b.shape(1) : b.shape(0);
+            require(K == Kb, "inner dimensions differ");
+            FloatArray out = empty({M, N});
+            {
+                py::gil_scoped_release nogil;
+                matmul(out.mutable_data(), a.data(), b.data(), M, N, K, trans_a, trans_b, false, bf16);
+            }
+            return out;
+        },
+        py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("bf16") = false);
     k.def("gelu_forward", [](FloatArray x) {
         FloatArray out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
         gelu_forward(out.mutable_data(), x.data(), x.size());

@@ -18,6 +18,7 @@ struct Config {
     int ff_dim = 512;
     float dropout = 0.0f;
     bool learned_pos = true;  // false: fixed sinusoidal table
+    bool bf16 = false;        // matmul inputs in bfloat16, fp32 accumulation; weights/optimizer stay fp32
 };
 
 // Throws std::invalid_argument naming the offending field.
@@ -127,18 +128,21 @@ void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
 
 // ---- kernels (one file each) -------------------------------------------------------------------
 // cllm_matmul.cpp: C[M,N] = (accumulate ? C : 0) + op(A) op(B); A is [M,K] (or [K,M] if trans_a),
-// B is [K,N] (or [N,K] if trans_b), all row-major and contiguous.
+// B is [K,N] (or [N,K] if trans_b), all row-major and contiguous. bf16: inputs rounded to bfloat16,
+// products accumulated in fp32 (AVX-512 BF16 dot products where the CPU has them).
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-            bool accumulate);
+            bool accumulate, bool bf16 = false);
 // The same with leading dimensions (row strides, in floats) for strided operands; parallel = false runs
 // on the calling thread only (for use inside an outer parallel loop).
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel);
+          bool trans_b, bool accumulate, bool parallel, bool bf16 = false);
+bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
-void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
+                    bool bf16 = false);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
-                     int N, int IC, int OC, bool accumulate_dinp);
+                     int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
 
 // cllm_embedding.cpp
 void sinusoidal_table(float* out, int P, int C);

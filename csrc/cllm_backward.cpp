@@ -15,8 +15,8 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
     float* dres = acts.dres;  // gradient w.r.t. the residual stream, carried down the layers
 
     // tied LM head: logits = lnf @ wte^T
-    matmul(acts.dln, dlogits, p.wte, N, C, V, false, false, false);  // dlnf = dlogits @ wte
-    matmul(g.wte, dlogits, acts.lnf, V, C, N, true, false, true);     // dwte += dlogits^T @ lnf
+    matmul(acts.dln, dlogits, p.wte, N, C, V, false, false, false, cfg.bf16);  // dlnf = dlogits @ wte
+    matmul(g.wte, dlogits, acts.lnf, V, C, N, true, false, true, cfg.bf16);   // dwte += dlogits^T @ lnf
     const float* x_last = cfg.num_layers > 0 ? acts.layers[cfg.num_layers - 1].res3 : acts.encoded;
     std::memset(dres, 0, NC * sizeof(float));
     layernorm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N, C);
@@ -30,17 +30,17 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         // res3 = res2 + drop(fcproj(gelu(fc(ln2(res2))))): dres flows to res2 unchanged, plus the MLP branch
         std::memcpy(acts.dln, dres, NC * sizeof(float));
         dropout_backward(acts.dln, NC, d, site_mlp_resid(l));
-        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, acts.dln, a.fch_gelu, w.fcproj_w, N, F, C, false);
+        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, acts.dln, a.fch_gelu, w.fcproj_w, N, F, C, false, cfg.bf16);
         gelu_backward(acts.dfch, acts.dfch, a.fch, (size_t)N * F);
-        linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, a.ln2, w.fc_w, N, C, F, false);
+        linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, a.ln2, w.fc_w, N, C, F, false, cfg.bf16);
         layernorm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
 
         // res2 = x_in + drop(attproj(attn(qkv(ln1(x_in)))))
         std::memcpy(acts.dln, dres, NC * sizeof(float));
         dropout_backward(acts.dln, NC, d, site_attn_resid(l));
-        linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, acts.dln, a.atty, w.attproj_w, N, C, C, false);
+        linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, acts.dln, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
         attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l));
-        linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, a.ln1, w.qkv_w, N, C, 3 * C, false);
+        linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, a.ln1, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
         layernorm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N, C);
     }
 

@@ -9,6 +9,9 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cllm.h"
 
@@ -30,20 +33,8 @@ constexpr int KC = 192;      // depth of a packed block: the KC x NR panel of B 
 constexpr int MC = 96;       // rows of C per thread task (multiple of MR): its A block stays in L2
 constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
 
-// C[0:MR, 0:NR] += Ap[k][0:MR] * Bp[k][0:NR], k < kc. Writes only rows < m and columns < n.
-inline void micro_kernel(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc,
-                         int m, int n) {
-    vf c0[MR], c1[MR];
-    for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
-    for (int k = 0; k < kc; k++) {
-        const vf b0 = *(const vf*)(Bp + k * NR);
-        const vf b1 = *(const vf*)(Bp + k * NR + VL);
-        const float* a = Ap + k * MR;
-        for (int r = 0; r < MR; r++) {
-            c0[r] += a[r] * b0;
-            c1[r] += a[r] * b1;
-        }
-    }
+// Adds the finished MR x NR register tile to C, writing only rows < m and columns < n.
+inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n) {
     if (m == MR && n == NR) {
         for (int r = 0; r < MR; r++) {
             vf_u* cr = (vf_u*)(C + (size_t)r * ldc);
@@ -61,57 +52,131 @@ inline void micro_kernel(int kc, const float* __restrict Ap, const float* __rest
     }
 }
 
-// Pack op(B)[k0:k0+kc, j0:j0+nc] into NR-wide panels, zero-padded: panel p holds Bp[p][k][0:NR].
-void pack_B(float* Bp, const float* B, int ldb, bool trans_b, int k0, int kc, int j0, int nc) {
-    const int panels = (nc + NR - 1) / NR;
-    for (int p = 0; p < panels; p++) {
-        float* dst = Bp + (size_t)p * kc * NR;
-        const int jb = j0 + p * NR, w = std::min(NR, j0 + nc - jb);
-        if (!trans_b) {
-            for (int k = 0; k < kc; k++) {
-                const float* src = B + (size_t)(k0 + k) * ldb + jb;
-                float* d = dst + k * NR;
-                int j = 0;
-                for (; j < w; j++) d[j] = src[j];
-                for (; j < NR; j++) d[j] = 0.0f;
+// fp32: C[0:MR, 0:NR] += Ap[k][0:MR] * Bp[k][0:NR], k < kc.
+struct KernelF32 {
+    using T = float;
+    static constexpr int KSTEP = 1;  // k values per packed step
+    static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n) {
+        vf c0[MR], c1[MR];
+        for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
+        for (int k = 0; k < kc; k++) {
+            const vf b0 = *(const vf*)(Bp + k * NR);
+            const vf b1 = *(const vf*)(Bp + k * NR + VL);
+            const float* a = Ap + k * MR;
+            for (int r = 0; r < MR; r++) {
+                c0[r] += a[r] * b0;
+                c1[r] += a[r] * b1;
             }
-        } else {  // B is [N, K]: op(B)[k][j] = B[j][k], read along k
-            for (int j = 0; j < NR; j++) {
-                if (j < w) {
-                    const float* src = B + (size_t)(jb + j) * ldb + k0;
-                    for (int k = 0; k < kc; k++) dst[k * NR + j] = src[k];
-                } else {
-                    for (int k = 0; k < kc; k++) dst[k * NR + j] = 0.0f;
-                }
+        }
+        store_tile(c0, c1, C, ldc, m, n);
+    }
+    static float convert(float x) { return x; }
+};
+
+// bf16 inputs, fp32 accumulation. Values are rounded to bf16 (nearest even) while packing; k is packed in
+// pairs, Ap[k/2][r][2] and Bp[k/2][j][2], the layout of the AVX-512 BF16 dot product vdpbf16ps, which adds
+// a[2k]*b[2k] + a[2k+1]*b[2k+1] into each fp32 lane. Without AVX-512 BF16 the same rounded values run
+// through the fp32 kernel, so results agree across CPUs up to summation order.
+inline uint16_t to_bf16(float x) {
+    uint32_t u = __builtin_bit_cast(uint32_t, x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+struct KernelBF16 {
+    using T = uint16_t;
+    static constexpr int KSTEP = 2;
+    static void run(int kc, const uint16_t* __restrict Ap, const uint16_t* __restrict Bp, float* C, int ldc, int m,
+                    int n) {
+        __m512 c0[MR], c1[MR];
+        for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+        const int kp = (kc + 1) / 2;
+        const uint32_t* a32 = (const uint32_t*)Ap;
+        for (int k = 0; k < kp; k++) {
+            const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp + (size_t)k * 2 * NR);
+            const __m512bh b1 = (__m512bh)_mm512_load_si512(Bp + (size_t)k * 2 * NR + 2 * VL);
+            for (int r = 0; r < MR; r++) {
+                const __m512bh a = (__m512bh)_mm512_set1_epi32((int)a32[k * MR + r]);
+                c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
             }
+        }
+        vf v0[MR], v1[MR];
+        for (int r = 0; r < MR; r++) {
+            v0[r] = (vf)c0[r];
+            v1[r] = (vf)c1[r];
+        }
+        store_tile(v0, v1, C, ldc, m, n);
+    }
+    static uint16_t convert(float x) { return to_bf16(x); }
+};
+#else
+struct KernelBF16 : KernelF32 {  // emulation: bf16-rounded values in fp32
+    static float convert(float x) { return __builtin_bit_cast(float, (uint32_t)to_bf16(x) << 16); }
+};
+#endif
+
+// Position of element (k, i) in a packed block W wide: [k][W] for fp32, [k/2][W][2] for k-pairs.
+template <int KSTEP>
+inline size_t packed_index(int k, int i, int W) {
+    return KSTEP == 1 ? (size_t)k * W + i : (size_t)(k >> 1) * W * 2 + i * 2 + (k & 1);
+}
+template <int KSTEP>
+inline int padded_k(int kc) { return (kc + KSTEP - 1) / KSTEP * KSTEP; }
+
+// Copy a kc x w block into a packed block W wide (zero-padded to W and to whole k steps). The source is
+// either k-major (element (k, i) at src[k * ld + i], rows contiguous along i) or i-major (at src[i * ld + k]).
+template <class K, bool KMAJOR>
+void pack_block(typename K::T* dst, const float* src, size_t ld, int kc, int w, int W) {
+    using T = typename K::T;
+    const int kpad = padded_k<K::KSTEP>(kc);
+    if (w < W || kpad > kc) std::fill(dst, dst + (size_t)kpad * W, K::convert(0.0f));
+    if (KMAJOR) {
+        for (int k = 0; k < kc; k++) {
+            const float* s = src + (size_t)k * ld;
+            if (K::KSTEP == 1) {
+                T* d = dst + (size_t)k * W;
+                #pragma omp simd
+                for (int i = 0; i < w; i++) d[i] = K::convert(s[i]);
+            } else {
+                T* d = dst + (size_t)(k >> 1) * W * 2 + (k & 1);
+                for (int i = 0; i < w; i++) d[2 * i] = K::convert(s[i]);
+            }
+        }
+    } else {
+        for (int i = 0; i < w; i++) {
+            const float* s = src + (size_t)i * ld;
+            for (int k = 0; k < kc; k++) dst[packed_index<K::KSTEP>(k, i, W)] = K::convert(s[k]);
         }
     }
 }
 
-// Pack op(A)[i0:i0+mc, k0:k0+kc] into MR-high slivers, zero-padded: sliver s holds Ap[s][k][0:MR].
-void pack_A(float* Ap, const float* A, int lda, bool trans_a, int i0, int mc, int k0, int kc) {
-    const int slivers = (mc + MR - 1) / MR;
+// Pack op(B)[k0:k0+kc, j0:j0+nc] into NR-wide panels.
+template <class K>
+void pack_B(typename K::T* Bp, const float* B, int ldb, bool trans_b, int k0, int kc, int j0, int nc) {
+    const int kpad = padded_k<K::KSTEP>(kc), panels = (nc + NR - 1) / NR;
+    for (int p = 0; p < panels; p++) {
+        const int jb = j0 + p * NR, w = std::min(NR, j0 + nc - jb);
+        typename K::T* dst = Bp + (size_t)p * kpad * NR;
+        if (trans_b)  // B is [N, K]
+            pack_block<K, false>(dst, B + (size_t)jb * ldb + k0, ldb, kc, w, NR);
+        else
+            pack_block<K, true>(dst, B + (size_t)k0 * ldb + jb, ldb, kc, w, NR);
+    }
+}
+
+// Pack op(A)[i0:i0+mc, k0:k0+kc] into MR-high slivers.
+template <class K>
+void pack_A(typename K::T* Ap, const float* A, int lda, bool trans_a, int i0, int mc, int k0, int kc) {
+    const int kpad = padded_k<K::KSTEP>(kc), slivers = (mc + MR - 1) / MR;
     for (int s = 0; s < slivers; s++) {
-        float* dst = Ap + (size_t)s * kc * MR;
         const int ib = i0 + s * MR, h = std::min(MR, i0 + mc - ib);
-        if (trans_a) {  // A is [K, M]: op(A)[i][k] = A[k][i], rows contiguous along i
-            for (int k = 0; k < kc; k++) {
-                const float* src = A + (size_t)(k0 + k) * lda + ib;
-                float* d = dst + k * MR;
-                int r = 0;
-                for (; r < h; r++) d[r] = src[r];
-                for (; r < MR; r++) d[r] = 0.0f;
-            }
-        } else {
-            for (int r = 0; r < MR; r++) {
-                if (r < h) {
-                    const float* src = A + (size_t)(ib + r) * lda + k0;
-                    for (int k = 0; k < kc; k++) dst[k * MR + r] = src[k];
-                } else {
-                    for (int k = 0; k < kc; k++) dst[k * MR + r] = 0.0f;
-                }
-            }
-        }
+        typename K::T* dst = Ap + (size_t)s * kpad * MR;
+        if (trans_a)  // A is [K, M]
+            pack_block<K, true>(dst, A + (size_t)k0 * lda + ib, lda, kc, h, MR);
+        else
+            pack_block<K, false>(dst, A + (size_t)ib * lda + k0, lda, kc, h, MR);
     }
 }
 
@@ -119,71 +184,90 @@ void pack_A(float* Ap, const float* A, int lda, bool trans_a, int i0, int mc, in
 struct Scratch {
     FloatBuffer buf;
     size_t n = 0;
-    float* get(size_t need) {
+    template <class T>
+    T* get(size_t elems) {
+        size_t need = (elems * sizeof(T) + sizeof(float) - 1) / sizeof(float);
         if (need > n) {
             buf = alloc_floats(need);
             n = need;
         }
-        return buf.get();
+        return reinterpret_cast<T*>(buf.get());
     }
 };
 
-}  // namespace
-
-void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel) {
+template <class K>
+void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
+               bool trans_a, bool trans_b, bool accumulate, bool parallel) {
+    using T = typename K::T;
     if (!accumulate)
         for (int i = 0; i < M; i++) std::memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
-    if (K == 0 || M == 0 || N == 0) return;
+    if (K_ == 0 || M == 0 || N == 0) return;
     thread_local Scratch bscratch;
     const int n_panels = (N + NR - 1) / NR;
-    float* Bp = bscratch.get((size_t)n_panels * KC * NR);
+    T* Bp = bscratch.get<T>((size_t)n_panels * KC * NR);
     const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
-    for (int k0 = 0; k0 < K; k0 += KC) {
-        const int kc = std::min(KC, K - k0);
+    for (int k0 = 0; k0 < K_; k0 += KC) {
+        const int kc = std::min(KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
         #pragma omp parallel if (parallel)
         {
             // pack all of op(B)[k0:k0+kc, :], panels split across threads
             #pragma omp for schedule(static)
             for (int p = 0; p < n_panels; p++)
-                pack_B(Bp + (size_t)p * kc * NR, B, ldb, trans_b, k0, kc, p * NR, std::min(NR, N - p * NR));
+                pack_B<K>(Bp + (size_t)p * kpad * NR, B, ldb, trans_b, k0, kc, p * NR, std::min(NR, N - p * NR));
             thread_local Scratch ascratch;
-            float* Ap = ascratch.get((size_t)MC * KC);
+            T* Ap = ascratch.get<T>((size_t)MC * KC);
             #pragma omp for schedule(static) collapse(2)
             for (int ib = 0; ib < mblocks; ib++)
                 for (int jb = 0; jb < nblocks; jb++) {
                     const int i0 = ib * MC, mc = std::min(MC, M - i0);
                     const int j0 = jb * NCB, nc = std::min(NCB, N - j0);
-                    pack_A(Ap, A, lda, trans_a, i0, mc, k0, kc);
+                    pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
                     for (int jr = 0; jr < nc; jr += NR) {
-                        const float* bp = Bp + (size_t)((j0 + jr) / NR) * kc * NR;
+                        const T* bp = Bp + (size_t)((j0 + jr) / NR) * kpad * NR;
                         for (int ir = 0; ir < mc; ir += MR)
-                            micro_kernel(kc, Ap + (size_t)(ir / MR) * kc * MR, bp,
-                                         C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                         std::min(NR, nc - jr));
+                            K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp, C + (size_t)(i0 + ir) * ldc + j0 + jr,
+                                   ldc, std::min(MR, mc - ir), std::min(NR, nc - jr));
                     }
                 }
         }
     }
 }
 
-void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-            bool accumulate) {
-    gemm(C, N, A, trans_a ? M : K, B, trans_b ? K : N, M, N, K, trans_a, trans_b, accumulate, true);
+}  // namespace
+
+void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
+          bool trans_b, bool accumulate, bool parallel, bool bf16) {
+    if (bf16)
+        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel);
+    else
+        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel);
 }
 
-void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) {
+void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
+            bool accumulate, bool bf16) {
+    gemm(C, N, A, trans_a ? M : K, B, trans_b ? K : N, M, N, K, trans_a, trans_b, accumulate, true, bf16);
+}
+
+bool bf16_native() {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+}
+
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16) {
     if (bias) {  // start from the bias and let the GEMM accumulate: no separate pass over out
         #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) std::memcpy(out + (size_t)n * OC, bias, OC * sizeof(float));
     }
-    matmul(out, inp, w, N, OC, IC, false, false, bias != nullptr);
+    matmul(out, inp, w, N, OC, IC, false, false, bias != nullptr, bf16);
 }
 
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
-                     int N, int IC, int OC, bool accumulate_dinp) {
-    if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp);  // dout[N,OC] @ w^T
-    if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true);              // inp^T @ dout
+                     int N, int IC, int OC, bool accumulate_dinp, bool bf16) {
+    if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp, bf16);  // dout[N,OC] @ w^T
+    if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true, bf16);              // inp^T @ dout
     if (dbias) {
         // columns split across threads; rows summed in order (deterministic)
         #pragma omp parallel for schedule(static)

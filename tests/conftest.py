@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,6 +85,56 @@ def errs(request):
 def rng(request):
     """A NumPy Generator seeded from the test id, so every test is reproducible on its own."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the engine under test
+# ----------------------------------------------------------------------------------------------------
+def _import_engine():
+    """Import cllm; skip (not fail) only when the package is not installed at all."""
+    try:
+        import cllm
+    except ModuleNotFoundError as e:
+        if e.name == "cllm":
+            pytest.skip("the cllm package is not installed (build it with `pip install -e .`)")
+        raise
+    return cllm
+
+
+@pytest.fixture(scope="session")
+def cllm():
+    return _import_engine()
+
+
+@pytest.fixture(scope="session")
+def kernels(cllm):
+    from cllm import kernels as k
+    return k
+
+
+def f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def snapshot(arrays: dict) -> dict:
+    """float64 copies of a dict of arrays (e.g. model.parameters() views)."""
+    return {k: np.array(v, dtype=np.float64, copy=True) for k, v in arrays.items()}
+
+
+def perturb_params(model, rng, ln_scale=0.1, bias_scale=0.05):
+    """Add noise, through the views, to LayerNorm weights/biases and all biases (zero/one at GPT-2 init),
+    so that their gradients are non-trivial."""
+    for name, p in model.parameters().items():
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+            p += (ln_scale * rng.standard_normal(p.shape)).astype(np.float32)
+        elif name.endswith(".bias"):
+            p += (bias_scale * rng.standard_normal(p.shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """Small shared helpers: helpers.f32, helpers.snapshot, helpers.perturb_params."""
+    return SimpleNamespace(f32=f32, snapshot=snapshot, perturb_params=perturb_params)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -198,7 +198,7 @@ def test_fd_model_all_parameters(errs, rng, pos_encoding, max_seq_len, dropout):
     assert abs(f() - loss) == 0.0
     for name, p in params.items():
         assert grads[name].shape == p.shape
-        fd_check(errs, name, f, p, grads[name], rng, max_entries=40)
+        fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
     errs.finish()
 
 

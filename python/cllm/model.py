@@ -7,6 +7,10 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 
+# "bf16": matmul inputs rounded to bfloat16 with fp32 accumulation (AVX-512 BF16 where available);
+# parameters, gradients and optimizer state stay fp32.
+PRECISIONS = ("fp32", "bf16")
+
 
 def _as_tokens(a, what: str) -> np.ndarray:
     """Checks dtype and rank at the boundary; range checks happen in the core with row/position."""
@@ -29,22 +33,29 @@ def _as_tokens(a, what: str) -> np.ndarray:
 class Model:
     """A GPT-2-style decoder-only transformer whose kernels run in C++.
 
+    precision="bf16" runs every matmul on bfloat16 inputs with fp32 accumulation (mixed precision);
+    master weights, gradients and optimizer state are fp32 either way.
+
     >>> model = Model(ModelConfig(vocab_size=256, max_seq_len=64), seed=0)
     >>> loss = model.forward_backward(x, y)   # fills model.gradients()
     """
 
-    def __init__(self, config: ModelConfig, seed: int = 0):
+    def __init__(self, config: ModelConfig, seed: int = 0, precision: str = "fp32"):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a cllm.ModelConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.config = config
         self.seed = int(seed)
+        self.precision = precision
         c = _core.Config()
         c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
         c.embedding_dim, c.num_layers = config.embedding_dim, config.num_layers
         c.num_heads, c.ff_dim = config.num_heads, config.ff_dim
         c.dropout, c.learned_pos = float(config.dropout), config.pos_encoding == "learned"
+        c.bf16 = precision == "bf16"
         self._core = _core.Model(c, int(seed))
         self._params = self._core.param_views()
         self._grads = self._core.grad_views()
@@ -158,4 +169,4 @@ class Model:
                                    int(top_k or 0), float(top_p or 1.0), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(return_logits))
 
     def __repr__(self) -> str:
-        return f"cllm.Model({self.config}, parameters={self.num_parameters:,})"
+        return f"cllm.Model({self.config}, parameters={self.num_parameters:,}, precision={self.precision!r})"

@@ -1,0 +1,192 @@
+"""Each C++ kernel pair (cllm.kernels, float32) against the float64 oracle part.
+
+Forward: max |got - ref| / max(1, |ref|) <= 1e-4. Backward: ||got - ref|| / ||ref|| <= 1e-4 per gradient.
+Backward kernels are fed the kernel's own forward outputs (mean/rstd, out/lse), as the model does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import oracle
+
+FWD_TOL = 1e-4
+BWD_TOL = 1e-4
+
+
+def f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def i32(a):
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,V,P,C", [(2, 13, 37, 16, 48), (1, 5, 11, 5, 33), (3, 1, 7, 4, 8)],
+                         ids=["B2-T13-C48", "B1-T5-C33-P=T", "B3-T1-C8"])
+def test_embedding(kernels, errs, rng, B, T, V, P, C):
+    tokens = rng.integers(0, V, (B, T))
+    tokens.flat[: min(3, tokens.size)] = V - 1  # repeated and the largest token id
+    wte = rng.standard_normal((V, C))
+    pos = rng.standard_normal((P, C))
+    dout = rng.standard_normal((B, T, C))
+    ref, cache = oracle.embedding_forward(tokens, wte, pos)
+    dwte_ref, dpos_ref = oracle.embedding_backward(dout, cache)
+
+    out = kernels.embedding_forward(i32(tokens), f32(wte), f32(pos))
+    assert out.shape == (B, T, C) and out.dtype == np.float32
+    errs.maxabs("out", out, ref, FWD_TOL)
+    dwte, dpos = kernels.embedding_backward(f32(dout), i32(tokens), V, P)
+    assert dwte.shape == (V, C) and dpos.shape == (P, C)
+    errs.normwise("dwte", dwte, dwte_ref, BWD_TOL)
+    errs.normwise("dpos", dpos, dpos_ref, BWD_TOL)
+    assert np.all(dpos[T:] == 0), "rows of dpos beyond T must be zero"
+    errs.finish()
+
+
+@pytest.mark.parametrize("P,C", [(16, 48), (13, 33), (128, 128), (1, 2)], ids=["16x48", "13x33-oddC", "128x128", "1x2"])
+def test_sinusoidal_table(kernels, errs, P, C):
+    got = kernels.sinusoidal_table(P, C)
+    assert got.shape == (P, C)
+    errs.maxabs("table", got, oracle.sinusoidal_table(P, C), FWD_TOL)
+    errs.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,C,offset", [(37, 48, 0.0), (5, 33, 3.0), (64, 128, -1.0), (1, 7, 0.5)],
+                         ids=["37x48", "5x33-offset", "64x128", "1x7"])
+def test_layernorm(kernels, errs, rng, N, C, offset):
+    x = rng.standard_normal((N, C)) * 1.5 + offset
+    w = 1.0 + 0.2 * rng.standard_normal(C)
+    b = 0.2 * rng.standard_normal(C)
+    dout = rng.standard_normal((N, C))
+    ref, mean_ref, rstd_ref, cache = oracle.layernorm_forward(x, w, b)
+    dx_ref, dw_ref, db_ref = oracle.layernorm_backward(dout, cache)
+
+    out, mean, rstd = kernels.layernorm_forward(f32(x), f32(w), f32(b))
+    assert out.shape == (N, C) and mean.shape == (N,) and rstd.shape == (N,)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    errs.maxabs("mean", mean, mean_ref, FWD_TOL)
+    errs.maxabs("rstd", rstd, rstd_ref, FWD_TOL)
+    dx, dw, db = kernels.layernorm_backward(f32(dout), f32(x), f32(w), mean, rstd)
+    errs.normwise("dx", dx, dx_ref, BWD_TOL)
+    errs.normwise("dw", dw, dw_ref, BWD_TOL)
+    errs.normwise("db", db, db_ref, BWD_TOL)
+    errs.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,K,M", [(37, 48, 100), (13, 33, 17), (128, 128, 384), (1, 5, 3), (26, 100, 48)],
+                         ids=["37x48x100", "13x33x17", "128x128x384", "1x5x3", "26x100x48"])
+def test_linear(kernels, errs, rng, N, K, M):
+    x = rng.standard_normal((N, K))
+    w = rng.standard_normal((K, M)) * 0.2
+    b = rng.standard_normal(M) * 0.5
+    dout = rng.standard_normal((N, M))
+    ref, cache = oracle.linear_forward(x, w, b)
+    dx_ref, dw_ref, db_ref = oracle.linear_backward(dout, cache)
+
+    out = kernels.linear_forward(f32(x), f32(w), f32(b))
+    assert out.shape == (N, M)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    dx, dw, db = kernels.linear_backward(f32(dout), f32(x), f32(w))
+    assert dx.shape == (N, K) and dw.shape == (K, M) and db.shape == (M,)
+    errs.normwise("dx", dx, dx_ref, BWD_TOL)
+    errs.normwise("dw", dw, dw_ref, BWD_TOL)
+    errs.normwise("db", db, db_ref, BWD_TOL)
+    errs.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,scale", [((37, 100), 3.0), ((5, 33), 8.0), ((1, 1), 1.0)],
+                         ids=["37x100", "5x33-wide-range", "1x1"])
+def test_gelu(kernels, errs, rng, shape, scale):
+    x = rng.standard_normal(shape) * scale
+    dout = rng.standard_normal(shape)
+    ref, cache = oracle.gelu_forward(x)
+    dx_ref = oracle.gelu_backward(dout, cache)
+    out = kernels.gelu_forward(f32(x))
+    assert out.shape == shape
+    errs.maxabs("out", out, ref, FWD_TOL)
+    dx = kernels.gelu_backward(f32(dout), f32(x))
+    errs.normwise("dx", dx, dx_ref, BWD_TOL)
+    errs.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,C,H", [(2, 13, 48, 3), (2, 13, 48, 1), (1, 1, 48, 3), (3, 7, 20, 5), (1, 64, 128, 4)],
+                         ids=["B2-T13-C48-H3", "B2-T13-C48-H1", "B1-T1-H3", "B3-T7-C20-H5", "B1-T64-C128-H4"])
+def test_attention(kernels, errs, rng, B, T, C, H):
+    qkv = rng.standard_normal((B, T, 3 * C)) * 1.5
+    dout = rng.standard_normal((B, T, C))
+    ref, lse_ref, cache = oracle.attention_forward(qkv, H)
+    dqkv_ref = oracle.attention_backward(dout, cache)
+
+    out, lse = kernels.attention_forward(f32(qkv), H)
+    assert out.shape == (B, T, C) and lse.shape == (B, H, T)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    errs.maxabs("lse", lse, lse_ref, FWD_TOL)
+    dqkv = kernels.attention_backward(f32(dout), f32(qkv), out, lse, H)
+    assert dqkv.shape == (B, T, 3 * C)
+    errs.normwise("dqkv", dqkv, dqkv_ref, BWD_TOL)
+    for part, sl in (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C))):
+        if np.linalg.norm(dqkv_ref[..., sl]) > 0:  # T == 1: dq and dk are exactly zero
+            errs.normwise(part, dqkv[..., sl], dqkv_ref[..., sl], BWD_TOL)
+        else:
+            errs.record(part + " (abs)", float(np.max(np.abs(dqkv[..., sl]))), 1e-6)
+    errs.finish()
+
+
+def test_attention_is_causal(kernels, rng):
+    """Changing a later token's k/v must not change earlier outputs."""
+    B, T, C, H = 1, 9, 12, 3
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    out1, _ = kernels.attention_forward(qkv, H)
+    qkv2 = qkv.copy()
+    qkv2[:, 5:, C:] += 1.0  # keys and values of positions >= 5
+    out2, _ = kernels.attention_forward(qkv2, H)
+    np.testing.assert_array_equal(out1[:, :5], out2[:, :5])
+    assert not np.allclose(out1[:, 5:], out2[:, 5:])
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,C,F", [(37, 48, 100), (9, 33, 70), (64, 128, 512)], ids=["37x48x100", "9x33x70", "64x128x512"])
+def test_feedforward(kernels, errs, rng, N, C, F):
+    x = rng.standard_normal((N, C))
+    w_fc = rng.standard_normal((C, F)) * (1.5 / np.sqrt(C))
+    b_fc = rng.standard_normal(F) * 0.3
+    w_proj = rng.standard_normal((F, C)) * (1.0 / np.sqrt(F))
+    b_proj = rng.standard_normal(C) * 0.3
+    dout = rng.standard_normal((N, C))
+    ref, cache = oracle.feedforward_forward(x, w_fc, b_fc, w_proj, b_proj)
+    refs = oracle.feedforward_backward(dout, cache)
+
+    args = [f32(a) for a in (x, w_fc, b_fc, w_proj, b_proj)]
+    out = kernels.feedforward_forward(*args)
+    assert out.shape == (N, C)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    got = kernels.feedforward_backward(f32(dout), *args)
+    for name, g, r in zip(["dx", "dw_fc", "db_fc", "dw_proj", "db_proj"], got, refs):
+        errs.normwise(name, g, r, BWD_TOL)
+    errs.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,V,scale", [(37, 67, 3.0), (5, 256, 10.0), (1, 2, 1.0), (64, 50257, 2.0)],
+                         ids=["37x67", "5x256-peaked", "1x2", "64x50257"])
+def test_cross_entropy(kernels, errs, rng, N, V, scale):
+    logits = rng.standard_normal((N, V)) * scale
+    logits[0, 0] += 30.0  # a large logit: forward must be max-subtracted
+    targets = rng.integers(0, V, N)
+    targets[-1] = V - 1
+    ref, cache = oracle.cross_entropy_forward(logits, targets)
+    losses = kernels.cross_entropy_forward(f32(logits), i32(targets))
+    assert losses.shape == (N,)
+    errs.maxabs("losses", losses, ref, FWD_TOL)
+    for s in (1.0 / N, 0.37):
+        d = kernels.cross_entropy_backward(f32(logits), i32(targets), s)
+        assert d.shape == (N, V)
+        errs.normwise(f"dlogits(scale={s:.3g})", d, oracle.cross_entropy_backward(cache, s), BWD_TOL)
+    errs.finish()
