@@ -58,10 +58,13 @@ struct ParamLayout {
     ModelTensors bind(float* base) const;
 };
 
-// Activations of one training step for a (B, T): one arena, sized once.
+// Activations of one training step for a (B, T): one arena, sized once. LayerNorm outputs and GELU outputs
+// are not kept per layer: they are cheap to recompute from the kept inputs and statistics, so the forward
+// writes them to one shared buffer each and the backward recomputes them (saves 2C + F floats per token
+// per layer).
 struct LayerActs {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *att_lse, *res2;
-    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_gelu, *res3;
+    float *ln1_mean, *ln1_rstd, *qkv, *atty, *att_lse, *res2;
+    float *ln2_mean, *ln2_rstd, *fch, *res3;
 };
 struct Activations {
     int B = 0, T = 0;
@@ -69,6 +72,7 @@ struct Activations {
     size_t arena_floats = 0;
     float* encoded;  // x0 [B,T,C]
     std::vector<LayerActs> layers;
+    float *ln_out, *gelu_out;  // shared by all layers (see above)
     float *lnf, *lnf_mean, *lnf_rstd;
     float* logits;  // [B,T,V]; holds dlogits after a forward_backward
     float* losses;  // [B,T]

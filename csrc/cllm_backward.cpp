@@ -30,9 +30,11 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         // res3 = res2 + drop(fcproj(gelu(fc(ln2(res2))))): dres flows to res2 unchanged, plus the MLP branch
         std::memcpy(acts.dln, dres, NC * sizeof(float));
         dropout_backward(acts.dln, NC, d, site_mlp_resid(l));
-        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, acts.dln, a.fch_gelu, w.fcproj_w, N, F, C, false, cfg.bf16);
+        gelu_forward(acts.gelu_out, a.fch, (size_t)N * F);  // recompute the GELU output
+        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, acts.dln, acts.gelu_out, w.fcproj_w, N, F, C, false, cfg.bf16);
         gelu_backward(acts.dfch, acts.dfch, a.fch, (size_t)N * F);
-        linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, a.ln2, w.fc_w, N, C, F, false, cfg.bf16);
+        layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);  // recompute
+        linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, acts.ln_out, w.fc_w, N, C, F, false, cfg.bf16);
         layernorm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
 
         // res2 = x_in + drop(attproj(attn(qkv(ln1(x_in)))))
@@ -40,7 +42,8 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         dropout_backward(acts.dln, NC, d, site_attn_resid(l));
         linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, acts.dln, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
         attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l));
-        linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, a.ln1, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
+        layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N, C);  // recompute
+        linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, acts.ln_out, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
         layernorm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N, C);
     }
 

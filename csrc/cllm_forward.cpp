@@ -20,17 +20,17 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
     for (int l = 0; l < cfg.num_layers; l++) {
         const LayerTensors& w = p.layers[l];
         LayerActs& a = acts.layers[l];
-        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C);
-        linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, C, 3 * C, cfg.bf16);
+        layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C);
+        linear_forward(a.qkv, acts.ln_out, w.qkv_w, w.qkv_b, N, C, 3 * C, cfg.bf16);
         attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, d, site_attn(l));
         linear_forward(a.res2, a.atty, w.attproj_w, w.attproj_b, N, C, C, cfg.bf16);
         dropout_forward(a.res2, NC, d, site_attn_resid(l));
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res2[i] += x[i];
-        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
-        linear_forward(a.fch, a.ln2, w.fc_w, w.fc_b, N, C, F, cfg.bf16);
-        gelu_forward(a.fch_gelu, a.fch, (size_t)N * F);
-        linear_forward(a.res3, a.fch_gelu, w.fcproj_w, w.fcproj_b, N, F, C, cfg.bf16);
+        layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
+        linear_forward(a.fch, acts.ln_out, w.fc_w, w.fc_b, N, C, F, cfg.bf16);
+        gelu_forward(acts.gelu_out, a.fch, (size_t)N * F);
+        linear_forward(a.res3, acts.gelu_out, w.fcproj_w, w.fcproj_b, N, F, C, cfg.bf16);
         dropout_forward(a.res3, NC, d, site_mlp_resid(l));
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res3[i] += a.res2[i];

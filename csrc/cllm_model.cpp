@@ -97,20 +97,19 @@ void Activations::allocate(const Config& c, int B_, int T_) {
     layers.assign(L, LayerActs{});
     plan.push_back({&encoded, BT * C});
     for (auto& a : layers) {
-        plan.push_back({&a.ln1, BT * C});
         plan.push_back({&a.ln1_mean, BT});
         plan.push_back({&a.ln1_rstd, BT});
         plan.push_back({&a.qkv, BT * 3 * C});
         plan.push_back({&a.atty, BT * C});
         plan.push_back({&a.att_lse, BT * H});
         plan.push_back({&a.res2, BT * C});
-        plan.push_back({&a.ln2, BT * C});
         plan.push_back({&a.ln2_mean, BT});
         plan.push_back({&a.ln2_rstd, BT});
         plan.push_back({&a.fch, BT * F});
-        plan.push_back({&a.fch_gelu, BT * F});
         plan.push_back({&a.res3, BT * C});
     }
+    plan.push_back({&ln_out, BT * C});
+    plan.push_back({&gelu_out, BT * F});
     plan.push_back({&lnf, BT * C});
     plan.push_back({&lnf_mean, BT});
     plan.push_back({&lnf_rstd, BT});
