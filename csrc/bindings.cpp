@@ -137,6 +137,8 @@ PYBIND11_MODULE(_core, mod) {
                            out.mutable_data());
                  return out;
              })
+        .def_property_readonly("arena_bytes",
+                               [](const PyModel& pm) { return pm.m.acts.arena_floats * sizeof(float); })
         .def_property(
             "dropout_step", [](const PyModel& pm) { return pm.m.dropout_step; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_step = s; })

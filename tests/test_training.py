@@ -111,3 +111,15 @@ def test_dropout_changes_training_loss_not_eval():
     l1, l2 = m.forward_backward(x, y), m.forward_backward(x, y)
     assert l1 != l2  # new mask each step
     assert m.dropout_step == 2
+
+
+def test_activation_memory_is_linear_in_sequence_length():
+    """No T x T attention matrix is kept: the arena per token is the same at T = 256, 512 and 1024."""
+    cfg = cllm.ModelConfig(vocab_size=64, max_seq_len=1024, embedding_dim=32, num_layers=2, num_heads=2, ff_dim=64)
+    m = cllm.Model(cfg, seed=0)
+    per_token = []
+    for T in (256, 512, 1024):
+        x = np.zeros((1, T), np.int32)
+        m.forward_backward(x, x)
+        per_token.append(m.activation_bytes / T)
+    assert max(per_token) / min(per_token) < 1.01, per_token

@@ -131,6 +131,12 @@ class Model:
         return self._core.dropout_masks(int(B), int(T))
 
     @property
+    def activation_bytes(self) -> int:
+        """Size of the activation arena of the last (B, T) seen: grows linearly in B*T (attention keeps
+        a per-row log-sum-exp, never a T x T matrix)."""
+        return self._core.arena_bytes
+
+    @property
     def dropout_step(self) -> int:
         """Number of forward_backward calls made: the dropout RNG's position (saved in checkpoints)."""
         return self._core.dropout_step
