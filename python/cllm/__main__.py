@@ -1,0 +1,6 @@
+"""`python -m cllm ...` is the `cllm` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

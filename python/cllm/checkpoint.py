@@ -1,0 +1,341 @@
+"""Checkpoints: one safetensors file holding everything needed to sample from or resume a run.
+
+File layout (safetensors, float32, little-endian):
+
+    <gpt2 name>                    model weights under their Hugging Face GPT-2 names ("wte", "h.0.ln_1.weight", ...)
+    optimizer.exp_avg.<name>       AdamW first moments  (optional: absent when saved without an optimizer)
+    optimizer.exp_avg_sq.<name>    AdamW second moments
+    __metadata__ (str -> str):
+      format          "cllm-checkpoint"
+      format_version  "1"
+      config          JSON of the ModelConfig
+      tokenizer       the tokenizer's JSON (Tokenizer.to_json())
+      model_state     JSON {"seed", "dropout_step"}: the model's init seed (it also seeds dropout) and RNG position
+      optimizer       JSON {"type", "step", "lr", "betas", "eps", "weight_decay"} (when an optimizer was saved)
+      trainer_state   JSON chosen by the trainer: step, schedule, data-loader state, early-stopping state, ...
+
+So `safetensors.torch.load_file(path)` filtered to names without a "optimizer." prefix is a GPT-2-named state
+dict. Writes are atomic (temporary file in the same directory, fsync, os.replace, fsync of the directory): a crash
+mid-write leaves the previous checkpoint untouched and never a partial file under the real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+
+from .config import ModelConfig
+from .model import Model
+from .tokenizer import MissingFileError, Tokenizer, tokenizer_from_json
+
+FORMAT = "cllm-checkpoint"
+FORMAT_VERSION = "1"
+WEIGHTS_FORMAT = "cllm-weights"
+EXP_AVG = "optimizer.exp_avg."
+EXP_AVG_SQ = "optimizer.exp_avg_sq."
+
+PathLike = Union[str, "os.PathLike[str]"]
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint returns. `model` is a ready cllm.Model (weights, seed and dropout_step restored);
+    `optimizer_state` is None or {"step", "exp_avg": {name: array}, "exp_avg_sq": {...}, "lr", "betas", ...}."""
+
+    model: Model
+    optimizer_state: Optional[Dict[str, Any]]
+    tokenizer: Tokenizer
+    trainer_state: Dict[str, Any]
+    config: ModelConfig
+    path: Path = None
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_payload(f, data: bytes) -> None:
+    """Write `data` to the open temporary file (a separate function so tests can simulate a crash here)."""
+    view = memoryview(data)
+    chunk = 1 << 24
+    for start in range(0, len(view), chunk):
+        f.write(view[start:start + chunk])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise MissingFileError(2, "checkpoint directory does not exist", str(directory))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_payload(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _check_finite(arrays: Dict[str, np.ndarray], what: str, path) -> None:
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise ValueError(f"{path}: refusing to save non-finite {what} ({bad} NaN/Inf values in {name})")
+
+
+def _json(obj, what: str) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
+
+
+def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenizer,
+                    trainer_state: Optional[dict] = None) -> Path:
+    """Write model weights, AdamW moments (if `optimizer` is not None), tokenizer and trainer state to `path`
+    atomically. Refuses (ValueError) to write non-finite weights or moments. Returns the path."""
+    from safetensors.numpy import save as st_save
+
+    path = Path(path)
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a cllm.Model, got {type(model).__name__}")
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be a cllm Tokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"vocab_size {model.config.vocab_size}")
+    params = model.parameters()
+    _check_finite(params, "weights", path)
+    tensors = {name: np.ascontiguousarray(v) for name, v in params.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": _json(model.config.to_dict(), "model config"),
+        "tokenizer": tokenizer.to_json(),
+        "model_state": _json({"seed": int(model.seed), "dropout_step": int(model.dropout_step)}, "model state"),
+        "trainer_state": _json(trainer_state if trainer_state is not None else {}, "trainer_state"),
+    }
+    if optimizer is not None:
+        state = optimizer.state()
+        _check_finite(state["exp_avg"], "optimizer moments", path)
+        _check_finite(state["exp_avg_sq"], "optimizer moments", path)
+        for name, v in state["exp_avg"].items():
+            tensors[EXP_AVG + name] = np.ascontiguousarray(v)
+        for name, v in state["exp_avg_sq"].items():
+            tensors[EXP_AVG_SQ + name] = np.ascontiguousarray(v)
+        metadata["optimizer"] = _json({
+            "type": type(optimizer).__name__, "step": int(state["step"]), "lr": float(optimizer.lr),
+            "betas": list(optimizer.betas), "eps": float(optimizer.eps),
+            "weight_decay": float(optimizer.weight_decay)}, "optimizer state")
+    _atomic_write(path, st_save(tensors, metadata=metadata))
+    return path
+
+
+def export_weights(path: PathLike, model: Model) -> Path:
+    """Write only the GPT-2-named weights (plus the model config in the metadata), atomically."""
+    from safetensors.numpy import save as st_save
+
+    path = Path(path)
+    params = model.parameters()
+    _check_finite(params, "weights", path)
+    tensors = {name: np.ascontiguousarray(v) for name, v in params.items()}
+    metadata = {"format": WEIGHTS_FORMAT, "format_version": FORMAT_VERSION,
+                "config": _json(model.config.to_dict(), "model config")}
+    _atomic_write(path, st_save(tensors, metadata=metadata))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------
+def _read_header(path: Path) -> dict:
+    """Parse and check the safetensors header; ValueError naming the file if truncated or corrupt."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a checkpoint: file is truncated or empty ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors checkpoint (corrupt header length {n})")
+        if 8 + n > size:
+            raise ValueError(f"{path}: checkpoint is truncated: header needs {8 + n} bytes, file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a safetensors checkpoint (corrupt header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors checkpoint (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header (tensor {name!r} has no data_offsets)") from None
+        end = max(end, hi)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: checkpoint is truncated: expected {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def _meta_json(path: Path, meta: dict, key: str):
+    if key not in meta:
+        raise ValueError(f"{path}: checkpoint metadata has no {key!r} entry")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: checkpoint metadata {key!r} is not valid JSON: {e}") from None
+
+
+def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read a checkpoint written by save_checkpoint.
+
+    Raises FileNotFoundError (also a ValueError) if the file is missing, and ValueError naming the file if it
+    is truncated, corrupt, not a CLLM checkpoint, of another format version, missing tensors or holding tensors
+    of the wrong shape for its config, or (unless allow_nonfinite=True) holding NaN/Inf weights."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(2, "checkpoint not found", str(path))
+    if not path.is_file():
+        raise ValueError(f"{path}: checkpoint is not a regular file")
+    header = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a CLLM checkpoint (safetensors metadata format is {found!r}, "
+                         f"expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
+                         f"(this CLLM reads version {FORMAT_VERSION})")
+    try:
+        config = ModelConfig.from_dict(_meta_json(path, meta, "config"))
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: invalid model config in checkpoint: {e}") from None
+    try:
+        tokenizer = tokenizer_from_json(meta.get("tokenizer", ""))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid tokenizer in checkpoint: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"vocab_size {config.vocab_size}")
+    trainer_state = _meta_json(path, meta, "trainer_state") if "trainer_state" in meta else {}
+    model_state = _meta_json(path, meta, "model_state") if "model_state" in meta else {}
+    opt_meta = _meta_json(path, meta, "optimizer") if "optimizer" in meta else None
+    if not isinstance(trainer_state, dict) or not isinstance(model_state, dict):
+        raise ValueError(f"{path}: checkpoint trainer_state / model_state must be JSON objects")
+
+    try:
+        model = Model(config, seed=int(model_state.get("seed", 0)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot build the model of this checkpoint: {e}") from None
+    expected = {t["name"]: tuple(t["shape"]) for t in model.tensor_info}
+    names = [k for k in header if k != "__metadata__"]
+    groups = {"": {}, EXP_AVG: {}, EXP_AVG_SQ: {}}
+    for k in names:
+        prefix = EXP_AVG_SQ if k.startswith(EXP_AVG_SQ) else EXP_AVG if k.startswith(EXP_AVG) else ""
+        groups[prefix][k[len(prefix):]] = k
+    for prefix, group in groups.items():
+        if prefix and not group and opt_meta is None:
+            continue  # saved without an optimizer
+        what = f"tensor {prefix}" if prefix else "weight "
+        missing = [n for n in expected if n not in group]
+        extra = [n for n in group if n not in expected]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"{path}: checkpoint is missing {what}{', '.join(missing[:3])}{more}")
+        if extra:
+            raise ValueError(f"{path}: checkpoint has unexpected tensor {prefix}{extra[0]} for this config")
+        for n, key in group.items():
+            info = header[key]
+            shape = tuple(info.get("shape", ()))
+            if shape != expected[n]:
+                raise ValueError(f"{path}: tensor {key} has shape {list(shape)}, the config needs "
+                                 f"{list(expected[n])}")
+            if info.get("dtype") != "F32":
+                raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')}, expected F32")
+
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for k in names:
+                tensors[k] = f.get_tensor(k)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt safetensors checkpoint: {e}") from None
+    if not allow_nonfinite:
+        for k, a in tensors.items():
+            if not np.isfinite(a).all():
+                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+                raise ValueError(f"{path}: checkpoint holds non-finite values ({bad} NaN/Inf in {k}); "
+                                 f"pass allow_nonfinite=True to load it anyway")
+
+    model.load_parameters({n: tensors[k] for n, k in groups[""].items()})
+    model.dropout_step = int(model_state.get("dropout_step", 0))
+    optimizer_state = None
+    if groups[EXP_AVG]:
+        optimizer_state = dict(opt_meta or {})
+        optimizer_state["step"] = int(optimizer_state.get("step", 0))
+        optimizer_state["exp_avg"] = {n: tensors[k] for n, k in groups[EXP_AVG].items()}
+        optimizer_state["exp_avg_sq"] = {n: tensors[k] for n, k in groups[EXP_AVG_SQ].items()}
+    return Checkpoint(model=model, optimizer_state=optimizer_state, tokenizer=tokenizer,
+                      trainer_state=trainer_state, config=config, path=path, metadata=dict(meta))
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata of a CLLM checkpoint, with the JSON entries decoded, without reading any tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(2, "checkpoint not found", str(path))
+    meta = _read_header(path).get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a CLLM checkpoint")
+    out = dict(meta)
+    for key in ("config", "model_state", "optimizer", "trainer_state"):
+        if key in meta:
+            out[key] = _meta_json(path, meta, key)
+    return out
+
+
+def restore_optimizer(optimizer, optimizer_state: dict) -> None:
+    """Load a Checkpoint's optimizer_state (moments and step count) into an AdamW over the checkpoint's model."""
+    if optimizer_state is None:
+        raise ValueError("the checkpoint holds no optimizer state")
+    optimizer.load_state(optimizer_state["step"], optimizer_state["exp_avg"], optimizer_state["exp_avg_sq"])
+
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights", "restore_optimizer",
+           "read_metadata", "FORMAT", "FORMAT_VERSION"]

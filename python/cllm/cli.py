@@ -1,0 +1,224 @@
+"""The `cllm` command line: train, sample, prepare (and room for more, e.g. bench).
+
+    cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
+    cllm train --config run.toml --lr 1e-3      # flags override the file
+    cllm train --resume --out-dir runs/cllm     # continue exactly where last.safetensors stopped
+    cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
+    cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
+
+User errors (a bad file, a bad value) print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+# name -> (help, add_arguments(parser), run(args) -> exit status). Other modules may add commands with
+# register_command (the kernel benchmarks add "bench" this way).
+COMMANDS: Dict[str, tuple] = {}
+
+
+def register_command(name: str, help: str, add_arguments: Callable, run: Callable) -> None:
+    COMMANDS[name] = (help, add_arguments, run)
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _opt(convert, what):
+    def parse(text):
+        if text.strip().lower() in ("none", "null", "off", ""):
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} value: {text!r} (or 'none')") from None
+    parse.__name__ = what
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from .trainer import TrainConfig
+
+    p.add_argument("--config", metavar="FILE", help="read settings from a TOML or JSON file (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind, choices, default = f.metadata["kind"], f.metadata["choices"], f.default
+        shown = default
+        if kind == "betas":
+            shown = " ".join(str(b) for b in default)
+        elif isinstance(default, str):
+            shown = repr(default)
+        elif default is None:
+            shown = "none"
+        helptext = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind == "paths":
+            p.add_argument(flag, nargs="+", metavar="PATH", **kw)
+        elif kind == "betas":
+            p.add_argument(flag, nargs=2, type=float, metavar=("BETA1", "BETA2"), **kw)
+        elif kind in ("choice", "str"):
+            p.add_argument(flag, choices=choices, metavar="{" + ",".join(choices) + "}" if choices else
+                         "DIR" if f.name.endswith("_dir") else "TEXT", **kw)
+        else:
+            convert = {"int": int, "float": float, "opt_int": _opt(int, "int"),
+                       "opt_float": _opt(float, "float")}[kind]
+            p.add_argument(flag, type=convert, metavar=kind.replace("opt_", "").upper(), **kw)
+
+
+def _run_train(args) -> int:
+    from .checkpoint import read_metadata
+    from .trainer import TrainConfig, Trainer, read_config_file
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in fields}
+    from_file = read_config_file(args.config) if args.config else {}
+    from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
+    settings = {**from_file, **flags}
+    source = args.config or "command line"
+    if settings.get("resume"):
+        # continue with the run's own settings unless the file or the flags change them
+        out_dir = settings.get("out_dir", TrainConfig.out_dir)
+        last = Path(out_dir) / "last.safetensors"
+        if not last.is_file():
+            raise UserError(f"cannot resume: {last} does not exist (train without --resume first)")
+        saved = read_metadata(last).get("trainer_state", {}).get("train_config", {})
+        saved = {k: v for k, v in saved.items() if k in fields}
+        settings = {**saved, **settings}
+    config = TrainConfig.from_dict(settings, source=source)
+    from .distributed import abort_on_error, auto_communicator
+    comm = auto_communicator()  # MPICommunicator under `mpirun -n N` (N > 1), else SingleProcess
+    with abort_on_error(comm, prog="cllm train"):  # an error on one rank ends the whole job
+        summary = Trainer(config, comm=comm).fit()
+    return 130 if summary["stop_reason"] == "interrupted" else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample
+# ----------------------------------------------------------------------------------------------------
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint file, or a run directory (its best.safetensors, else last.safetensors)")
+    p.add_argument("--prompt", default="", help="text to continue (default: '', start from a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_opt(int, "int"), default=None, metavar="K",
+                   help="sample among the K most likely tokens (default: none)")
+    p.add_argument("--top-p", type=_opt(float, "float"), default=None, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
+                   help="CPU threads (default: OpenMP default)")
+
+
+def _run_sample(args) -> int:
+    from . import set_num_threads
+    from .checkpoint import load_checkpoint
+    from .trainer import sample_text
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        candidates = [path / "best.safetensors", path / "last.safetensors"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise UserError(f"{path}: no best.safetensors or last.safetensors in this directory")
+        path = found[0]
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
+    if args.threads:
+        set_num_threads(args.threads)
+    ckpt = load_checkpoint(path)
+    text = sample_text(ckpt.model, ckpt.tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sys.stdout.write(args.prompt + text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------------
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="text files or directories (none: the Python standard library's .py files)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, "
+                                                              "tokenizer.json")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="tokenizer (default: byte)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default: 1024)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="validation fraction (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    p.add_argument("--max-bytes", type=_opt(int, "int"), default=None, metavar="N",
+                   help="use only the first N bytes of the (shuffled) corpus (default: all)")
+
+
+def _run_prepare(args) -> int:
+    from .data import prepare
+
+    spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
+    s = prepare(args.inputs or None, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
+                max_bytes=args.max_bytes)
+    print(f"{s['files']} files, {s['bytes']:,} bytes -> {s['train_tokens']:,} train and {s['val_tokens']:,} "
+          f"validation tokens ({s['tokenizer']} tokenizer, vocab {s['vocab_size']}) in {s['out_dir']}")
+    return 0
+
+
+register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)
+register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
+register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
+                 _run_prepare)
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cllm", description="CLLM: train and sample small GPT-2-style models on the CPU.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"cllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    run = COMMANDS[args.command][2]
+    try:
+        return int(run(args) or 0)
+    except (UserError, ValueError, OSError) as e:  # MissingFileError is both an OSError and a ValueError
+        print(f"cllm {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

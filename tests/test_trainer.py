@@ -1,0 +1,295 @@
+"""The trainer on tiny models: config files, gradient accumulation, bit-exact resume, early stopping, the
+non-finite guard, metrics / plot / checkpoints, data caching and the data-parallel hook."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cllm
+from cllm.checkpoint import load_checkpoint, read_metadata
+from cllm.data import prepare
+from cllm.trainer import TrainConfig, Trainer, read_metrics
+
+TINY = dict(max_seq_len=16, embedding_dim=32, num_layers=1, num_heads=4, ff_dim=64, batch_size=4, max_time=None,
+            warmup_steps=2, eval_interval=4, eval_batches=2, progress=False, sample_tokens=0, log_interval=1,
+            checkpoint_interval=5, threads=1)
+
+
+def corpus_files(root: Path) -> Path:
+    """A small Python-like corpus: slices of a few standard-library modules."""
+    import argparse
+    import email.message
+    import json as json_mod
+    import typing
+
+    src = root / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for mod in (argparse, email.message, json_mod, typing):
+        name = mod.__name__.replace(".", "_") + ".py"
+        (src / name).write_text(Path(mod.__file__).read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    return src
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    out = root / "data"
+    prepare([corpus_files(root)], out, "byte", val_fraction=0.3)
+    return out
+
+
+def tiny(data_dir, out_dir, **kw):
+    return TrainConfig(**{**TINY, "data": str(data_dir), "out_dir": str(out_dir), **kw})
+
+
+def train_losses(out_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "train_loss" in r]
+
+
+def val_losses(out_dir):
+    return [(r["step"], r["val_loss"]) for r in read_metrics(Path(out_dir) / "metrics.jsonl")
+            if r.get("val_loss") is not None and not r.get("final_eval")]
+
+
+# ------------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------------
+def test_defaults_are_valid_and_round_trip():
+    c = TrainConfig()
+    assert c.tokenizer == "byte" and c.max_seq_len == 128 and c.max_time and c.patience is None
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    assert json.loads(json.dumps(c.to_dict())) == c.to_dict()
+    assert c.model_config(256) == cllm.ModelConfig(vocab_size=256, max_seq_len=128, embedding_dim=c.embedding_dim,
+                                                   num_layers=c.num_layers, num_heads=c.num_heads,
+                                                   ff_dim=4 * c.embedding_dim)
+
+
+def test_toml_and_json_config_files(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 1e-3\nbetas = [0.8, 0.99]\nmax_steps = 7\ndata = ["a.txt", "b"]\npatience = 3\n'
+                    'schedule = "linear"\nprogress = false\n')
+    c = TrainConfig.from_file(toml)
+    assert (c.lr, c.betas, c.max_steps, c.data, c.patience, c.schedule, c.progress) == \
+        (1e-3, (0.8, 0.99), 7, ("a.txt", "b"), 3, "linear", False)
+    assert TrainConfig.from_file(toml, max_steps=9).max_steps == 9  # overrides win
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"embedding-dim": 64, "num_heads": 8, "grad_clip": None, "min_lr": 0}))
+    c = TrainConfig.from_file(js)
+    assert (c.embedding_dim, c.num_heads, c.grad_clip, c.min_lr) == (64, 8, None, 0.0)
+
+
+@pytest.mark.parametrize("content, suffix, words", [
+    ('lr = 1e-3\nlearning_rate = 2\n', ".toml", "unknown setting learning_rate"),
+    ('max_steps = "many"\n', ".toml", "max_steps must be an int"),
+    ('lr = [1\n', ".toml", "cannot parse config"),
+    ('{"lr": 0.1, "min_lr": 0.5}', ".json", "min_lr"),
+    ('{"schedule": "step"}', ".json", "schedule must be one of"),
+    ('[1, 2]', ".json", "must be a table"),
+    ('{"embedding_dim": 30, "num_heads": 4}', ".json", "not divisible"),
+    ('lr: 1', ".yaml", "unknown config file type"),
+])
+def test_bad_config_files(tmp_path, content, suffix, words):
+    path = tmp_path / ("cfg" + suffix)
+    path.write_text(content)
+    with pytest.raises(ValueError, match=words) as e:
+        TrainConfig.from_file(path)
+    assert str(path) in str(e.value) or "min_lr" in words or "divisible" in words or "must be" in words
+    with pytest.raises(FileNotFoundError):
+        TrainConfig.from_file(tmp_path / "absent.toml")
+
+
+def test_bad_values():
+    for kw in (dict(batch_size=0), dict(dropout=1.0), dict(betas=(0.9,)), dict(on_nonfinite="ignore"),
+               dict(patience=0), dict(lr=float("inf")), dict(tokenizer="char"), dict(progress="yes")):
+        with pytest.raises(ValueError):
+            TrainConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------------
+def test_fit_writes_metrics_plot_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = Trainer(tiny(data_dir, out, max_steps=10, sample_tokens=12)).fit()
+    assert s["steps"] == 10 and s["stop_reason"] == "max_steps" and s["nonfinite_steps"] == 0
+    assert len(s["sample"]) > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    for key in ("train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"):
+        assert all(isinstance(r[key], float) for r in steps), key
+    assert [r["step"] for r in records if r.get("val_loss") is not None] == [4, 8, 10]  # + final evaluation
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    # the lr follows the schedule
+    t = Trainer(tiny(data_dir, out, max_steps=10))
+    assert [r["lr"] for r in steps] == [t.lr_at(i) for i in range(10)]
+    last = load_checkpoint(out / "last.safetensors")
+    assert last.trainer_state["step"] == 10 and last.optimizer_state["step"] == 10
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.trainer_state["step"] == 8 == s["best_step"]
+    assert s["best_val_loss"] == best.trainer_state["best_val_loss"]
+
+
+def test_grad_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    params = {}
+    for B, A in ((4, 1), (2, 2), (1, 4)):
+        t = Trainer(tiny(data_dir, tmp_path / f"b{B}", batch_size=B, grad_accum=A, max_steps=1, eval_interval=50))
+        t.fit()
+        params[B, A] = t.model.flat_parameters().copy()
+    ref = params[4, 1]
+    for key, p in params.items():
+        rel = np.linalg.norm(p - ref) / np.linalg.norm(ref)
+        assert rel < 1e-6, (key, rel)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_is_bit_exact(data_dir, tmp_path, dropout):
+    kw = dict(dropout=dropout, decay_steps=12, patience=5)
+    full = Trainer(tiny(data_dir, tmp_path / "full", max_steps=12, **kw)).fit()
+    s1 = Trainer(tiny(data_dir, tmp_path / "cut", max_steps=6, **kw)).fit()
+    assert s1["steps"] == 6
+    s2 = Trainer(tiny(data_dir, tmp_path / "cut", max_steps=12, resume=True, **kw)).fit()
+    assert s2["steps"] == 12 and s2["steps_this_session"] == 6
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
+    assert [s for s, _ in a] == list(range(1, 13))
+    assert a == b  # exact float equality, every step
+    assert val_losses(tmp_path / "full") == val_losses(tmp_path / "cut")
+    assert full["best_val_loss"] == s2["best_val_loss"] and full["best_step"] == s2["best_step"]
+    x, y = load_checkpoint(tmp_path / "full" / "last.safetensors"), load_checkpoint(tmp_path / "cut" / "last.safetensors")
+    assert np.array_equal(x.model.flat_parameters(), y.model.flat_parameters())
+    for k in ("exp_avg", "exp_avg_sq"):
+        for name in x.optimizer_state[k]:
+            assert np.array_equal(x.optimizer_state[k][name], y.optimizer_state[k][name])
+    for k in ("step", "optimizer_step", "dropout_step", "loader", "evals_since_best", "best_val_loss"):
+        assert x.trainer_state[k] == y.trainer_state[k], k
+
+
+def test_resume_after_crash_between_checkpoints(data_dir, tmp_path, monkeypatch):
+    """A run dies at step 8 (last checkpoint at step 5): resuming redoes steps 6.. exactly, and metrics.jsonl
+    forgets the lost steps."""
+    kw = dict(dropout=0.1, decay_steps=12)
+    Trainer(tiny(data_dir, tmp_path / "full", max_steps=12, **kw)).fit()
+    calls = {"n": 0}
+    real = Trainer.train_step
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise RuntimeError("killed")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(tiny(data_dir, tmp_path / "cut", max_steps=12, **kw)).fit()
+    monkeypatch.undo()
+    assert read_metadata(tmp_path / "cut" / "last.safetensors")["trainer_state"]["step"] == 5
+    assert train_losses(tmp_path / "cut")[-1][0] == 7
+    Trainer(tiny(data_dir, tmp_path / "cut", max_steps=12, resume=True, **kw)).fit()
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "cut")
+
+
+def test_resume_errors(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.safetensors"):
+        Trainer(tiny(data_dir, tmp_path / "none", resume=True)).fit()
+    Trainer(tiny(data_dir, tmp_path / "r", max_steps=2)).fit()
+    with pytest.raises(ValueError, match="model differs: embedding_dim 32"):
+        Trainer(tiny(data_dir, tmp_path / "r", max_steps=4, embedding_dim=64, resume=True)).fit()
+
+
+@pytest.mark.parametrize("how", ["lr0", "min_delta"])
+def test_early_stopping(data_dir, tmp_path, how):
+    kw = dict(lr=0.0, min_lr=0.0) if how == "lr0" else dict(min_delta=100.0)
+    out = tmp_path / how
+    s = Trainer(tiny(data_dir, out, max_steps=100, eval_interval=3, patience=2, **kw)).fit()
+    assert s["stop_reason"] == "early_stop"
+    assert s["steps"] == 9  # evaluations at 3 (best), 6 and 9 (no improvement twice)
+    assert s["best_step"] == 3 and (out / "best.safetensors").is_file()
+    assert load_checkpoint(out / "best.safetensors").trainer_state["step"] == 3
+    assert load_checkpoint(out / "last.safetensors").trainer_state["evals_since_best"] == 2
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_nonfinite_guard(data_dir, tmp_path, monkeypatch, mode):
+    real = cllm.Model.forward_backward
+    calls = {"n": 0}
+
+    def flaky(self, x, y, accumulate=False, grad_scale=1.0):
+        calls["n"] += 1
+        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale)
+        if calls["n"] == 3:
+            self.gradients()["wte"][0, 0] = np.nan
+            return float("nan")
+        return loss
+
+    monkeypatch.setattr(cllm.Model, "forward_backward", flaky)
+    out = tmp_path / mode
+    t = Trainer(tiny(data_dir, out, max_steps=6, on_nonfinite=mode))
+    with pytest.warns(RuntimeWarning, match="step 3: non-finite"):
+        s = t.fit()
+    assert s["nonfinite_steps"] == 1
+    events = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "nonfinite"]
+    assert [r["step"] for r in events] == [3] and events[0]["train_loss"] is None
+    assert np.isfinite(t.model.flat_parameters()).all()
+    if mode == "skip":
+        assert s["steps"] == 6 and t.optimizer.step_count == 5 and s["stop_reason"] == "max_steps"
+    else:
+        assert s["steps"] == 3 and t.optimizer.step_count == 2 and s["stop_reason"] == "nonfinite"
+    ck = load_checkpoint(out / "last.safetensors")  # finite, loadable
+    assert ck.trainer_state["nonfinite_steps"] == 1
+
+
+def test_max_time_stops_and_checkpoints(data_dir, tmp_path):
+    s = Trainer(tiny(data_dir, tmp_path / "t", max_steps=10_000, max_time=0.3)).fit()
+    assert s["stop_reason"] == "max_time" and 0 < s["steps"] < 10_000
+    assert load_checkpoint(tmp_path / "t" / "last.safetensors").trainer_state["step"] == s["steps"]
+
+
+def test_prepares_text_inputs_once_and_reuses(tmp_path):
+    src = corpus_files(tmp_path)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**TINY, "data": str(src), "out_dir": str(out), "max_steps": 1, "val_fraction": 0.3})
+    Trainer(cfg).fit()
+    stamp = out / "data" / "prepare.json"
+    assert (out / "data" / "train.bin").is_file() and stamp.is_file()
+    mtime = (out / "data" / "train.bin").stat().st_mtime_ns
+    Trainer(cfg).fit()
+    assert (out / "data" / "train.bin").stat().st_mtime_ns == mtime  # reused
+    Trainer(cfg.replace(val_fraction=0.25)).fit()
+    assert json.loads(stamp.read_text())["spec"]["val_fraction"] == 0.25  # different request: prepared again
+
+
+class CountingComm(cllm.SingleProcess):
+    """A one-rank stand-in for a data-parallel communicator that records the collectives it is asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def allreduce_mean_(self, buf):
+        assert buf.dtype == np.float32 and buf.ndim == 1 and buf.size >= 17_000
+        self.calls.append("grads")
+
+    def allreduce_mean(self, value):
+        self.calls.append("scalar")
+        return value
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+
+def test_communicator_hook(data_dir, tmp_path):
+    comm = CountingComm()
+    Trainer(tiny(data_dir, tmp_path / "c", max_steps=4, eval_interval=2), comm=comm).fit()
+    assert comm.calls.count("grads") == 4
+    assert comm.calls.count("scalar") == 4 + 2  # a loss per step, a val loss per evaluation
+    assert "barrier" in comm.calls
+
+
+def test_nonfinite_validation_loss_is_never_best(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: float("nan"))
+    out = tmp_path / "nanval"
+    s = Trainer(tiny(data_dir, out, max_steps=8, patience=2)).fit()
+    assert s["stop_reason"] == "early_stop" and s["steps"] == 8
+    assert s["best_val_loss"] is None and not (out / "best.safetensors").exists()
+    assert (out / "last.safetensors").is_file()
