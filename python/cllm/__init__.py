@@ -1,6 +1,6 @@
 """CLLM: a small, fast CPU training engine for decoder-only transformers."""
 from . import _core
-from ._core import kernels
+from . import kernels  # the core's kernels behind argument checks (see kernels.py)
 from .config import ModelConfig
 from .model import Model
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 
 from .config import ModelConfig
-from .model import Model
+from .model import InsufficientMemoryError, Model, parameter_shapes
 from .tokenizer import MissingFileError, Tokenizer, tokenizer_from_json
 
 FORMAT = "cllm-checkpoint"
@@ -95,11 +95,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # e.g. ENOSPC: name the file
+            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror}", str(path)) from e
         raise
     _fsync_dir(directory)
 
@@ -191,7 +193,7 @@ def _read_header(path: Path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: not a safetensors checkpoint (corrupt header)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors checkpoint (header is not a JSON object)")
@@ -201,7 +203,7 @@ def _read_header(path: Path) -> dict:
             continue
         try:
             lo, hi = (int(v) for v in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError):
             raise ValueError(f"{path}: corrupt safetensors header (tensor {name!r} has no data_offsets)") from None
         end = max(end, hi)
     if 8 + n + end > size:
@@ -214,8 +216,16 @@ def _meta_json(path: Path, meta: dict, key: str):
         raise ValueError(f"{path}: checkpoint metadata has no {key!r} entry")
     try:
         return json.loads(meta[key])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, TypeError, RecursionError) as e:  # TypeError: not a string
         raise ValueError(f"{path}: checkpoint metadata {key!r} is not valid JSON: {e}") from None
+
+
+def _state_int(path: Path, state: dict, key: str, what: str) -> int:
+    """A non-negative integer below 2**64 from a decoded metadata entry (0 when absent)."""
+    value = state.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{path}: checkpoint {what} {key!r} must be a non-negative int, got {value!r}")
+    return value
 
 
 def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpoint:
@@ -258,19 +268,21 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
     opt_meta = _meta_json(path, meta, "optimizer") if "optimizer" in meta else None
     if not isinstance(trainer_state, dict) or not isinstance(model_state, dict):
         raise ValueError(f"{path}: checkpoint trainer_state / model_state must be JSON objects")
+    if opt_meta is not None and not isinstance(opt_meta, dict):
+        raise ValueError(f"{path}: checkpoint optimizer metadata must be a JSON object")
+    seed = _state_int(path, model_state, "seed", "model_state")
+    dropout_step = _state_int(path, model_state, "dropout_step", "model_state")
+    opt_step = _state_int(path, opt_meta, "step", "optimizer") if opt_meta is not None else 0
 
-    try:
-        model = Model(config, seed=int(model_state.get("seed", 0)))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot build the model of this checkpoint: {e}") from None
-    expected = {t["name"]: tuple(t["shape"]) for t in model.tensor_info}
+    # the header must hold every tensor of this config with its shape before anything is allocated
+    expected = parameter_shapes(config)
     names = [k for k in header if k != "__metadata__"]
     groups = {"": {}, EXP_AVG: {}, EXP_AVG_SQ: {}}
     for k in names:
         prefix = EXP_AVG_SQ if k.startswith(EXP_AVG_SQ) else EXP_AVG if k.startswith(EXP_AVG) else ""
         groups[prefix][k[len(prefix):]] = k
     for prefix, group in groups.items():
-        if prefix and not group and opt_meta is None:
+        if prefix and not groups[EXP_AVG] and not groups[EXP_AVG_SQ] and opt_meta is None:
             continue  # saved without an optimizer
         what = f"tensor {prefix}" if prefix else "weight "
         missing = [n for n in expected if n not in group]
@@ -282,10 +294,11 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
             raise ValueError(f"{path}: checkpoint has unexpected tensor {prefix}{extra[0]} for this config")
         for n, key in group.items():
             info = header[key]
-            shape = tuple(info.get("shape", ()))
+            shape = info.get("shape")
+            shape = tuple(shape) if isinstance(shape, list) else shape
             if shape != expected[n]:
-                raise ValueError(f"{path}: tensor {key} has shape {list(shape)}, the config needs "
-                                 f"{list(expected[n])}")
+                raise ValueError(f"{path}: tensor {key} has shape {list(shape) if isinstance(shape, tuple) else shape!r}, "
+                                 f"the config needs {list(expected[n])}")
             if info.get("dtype") != "F32":
                 raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')}, expected F32")
 
@@ -303,12 +316,18 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
                 raise ValueError(f"{path}: checkpoint holds non-finite values ({bad} NaN/Inf in {k}); "
                                  f"pass allow_nonfinite=True to load it anyway")
 
+    try:
+        model = Model(config, seed=seed)
+    except InsufficientMemoryError as e:
+        raise InsufficientMemoryError(f"{path}: cannot build the model of this checkpoint: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot build the model of this checkpoint: {e}") from None
     model.load_parameters({n: tensors[k] for n, k in groups[""].items()})
-    model.dropout_step = int(model_state.get("dropout_step", 0))
+    model.dropout_step = dropout_step
     optimizer_state = None
     if groups[EXP_AVG]:
         optimizer_state = dict(opt_meta or {})
-        optimizer_state["step"] = int(optimizer_state.get("step", 0))
+        optimizer_state["step"] = opt_step
         optimizer_state["exp_avg"] = {n: tensors[k] for n, k in groups[EXP_AVG].items()}
         optimizer_state["exp_avg_sq"] = {n: tensors[k] for n, k in groups[EXP_AVG_SQ].items()}
     return Checkpoint(model=model, optimizer_state=optimizer_state, tokenizer=tokenizer,

@@ -181,6 +181,10 @@ register_command("sample", "generate text from a checkpoint", _sample_arguments,
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
 
+from . import bench as _bench  # noqa: E402  (stdlib-only at import; torch only inside the benchmark children)
+
+register_command("bench", _bench.HELP, _bench.add_arguments, _bench.run)
+
 
 # ----------------------------------------------------------------------------------------------------
 # main

@@ -353,6 +353,17 @@ def _check_hf_tokenizer(tok) -> None:
     hf = _hf()
     if not isinstance(tok, hf.Tokenizer):
         raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tok).__name__}")
+    # Token ids must be exactly 0..n-1: checked before to_str(), which walks every id up to the largest one
+    # (a corrupt file with one id near 2**31 would hang it), and so that every id fits the model's vocab.
+    vocab = tok.get_vocab(with_added_tokens=True)
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        raise ValueError(f"BPE tokenizer vocabulary ids are not 0..{len(ids) - 1}: they range from "
+                         f"{ids[0] if ids else None} to {ids[-1] if ids else None} with gaps or repeats")
+    missing = [c for c in hf.pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing:
+        raise ValueError(f"BPE tokenizer vocabulary lacks {len(missing)} of the 256 byte-level symbols; CLLM "
+                         "needs all of them so that encoding is lossless")
     spec = json.loads(tok.to_str())
     model = (spec.get("model") or {}).get("type")
     if model != "BPE":
@@ -366,6 +377,25 @@ def _check_hf_tokenizer(tok) -> None:
             )
     if spec.get("normalizer") is not None:
         raise ValueError("BPE tokenizer JSON has a normalizer; CLLM needs none (lossless encoding)")
+    for option in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if spec["model"].get(option):
+            raise ValueError(f"BPE tokenizer JSON sets model {option} {spec['model'][option]!r}; CLLM needs none "
+                             "(lossless, deterministic encoding)")
+    # whatever else a foreign or corrupt file sets, encoding must be lossless: check it on every byte value and
+    # a few kinds of text
+    try:
+        enc = tok.encode(_LOSSLESS_PROBE, add_special_tokens=False)
+        back = tok.decode(enc.ids, skip_special_tokens=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust error or panic
+        raise ValueError(f"BPE tokenizer fails to encode text: {e}") from None
+    if back != _LOSSLESS_PROBE or any(not 0 <= i < len(ids) for i in enc.ids):
+        raise ValueError("BPE tokenizer is not lossless: decoding its encoding does not give the text back")
+
+
+_LOSSLESS_PROBE = ("".join(chr(i) for i in range(1, 256)) + " def f(x):\n    return x * 2  # note\n\n\tclass A: pass\r\n"
+                   "  héllo wörld ✓ 日本語 🙂 \u200b x")
 
 
 def tokenizer_from_json(s: str) -> Tokenizer:
@@ -376,7 +406,7 @@ def tokenizer_from_json(s: str) -> Tokenizer:
         raise TypeError(f"tokenizer JSON must be a str, got {type(s).__name__}")
     try:
         spec = json.loads(s)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"tokenizer JSON is not valid JSON: {e}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"tokenizer JSON must be an object, got {type(spec).__name__}")
@@ -392,7 +422,9 @@ def tokenizer_from_json(s: str) -> Tokenizer:
         hf = _hf()
         try:
             hf_tok = hf.Tokenizer.from_str(inner)
-        except Exception as e:  # the Rust side raises a plain Exception
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the Rust side raises a plain Exception, or a PanicException (BaseException)
             raise ValueError(f"BPE tokenizer JSON could not be parsed by 'tokenizers': {e}") from None
         return BPETokenizer(hf_tok)
     raise ValueError(f"unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")

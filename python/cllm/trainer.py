@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -35,11 +36,14 @@ from . import _core
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import POS_ENCODINGS, ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens, prepare
-from .model import Model
+from .model import Model, check_memory, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .schedule import SCHEDULES, check_schedule, lr_at
 from .tokenizer import MissingFileError, Tokenizer, load_tokenizer
 
+# Unclipped gradients above this norm overflow the float32 squares in AdamW's second moment (sqrt(3.4e38)
+# ~ 1.8e19), leaving Inf moments: such a step is treated as non-finite too.
+MAX_UNCLIPPED_GRAD_NORM = 1e19
 PREPARED_DATA_SEED = 0  # data split seed used when the trainer prepares the corpus itself
 EVAL_SEED = 1234        # the fixed validation batches do not depend on the training seed
 
@@ -140,8 +144,15 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
-        """Read settings from a .toml or .json file (flat keys named like the fields); `overrides` win."""
-        return cls.from_dict({**read_config_file(path), **overrides}, source=str(path))
+        """Read settings from a .toml or .json file (flat keys named like the fields); `overrides` win.
+        Errors are ValueError/TypeError naming the file."""
+        settings = {**read_config_file(path), **overrides}
+        try:
+            return cls.from_dict(settings, source=str(path))
+        except (TypeError, ValueError) as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise (ValueError if isinstance(e, ValueError) else TypeError)(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -176,6 +187,8 @@ def read_config_file(path) -> dict:
             raise ValueError(f"{path}: unknown config file type {suffix!r} (use .toml or .json)")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: config file is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot parse config: nested too deeply") from None
     except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         if str(e).startswith(str(path)):
             raise
@@ -365,7 +378,13 @@ class Trainer:
         if c.threads:
             set_num_threads(c.threads)
         if self.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:  # an unusable run directory is an error now, not at the first checkpoint
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=self.out_dir, prefix=".write-test.", suffix=".tmp")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise OSError(e.errno, f"run directory is not usable: {e.strerror}", str(self.out_dir)) from None
             for stale in self.out_dir.glob(".*.safetensors.*.tmp"):  # left by a crash mid-write; never valid
                 stale.unlink(missing_ok=True)
         self.comm.barrier()
@@ -377,6 +396,10 @@ class Trainer:
             raise ValueError(f"{data_dir}: token files (vocab {train.vocab_size}/{val.vocab_size}) do not match "
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
         self.model_config = c.model_config(self.tokenizer.vocab_size)
+        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
+        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
+                     f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
+                     f"batches of {c.batch_size} x {c.max_seq_len} tokens")
         self.model = Model(self.model_config, seed=c.seed)
         self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
@@ -488,12 +511,15 @@ class Trainer:
         }
 
     def save(self, path: Path, elapsed: float) -> bool:
-        """Write a checkpoint (rank 0); never one with non-finite weights (warns and returns False)."""
+        """Write a checkpoint (rank 0); never one with non-finite weights or optimizer moments (warns and
+        returns False)."""
         if not self.main:
             return True
-        if not np.isfinite(self.model.flat_parameters()).all():
-            self._warn(f"step {self.step}: weights are not finite, not writing {path.name}")
-            return False
+        for what, buf in (("weights", self.model.flat_parameters()), ("optimizer moments", self.optimizer.exp_avg),
+                          ("optimizer moments", self.optimizer.exp_avg_sq)):
+            if not np.isfinite(buf).all():
+                self._warn(f"step {self.step}: {what} are not finite, not writing {path.name}")
+                return False
         save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed))
         return True
 
@@ -560,7 +586,8 @@ class Trainer:
                     lr = self.lr_at(self.step)
                     t_step = time.perf_counter()
                     loss, norm = self.train_step()
-                    finite = math.isfinite(loss) and math.isfinite(norm)
+                    finite = math.isfinite(loss) and math.isfinite(norm) and (
+                        bool(c.grad_clip) or norm < MAX_UNCLIPPED_GRAD_NORM)
                     if finite:
                         opt.lr = lr
                         opt.step()
@@ -571,7 +598,8 @@ class Trainer:
 
                     if not finite:  # the weights were left untouched
                         self.nonfinite_steps += 1
-                        self._warn(f"step {self.step}: non-finite loss {loss} or grad norm {norm}, "
+                        overflow = " (overflows AdamW's float32 moments)" if math.isfinite(norm) else ""
+                        self._warn(f"step {self.step}: non-finite loss {loss} or grad norm {norm}{overflow}, "
                                    f"step {'skipped' if c.on_nonfinite == 'skip' else 'skipped; stopping'}")
                         record["event"] = "nonfinite"
                         if c.on_nonfinite == "stop":

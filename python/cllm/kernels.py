@@ -1,0 +1,163 @@
+"""Single kernels on float32 NumPy arrays (the C++ core's `_core.kernels`), behind a check of their arguments.
+
+Every function takes and returns what `cllm._core.kernels` does. Before the call, the arguments are checked so
+that bad input ends in a clear TypeError / ValueError / MemoryError instead of a silent cast or a crash:
+
+- float arrays must hold real numbers (bool, int or float dtypes are converted to float32; complex, object,
+  string, ... arrays are refused, never silently cast),
+- token arrays (`tokens`, `targets`) must be integer arrays with values in the int32 range,
+- every dimension and integer argument must fit the core's 32-bit ints,
+- a conversion or an output larger than the memory available is refused before it is made.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict
+
+import numpy as np
+
+from . import _core
+from .model import _INT32_MAX, check_memory
+
+_raw = _core.kernels
+
+# argument kinds: f float array, t int32 token array, i int, b bool flag, x float scalar
+_SPEC: Dict[str, str] = {
+    "sinusoidal_table": "ii",
+    "embedding_forward": "tff",
+    "embedding_backward": "ftii",
+    "layernorm_forward": "fff",
+    "layernorm_backward": "fffff",
+    "linear_forward": "fff",
+    "linear_backward": "fff",
+    "matmul": "ffbbb",
+    "gelu_forward": "f",
+    "gelu_backward": "ff",
+    "attention_forward": "fi",
+    "attention_backward": "ffffi",
+    "feedforward_forward": "fffff",
+    "feedforward_backward": "ffffff",
+    "cross_entropy_forward": "ft",
+    "cross_entropy_backward": "ftx",
+}
+_KEYWORDS: Dict[str, tuple] = {"matmul": ("a", "b", "trans_a", "trans_b", "bf16")}
+
+
+def _dim(a, i: int, default: int = 0) -> int:
+    shape = getattr(a, "shape", ())
+    return int(shape[i]) if -len(shape) <= i < len(shape) else default
+
+
+def _matmul_out(a, b, trans_a=False, trans_b=False, bf16=False) -> int:
+    return _dim(a, 1 if trans_a else 0) * _dim(b, 0 if trans_b else 1)
+
+
+# floats a kernel allocates (outputs and temporaries) where that can be much more than its inputs
+_OUTPUT_FLOATS: Dict[str, Callable[..., int]] = {
+    "sinusoidal_table": lambda P, C: P * C,
+    "embedding_forward": lambda tok, wte, pos: _dim(tok, 0) * _dim(tok, 1) * _dim(wte, 1),
+    "embedding_backward": lambda dout, tok, V, P: (max(V, 0) + max(P, 0)) * _dim(dout, 2),
+    "linear_forward": lambda x, w, b: _dim(x, 0) * _dim(w, 1),
+    "matmul": _matmul_out,
+    "feedforward_forward": lambda x, wfc, *r: _dim(x, 0) * (2 * _dim(wfc, 1) + _dim(x, 1)),
+    "feedforward_backward": lambda dout, x, wfc, *r: _dim(x, 0) * (3 * _dim(wfc, 1) + 2 * _dim(x, 1)),
+}
+
+
+def _real_array(fname: str, what: str, value) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"kernels.{fname}: {what} must be an array of real numbers, got dtype {arr.dtype}")
+    for d in arr.shape:
+        if d > _INT32_MAX:
+            raise ValueError(f"kernels.{fname}: {what} has shape {arr.shape}; every dimension must be at most "
+                             f"{_INT32_MAX:,}")
+    return arr
+
+
+def _float_array(fname: str, what: str, value) -> np.ndarray:
+    return _real_array(fname, what, value)
+
+
+def _token_array(fname: str, what: str, value) -> np.ndarray:
+    arr = _real_array(fname, what, value)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"kernels.{fname}: {what} must be an integer array of token ids, got dtype {arr.dtype}")
+    return arr
+
+
+def _to_float32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
+    return arr if arr.dtype == np.float32 and arr.flags.c_contiguous else np.ascontiguousarray(arr, np.float32)
+
+
+def _to_int32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.int32 and arr.flags.c_contiguous:
+        return arr
+    if arr.size and arr.dtype != np.int32:
+        lo, hi = arr.min(), arr.max()
+        if lo < -_INT32_MAX - 1 or hi > _INT32_MAX:
+            raise ValueError(f"kernels.{fname}: token id {lo if lo < 0 else hi} in {what} is out of the int32 range")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _int(fname: str, what: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"kernels.{fname}: {what} must be an int, got {type(value).__name__}")
+    if not -_INT32_MAX - 1 <= value <= _INT32_MAX:
+        raise ValueError(f"kernels.{fname}: {what} = {value} does not fit a 32-bit int")
+    return int(value)
+
+
+def _flag(fname: str, what: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"kernels.{fname}: {what} must be True or False, got {value!r}")
+
+
+def _scalar(fname: str, what: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"kernels.{fname}: {what} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+_CHECK = {"f": _float_array, "t": _token_array, "i": _int, "b": _flag, "x": _scalar}
+_CONVERT = {"f": _to_float32, "t": _to_int32}
+
+
+def _wrap(fname: str, spec: str) -> Callable:
+    raw = getattr(_raw, fname)
+    names = _KEYWORDS.get(fname, ())
+
+    @functools.wraps(raw)
+    def kernel(*args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown or len(args) > len(spec):
+            # let the core produce its own "incompatible function arguments" TypeError
+            return raw(*args, **kwargs)
+        kinds = dict(zip(names, spec))
+        args = [_CHECK[kind](fname, f"argument {i + 1}", a) for i, (kind, a) in enumerate(zip(spec, args))]
+        for k, v in kwargs.items():
+            kwargs[k] = _CHECK[kinds[k]](fname, k, v)
+        # memory for the float32/int32 copies and the outputs, checked before any of them is made
+        arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
+        copies = sum(a.size for a in arrays if not (a.dtype in (np.float32, np.int32) and a.flags.c_contiguous))
+        try:
+            out = _OUTPUT_FLOATS[fname](*args, **kwargs) if fname in _OUTPUT_FLOATS else sum(a.size for a in arrays)
+        except TypeError:  # missing arguments: the core reports them
+            out = 0
+        if copies + max(out, 0) > 0:
+            check_memory(4 * (copies + max(out, 0)), f"kernels.{fname} ({copies + max(out, 0):,} floats of "
+                                                     f"conversions and outputs)")
+        args = [_CONVERT[k](fname, f"argument {i + 1}", a) if k in _CONVERT else a
+                for i, (k, a) in enumerate(zip(spec, args))]
+        kwargs = {k: _CONVERT[kinds[k]](fname, k, v) if kinds[k] in _CONVERT else v for k, v in kwargs.items()}
+        return raw(*args, **kwargs)
+
+    kernel.__doc__ = raw.__doc__
+    return kernel
+
+
+for _name, _spec in _SPEC.items():
+    globals()[_name] = _wrap(_name, _spec)
+
+__all__ = list(_SPEC)

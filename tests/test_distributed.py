@@ -1,0 +1,280 @@
+"""Data parallelism over MPI (cllm.distributed): 2 ranks x batch B train exactly like 1 rank x batch 2B, resume
+works under mpirun, diverged replicas are caught, and a rank that raises or is killed ends the whole job
+(non-zero exit, the rank named) instead of hanging it.
+
+The multi-process tests launch `mpirun -n 2` (1 OpenMP thread per rank) and are skipped, with the reason,
+only when mpi4py cannot be imported or no mpirun/mpiexec is on PATH (pip install 'cllm[mpi]').
+The pure-Python tests at the end always run and never initialise MPI in the pytest process."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cllm.checkpoint import load_checkpoint
+from cllm.data import prepare
+from cllm.distributed import (DEFAULT_CHECK_INTERVAL, MPISetupError, _divergence_message, auto_communicator,
+                              launched_world_size, mpirun_command)
+from cllm.trainer import SingleProcess, TrainConfig, Trainer, read_metrics
+
+JOB_TIMEOUT = 60  # seconds: no job here may take longer; a hang fails the test instead of blocking the suite
+STEPS = 20
+B = 4  # rows per rank; the one-rank reference uses 2 * B
+
+# tiny model and run: a 20-step job takes about a second per rank
+SETTINGS = dict(max_seq_len=32, embedding_dim=32, num_layers=2, num_heads=2, ff_dim=64, lr=1e-3, min_lr=1e-4,
+                warmup_steps=2, decay_steps=STEPS, max_steps=STEPS, eval_interval=10, eval_batches=2,
+                checkpoint_interval=5, log_interval=1, progress=False, sample_tokens=0, max_time=None, threads=1,
+                seed=3)
+
+
+def _mpi_missing() -> str:
+    try:
+        import mpi4py  # noqa: F401  (the package only: MPI is initialised in the launched processes alone)
+    except ImportError as e:
+        return f"mpi4py cannot be imported ({e}); pip install 'cllm[mpi]'"
+    try:
+        mpirun_command(2)
+    except FileNotFoundError:
+        return "no mpirun or mpiexec on PATH; pip install 'cllm[mpi]'"
+    return ""
+
+
+needs_mpi = pytest.mark.skipif(bool(_mpi_missing()), reason=_mpi_missing() or "mpi available")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "PRTE_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CLLM_REPLICA_CHECK_INTERVAL="5")
+    return env
+
+
+def run_mpi(n, args, cwd, timeout=JOB_TIMEOUT, env=None):
+    """Run `mpirun -n n <python> args...`; returns (exit status, stdout + stderr, seconds). Never hangs: on
+    timeout the whole process group is killed and the test fails."""
+    cmd = mpirun_command(n) + [sys.executable] + [str(a) for a in args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"mpirun job did not end within {timeout} s (hung?):\n{' '.join(cmd)}\n{out[-4000:]}")
+    return proc.returncode, out, time.monotonic() - t0
+
+
+def cli_flags(settings: dict) -> list:
+    flags = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            flags += [flag, "none" if v is None else str(v)]
+    return flags
+
+
+def params(path) -> np.ndarray:
+    return np.array(load_checkpoint(path).model.flat_parameters())
+
+
+def train_losses(out_dir):
+    return [r["train_loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "train_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import argparse
+    import json as json_mod
+    import typing
+
+    root = tmp_path_factory.mktemp("mpi_corpus")
+    src = root / "src"
+    src.mkdir()
+    for mod in (argparse, json_mod, typing):
+        (src / (mod.__name__ + ".py")).write_text(Path(mod.__file__).read_text(encoding="utf-8")[:20000])
+    prepare([src], root / "data", "byte", val_fraction=0.2)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data_dir, tmp_path_factory):
+    """`mpirun -n 2 cllm train` with batch B per rank for 20 steps."""
+    out = tmp_path_factory.mktemp("two_ranks") / "run"
+    code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                           + cli_flags(SETTINGS), cwd=out.parent)
+    assert code == 0, log
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def one_rank(data_dir, tmp_path_factory):
+    """The reference: one process, batch 2B, the same 20 steps."""
+    out = tmp_path_factory.mktemp("one_rank") / "run"
+    summary = Trainer(TrainConfig(data=str(data_dir), out_dir=str(out), batch_size=2 * B, **SETTINGS)).fit()
+    assert summary["steps"] == STEPS
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# training under mpirun
+# ------------------------------------------------------------------------------------------------------
+@needs_mpi
+def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, one_rank):
+    out, log = two_ranks
+    got, ref = params(out / "last.safetensors"), params(one_rank / "last.safetensors")
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg="2 ranks x B vs 1 rank x 2B after 20 steps")
+    np.testing.assert_allclose(train_losses(out), train_losses(one_rank), rtol=1e-5, atol=1e-5)
+    # averaged over ranks: the validation losses are those of the whole validation set
+    val = lambda d: [r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r]  # noqa: E731
+    np.testing.assert_allclose(val(out), val(one_rank), rtol=1e-5)
+    # rank 0 alone writes: one metrics record per step, one final line, the checkpoint knows the world size
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    assert log.count("stopped (max_steps) at step 20") == 1, log
+    ckpt = load_checkpoint(out / "last.safetensors")
+    assert ckpt.trainer_state["world_size"] == 2 and ckpt.trainer_state["step"] == STEPS
+
+
+@needs_mpi
+@pytest.mark.filterwarnings("ignore:resuming with changed settings")  # batch 2B x 1 rank, same global batch
+def test_resume_under_mpi_continues_exactly(two_ranks, one_rank, data_dir, tmp_path):
+    out, single = tmp_path / "resumed", tmp_path / "single"
+    code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                           + cli_flags({**SETTINGS, "max_steps": 10}), cwd=tmp_path)
+    assert code == 0, log
+    assert load_checkpoint(out / "last.safetensors").trainer_state["step"] == 10
+    shutil.copytree(out, single)
+    code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--out-dir", out, "--resume", "--max-steps", STEPS],
+                           cwd=tmp_path)
+    assert code == 0, log
+    assert log.count("resumed from") == 1, log
+    # every rank loaded the same checkpoint and the global loader state: bit for bit the uninterrupted run
+    np.testing.assert_array_equal(params(out / "last.safetensors"), params(two_ranks[0] / "last.safetensors"))
+    assert train_losses(out) == train_losses(two_ranks[0])
+
+    # a checkpoint of 2 ranks x B resumes in one process with 2B too (the global batch is what counts)
+    Trainer(TrainConfig(data=str(data_dir), out_dir=str(single), batch_size=2 * B, resume=True,
+                        **SETTINGS)).fit()
+    np.testing.assert_allclose(params(single / "last.safetensors"), params(one_rank / "last.safetensors"),
+                               rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# divergence and failures
+# ------------------------------------------------------------------------------------------------------
+FAULT_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import cllm.trainer
+    from cllm.distributed import auto_communicator
+
+    mode, entry, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+    original = cllm.trainer.Trainer.train_step
+
+    def train_step(self):
+        if self.step == 7 and rank == 1:
+            if mode == "perturb":
+                self.model.flat_parameters()[0] += 1e-3  # rank 1's replica drifts away
+            elif mode == "raise":
+                raise ValueError("injected failure on this rank")
+            elif mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self)
+
+    cllm.trainer.Trainer.train_step = train_step
+    if entry == "cli":  # the command line, whose error handler would otherwise return 2 and hang the others
+        from cllm.cli import main
+        flags = []
+        for k, v in settings.items():
+            flags += ["--" + k.replace("_", "-")] if v is True else \\
+                     ["--no-" + k.replace("_", "-")] if v is False else ["--" + k.replace("_", "-"), str(v)]
+        sys.exit(main(["train"] + flags))
+    else:  # a user's script: an uncaught exception
+        cllm.trainer.Trainer(cllm.trainer.TrainConfig(**settings), comm=auto_communicator()).fit()
+""")
+
+
+def run_fault(mode, entry, data_dir, tmp_path):
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    settings = {**SETTINGS, "data": str(data_dir), "out_dir": str(tmp_path / "run"), "batch_size": B}
+    code, log, seconds = run_mpi(2, [script, mode, entry, json.dumps(settings)], cwd=tmp_path)
+    assert code != 0, log
+    assert seconds < JOB_TIMEOUT
+    return log
+
+
+@needs_mpi
+def test_diverged_replicas_raise_a_clear_error(data_dir, tmp_path):
+    log = run_fault("perturb", "script", data_dir, tmp_path)
+    # rank 1 was perturbed during step 8; the check every 5 steps (CLLM_REPLICA_CHECK_INTERVAL) sees it at step 10
+    assert "ReplicaDivergenceError" in log, log
+    assert "model parameters diverged across ranks at step 10: rank 1 differs from rank 0" in log, log
+
+
+@needs_mpi
+@pytest.mark.parametrize("entry", ["script", "cli"])
+def test_exception_on_one_rank_ends_the_job(entry, data_dir, tmp_path):
+    log = run_fault("raise", entry, data_dir, tmp_path)
+    assert re.search(r"rank 1 of 2 failed: ValueError: injected failure on this rank", log), log
+
+
+@needs_mpi
+def test_killed_rank_ends_the_job(data_dir, tmp_path):
+    log = run_fault("kill", "script", data_dir, tmp_path)
+    assert re.search(r"signal 9|killed", log, re.IGNORECASE), log  # the launcher reports the death
+    if "prterun" in log or "Open MPI" in log:  # Open MPI also names the rank (MPICH's hydra gives its PID)
+        assert re.search(r"rank 1\b", log), log
+
+
+# ------------------------------------------------------------------------------------------------------
+# without MPI (always run; MPI is never initialised in this process)
+# ------------------------------------------------------------------------------------------------------
+def _clear_launcher_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("OMPI_", "PMIX_", "PMI_", "MV2_", "MPI_LOCALNRANKS")):
+            monkeypatch.delenv(k)
+
+
+def test_auto_communicator_without_a_launcher_is_single_process(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    assert launched_world_size() == 0
+    assert isinstance(auto_communicator(), SingleProcess)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")  # mpirun -n 1: no MPI needed either
+    assert launched_world_size() == 1 and isinstance(auto_communicator(), SingleProcess)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_world_size() == 4
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("PMIX_RANK", "0")  # a PMIx launcher that gives no size: MPI must be asked
+    assert launched_world_size() == -1
+
+
+def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py -> ImportError
+    with pytest.raises(MPISetupError, match=r"started by an MPI launcher with 2 processes, but mpi4py cannot be "
+                                            r"imported.*pip install 'cllm\[mpi\]'"):
+        auto_communicator()
+    monkeypatch.setenv("CLLM_REPLICA_CHECK_INTERVAL", "often")
+    with pytest.raises(ValueError, match="CLLM_REPLICA_CHECK_INTERVAL"):
+        auto_communicator()
+
+
+def test_divergence_message_names_ranks_and_step():
+    msg = _divergence_message([(1, 2.0), (1, 2.0), (7, 2.5), (7, 2.5)], step=300)
+    assert msg.startswith("model parameters diverged across ranks at step 300: ranks 2, 3 differ from rank 0")
+    assert "ranks 0, 1: crc32 00000001" in msg and "ranks 2, 3: crc32 00000007, sum 2.5" in msg
+    assert DEFAULT_CHECK_INTERVAL == 100
