@@ -89,7 +89,7 @@ struct Activations {
 inline float fast_exp(float x) {
     // selects, not branches or fmin/fmax calls, so that GCC vectorises loops over it
     const float lo = -87.3365447504f, hi = 88.3762626647949f;
-    const float xc = x < lo ? lo : (x > hi ? hi : x);
+    const float xc = x > lo ? (x < hi ? x : hi) : lo;  // NaN -> lo: no NaN reaches the int conversion
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
     float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -102,7 +102,7 @@ inline float fast_exp(float x) {
     p = p * r * r + r + 1.0f;
     const int32_t bits = ((int32_t)n + 127) << 23;
     const float scale = __builtin_bit_cast(float, bits);
-    return x < lo ? 0.0f : p * scale;
+    return x != x ? x : (x < lo ? 0.0f : p * scale);  // NaN in, NaN out
 }
 // tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at +-inf
 #pragma omp declare simd

@@ -199,6 +199,7 @@ template <class K>
 void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
                bool trans_a, bool trans_b, bool accumulate, bool parallel) {
     using T = typename K::T;
+    if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
     if (!accumulate)
         for (int i = 0; i < M; i++) std::memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
     if (K_ == 0 || M == 0 || N == 0) return;
@@ -257,6 +258,7 @@ bool bf16_native() {
 }
 
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16) {
+    if ((size_t)N * OC == 0) return;
     if (bias) {  // start from the bias and let the GEMM accumulate: no separate pass over out
         #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) std::memcpy(out + (size_t)n * OC, bias, OC * sizeof(float));

@@ -29,13 +29,19 @@ FLAGS = ["--max-seq-len", "16", "--embedding-dim", "32", "--num-layers", "1", "-
          "--batch-size", "4", "--eval-interval", "7", "--eval-batches", "2", "--warmup-steps", "3", "--no-progress",
          "--threads", "1", "--max-time", "none", "--checkpoint-interval", "1", "--log-interval", "1",
          "--sample-tokens", "0", "--dropout", "0.1"]
-STEPS = 30
+STEPS = 120
 
-# `python -m cllm` with checkpoint writes slowed down (half the bytes, fsync, a pause, the rest), so that a kill
-# can land in the middle of one; the numbers are untouched
+# `python -m cllm` with checkpoint writes (half the bytes, fsync, a pause, the rest) or training steps slowed down,
+# so that a kill can land in the middle of one; the numbers are untouched
 SLOW_CLI = r'''
 import os, sys, time
 import cllm.checkpoint as ck
+import cllm.trainer as tr
+_step = tr.Trainer.train_step
+def _slow_step(self):
+    time.sleep(float(os.environ.get("SLOW_STEP_S", "0")))
+    return _step(self)
+tr.Trainer.train_step = _slow_step
 _write = ck._write_payload
 def _slow(f, data):
     half = len(data) // 2
@@ -62,11 +68,18 @@ def data_dir(tmp_path_factory):
     return root / "data"
 
 
-def start(script: Path, data_dir: Path, out: Path, resume: bool, slow: float) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_WRITE_S=str(slow))
+def start(script: Path, data_dir: Path, out: Path, resume: bool, slow_write=0.0, slow_step=0.0) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_WRITE_S=str(slow_write), SLOW_STEP_S=str(slow_step))
     argv = [sys.executable, str(script), "train", "--data", str(data_dir), "--out-dir", str(out),
             "--max-steps", str(STEPS), *FLAGS] + (["--resume"] if resume else [])
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def temp_files(out: Path):
@@ -81,20 +94,27 @@ def test_sigkill_at_random_moments_and_mid_write_then_exact_resume(data_dir, tmp
     script = tmp_path / "slow_cllm.py"
     script.write_text(SLOW_CLI)
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    r = start(script, data_dir, ref, resume=False, slow=0.0)
+    r = start(script, data_dir, ref, resume=False)
     assert r.wait(timeout=120) == 0, r.stderr.read().decode()
 
     rng = random.Random(20240611)
-    kills, mid_write, last_step = 0, 0, 0
-    modes = ["mid_write", "random", "mid_write", "random", "random", "mid_write", "random", "mid_write"]
+    kills, mid_write, last_step, progress = 0, 0, 0, []
+    modes = ["mid_write", "random", "random", "mid_write"] * 3
     for mode in modes:
         resume = (out / "last.safetensors").is_file()
-        # slow writes (0.15 s) when aiming at a write; nearly normal ones otherwise, so that random kills also land
-        # in steps, evaluations, metrics appends and start-up
-        p = start(script, data_dir, out, resume=resume, slow=0.15 if mode == "mid_write" else 0.02)
+        # slow writes (0.15 s) when aiming at a write; otherwise slower steps (10 ms), so that random kills land
+        # anywhere: in steps, checkpoint writes, evaluations, metrics appends
+        if mode == "mid_write":
+            p = start(script, data_dir, out, resume=resume, slow_write=0.15)
+        else:
+            p = start(script, data_dir, out, resume=resume, slow_step=0.01)
         landed_mid_write = False
-        if mode == "random":
-            time.sleep(rng.uniform(0.3, 1.6))
+        if mode == "random":  # a random moment once the session is under way (metrics.jsonl changed)
+            before = size(out / "metrics.jsonl")
+            deadline = time.monotonic() + 30
+            while p.poll() is None and time.monotonic() < deadline and size(out / "metrics.jsonl") == before:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.35))
         else:  # wait until a checkpoint write is under way (its temporary file exists), then kill
             deadline = time.monotonic() + 30
             while p.poll() is None and time.monotonic() < deadline:
@@ -119,15 +139,17 @@ def test_sigkill_at_random_moments_and_mid_write_then_exact_resume(data_dir, tmp
             step = read_metadata(out / "last.safetensors")["trainer_state"]["step"]
             assert step >= last_step
             last_step = step
+        progress.append((mode, code, landed_mid_write, last_step))
         names = {f.name for f in out.glob("*.safetensors")}
         assert names <= {"last.safetensors", "best.safetensors"}, names
         if code == 0:
             break
 
-    print(f"{kills} kills, {mid_write} of them in the middle of a checkpoint write")
-    assert kills >= 4, f"only {kills} kills landed"
+    print(f"{kills} kills, {mid_write} of them in the middle of a checkpoint write; (mode, exit, mid-write, step): "
+          f"{progress}")
+    assert kills >= 9, f"only {kills} kills landed"
     assert mid_write >= 1, "no kill landed in the middle of a checkpoint write"
-    p = start(script, data_dir, out, resume=True, slow=0.0)  # resume to the end
+    p = start(script, data_dir, out, resume=True)  # resume to the end
     assert p.wait(timeout=120) == 0, p.stderr.read().decode()
     p.stderr.close()
 

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import cllm
-from cllm.checkpoint import EXP_AVG, EXP_AVG_SQ, load_checkpoint, save_checkpoint
+from cllm.checkpoint import EXP_AVG, EXP_AVG_SQ, load_checkpoint, read_metadata, save_checkpoint
 from cllm.data import HEADER_SIZE, MAGIC, load_tokens, write_tokens
 from cllm.model import InsufficientMemoryError
 from cllm.tokenizer import BPETokenizer, ByteTokenizer, MissingFileError, load_tokenizer, tokenizer_from_json
@@ -44,8 +44,8 @@ LONG = int(os.environ.get("CLLM_FUZZ_EXAMPLES", "0") or 0)
 
 
 def fuzz(n: int):
-    """Hypothesis settings: n examples (deterministic) in the normal run, CLLM_FUZZ_EXAMPLES (random) in a long one."""
-    return settings(max_examples=LONG or n, deadline=None, derandomize=not LONG, database=None,
+    """Hypothesis settings: 3n examples (deterministic) in the normal run, CLLM_FUZZ_EXAMPLES (random) in a long one."""
+    return settings(max_examples=LONG or 3 * n, deadline=None, derandomize=not LONG, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=bool(LONG))
 
 
@@ -183,6 +183,7 @@ def write(path: Path, data) -> Path:
 # checkpoints
 # ----------------------------------------------------------------------------------------------------
 def load_and_check(path: Path):
+    attempt(read_metadata, path, path=path)  # what `cllm train --resume` reads first
     ok, ck = attempt(load_checkpoint, path, path=path)
     if ok:  # a loaded checkpoint is consistent, finite and usable
         assert ck.config.vocab_size >= ck.tokenizer.vocab_size
@@ -253,7 +254,9 @@ def _mutate_tensor_entry(data, header: dict) -> None:
         info["shape"] = data.draw(st.lists(st.sampled_from([0, 1, 2, 8, 16, 256, -1, 2**31, 2**40]), max_size=3)
                                   | JSON_VALUES)
     elif how == "offsets":
-        lo, hi = info["data_offsets"] if isinstance(info, dict) and len(info.get("data_offsets", ())) == 2 else (0, 4)
+        offsets = info.get("data_offsets")
+        ints = isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)
+        lo, hi = offsets if ints else (0, 4)
         info["data_offsets"] = data.draw(st.sampled_from([[hi, lo], [lo, hi + 4], [lo, lo], [-4, hi], [lo, 2**63],
                                                           [lo], [lo, hi, hi], [float("inf"), hi], "x"])
                                          | st.lists(JSON_VALUES, max_size=3))
@@ -308,6 +311,20 @@ def test_checkpoint_valid_safetensors_wrong_shapes_and_dtypes(work, good_checkpo
     if how == "nonfinite":  # refused by default, loadable when asked for
         ck = load_checkpoint(path, allow_nonfinite=True)
         assert not np.isfinite(ck.model.flat_parameters()).all() or name.startswith("optimizer.")
+
+
+@pytest.mark.parametrize("trainer_state", ["[]", '"x"', '{"train_config": 5}', '{"train_config": [1, 2]}'])
+def test_cli_resume_from_a_checkpoint_with_corrupt_trainer_state(work, good_checkpoint, trainer_state, capsys):
+    from cllm import cli
+
+    header, body = split_checkpoint(good_checkpoint)
+    header["__metadata__"]["trainer_state"] = trainer_state
+    run = work / f"resume{abs(hash(trainer_state))}"
+    run.mkdir(exist_ok=True)
+    write(run / "last.safetensors", join_checkpoint(header, body))
+    assert cli.main(["train", "--resume", "--out-dir", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.safetensors" in err[0], err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -705,3 +722,28 @@ def test_huge_broadcast_inputs_fail_fast(model, shape):
     assert ok == (shape == (1, 8) or shape == (8, 8) or shape == (8, 1) or shape == (1, 1))
     ok, _ = attempt(cllm.kernels.gelu_forward, np.broadcast_to(np.float64(1), shape))
     assert ok == (max(shape) <= 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# minimal reproducers of undefined behaviour in the C++ core found by the fuzzing under .ci/sanitize
+# (they pass in a normal build; UBSan aborts them until csrc/ is fixed)
+# ----------------------------------------------------------------------------------------------------
+def test_exp_of_nan_is_nan_without_undefined_behaviour():
+    """csrc/cllm.h fast_exp(NaN): the NaN passes the clamp, `(int32_t)n` of a NaN is undefined and the result is
+    shifted left while negative ("left shift of negative value -2147483521"). Reached by any NaN logit, attention
+    score or GELU input, e.g. a NaN weight."""
+    losses = cllm.kernels.cross_entropy_forward(np.array([[np.nan, 0.0, 1.0]], np.float32), np.zeros(1, np.int32))
+    assert np.isnan(losses).all()
+    assert np.isnan(cllm.kernels.gelu_forward(np.array([np.nan], np.float32))).all()
+    out, lse = cllm.kernels.attention_forward(np.full((1, 2, 6), np.nan, np.float32), 2)
+    assert np.isnan(out).all()
+
+
+def test_zero_width_linear_layer_without_undefined_behaviour():
+    """csrc/cllm_matmul.cpp linear_forward / gemm_impl with an empty output: memcpy/memset to the null pointer of an
+    empty std::vector ("null pointer passed as argument 1, which is declared to never be null"), e.g. a
+    feed-forward layer of width 0."""
+    x = np.ones((2, 3), np.float32)
+    out = cllm.kernels.feedforward_forward(x, np.zeros((3, 0), np.float32), np.zeros(0, np.float32),
+                                           np.zeros((0, 3), np.float32), np.full(3, 0.5, np.float32))
+    assert np.array_equal(out, np.full((2, 3), 0.5, np.float32))

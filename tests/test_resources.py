@@ -219,10 +219,10 @@ def test_model_that_cannot_fit_is_refused_before_allocating(kw):
 
 
 def test_memory_check_uses_the_available_memory(monkeypatch):
-    cfg = cllm.ModelConfig(vocab_size=1000, max_seq_len=16, embedding_dim=64, num_layers=2, num_heads=2,
+    cfg = cllm.ModelConfig(vocab_size=50_000, max_seq_len=16, embedding_dim=64, num_layers=2, num_heads=2,
                            ff_dim=128)
     monkeypatch.setattr(cllm.model, "available_memory", lambda: 100_000)
-    with pytest.raises(MemoryError, match=r"needs 1\.\d MiB of memory, but only 100,000 bytes is available"):
+    with pytest.raises(MemoryError, match=r"needs 24\.\d MiB of memory, but only 100,000 bytes is available"):
         cllm.Model(cfg)
     monkeypatch.setenv("CLLM_MEMORY_CHECK", "0")  # the escape hatch
     cllm.Model(cfg)
@@ -261,9 +261,12 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_training(data_dir, tmp_pat
     assert est > 2**40
     with pytest.raises(InsufficientMemoryError, match="training a model of 17,312 parameters on batches of"):
         Trainer(cfg).fit()
-    monkeypatch.setattr(cllm.model, "available_memory", lambda: 8 * parameter_count(cfg.model_config(256)) + 1)
-    with pytest.raises(InsufficientMemoryError):  # the model alone would fit, the run does not
-        Trainer(tiny(data_dir, tmp_path / "tight", max_steps=2)).fit()
+    wide = tiny(data_dir, tmp_path / "tight", max_steps=2, embedding_dim=512, ff_dim=2048, num_layers=2)
+    params = parameter_count(wide.model_config(256))  # 6.4M: 51 MB of weights + gradients
+    monkeypatch.setattr(cllm.model, "available_memory", lambda: 8 * params + 1)
+    cllm.Model(wide.model_config(256))  # the model alone fits
+    with pytest.raises(InsufficientMemoryError, match="training a model of"):  # with its optimizer and batch not
+        Trainer(wide).fit()
 
 
 def test_cli_reports_a_model_too_large_in_one_line(data_dir, tmp_path, capsys):
@@ -279,3 +282,29 @@ def test_huge_model_in_a_subprocess_is_an_error_not_the_oom_killer(tmp_path):
             "num_heads=16, ff_dim=4096))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "InsufficientMemoryError" in r.stderr and "TiB" in r.stderr, r.stderr[-500:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# threads
+# ----------------------------------------------------------------------------------------------------
+def test_absurd_thread_counts_are_refused(data_dir, tmp_path, capsys):
+    """100 000 OpenMP threads crash the process (libgomp cannot create them): refused from the API, the config and
+    the command line, and bounded when asked for through OMP_NUM_THREADS."""
+    from cllm.model import MAX_THREADS
+
+    before = cllm.get_num_threads()
+    for n in (0, -1, MAX_THREADS + 1, 10**5):
+        with pytest.raises(ValueError, match="threads"):
+            cllm.set_num_threads(n)
+    with pytest.raises(TypeError, match="threads"):
+        cllm.set_num_threads(2.5)
+    assert cllm.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be at most"):
+        TrainConfig(threads=10**5)
+    assert cli.main(["train", "--data", str(data_dir), "--out-dir", str(tmp_path / "t"), "--threads", "100000"]) == 2
+    assert "threads must be at most" in capsys.readouterr().err
+    code = "import cllm; print(cllm.get_num_threads())"  # (not starting MAX_THREADS threads here)
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="100000"))
+    assert r.returncode == 0 and r.stdout.strip() == str(MAX_THREADS), r.stderr[-300:]
+    assert "OMP_NUM_THREADS" in r.stderr

@@ -346,6 +346,8 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     for key in ("config", "model_state", "optimizer", "trainer_state"):
         if key in meta:
             out[key] = _meta_json(path, meta, key)
+            if not isinstance(out[key], dict):
+                raise ValueError(f"{path}: checkpoint metadata {key!r} must be a JSON object")
     return out
 
 

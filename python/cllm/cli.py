@@ -97,6 +97,8 @@ def _run_train(args) -> int:
         if not last.is_file():
             raise UserError(f"cannot resume: {last} does not exist (train without --resume first)")
         saved = read_metadata(last).get("trainer_state", {}).get("train_config", {})
+        if not isinstance(saved, dict):
+            raise UserError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
         saved = {k: v for k, v in saved.items() if k in fields}
         settings = {**saved, **settings}
     config = TrainConfig.from_dict(settings, source=source)

@@ -20,6 +20,7 @@ from . import _core
 from .model import _INT32_MAX, check_memory
 
 _raw = _core.kernels
+_F32, _I32 = np.dtype(np.float32), np.dtype(np.int32)
 
 # argument kinds: f float array, t int32 token array, i int, b bool flag, x float scalar
 _SPEC: Dict[str, str] = {
@@ -87,17 +88,17 @@ def _token_array(fname: str, what: str, value) -> np.ndarray:
 
 
 def _to_float32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
-    return arr if arr.dtype == np.float32 and arr.flags.c_contiguous else np.ascontiguousarray(arr, np.float32)
+    return arr if arr.dtype == _F32 and arr.flags.c_contiguous else np.asarray(arr, dtype=np.float32, order="C")
 
 
 def _to_int32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.int32 and arr.flags.c_contiguous:
+    if arr.dtype == _I32 and arr.flags.c_contiguous:
         return arr
-    if arr.size and arr.dtype != np.int32:
+    if arr.size and arr.dtype != _I32:
         lo, hi = arr.min(), arr.max()
         if lo < -_INT32_MAX - 1 or hi > _INT32_MAX:
             raise ValueError(f"kernels.{fname}: token id {lo if lo < 0 else hi} in {what} is out of the int32 range")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    return np.asarray(arr, dtype=np.int32, order="C")
 
 
 def _int(fname: str, what: str, value) -> int:
@@ -140,7 +141,7 @@ def _wrap(fname: str, spec: str) -> Callable:
             kwargs[k] = _CHECK[kinds[k]](fname, k, v)
         # memory for the float32/int32 copies and the outputs, checked before any of them is made
         arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
-        copies = sum(a.size for a in arrays if not (a.dtype in (np.float32, np.int32) and a.flags.c_contiguous))
+        copies = sum(a.size for a in arrays if not ((a.dtype == _F32 or a.dtype == _I32) and a.flags.c_contiguous))
         try:
             out = _OUTPUT_FLOATS[fname](*args, **kwargs) if fname in _OUTPUT_FLOATS else sum(a.size for a in arrays)
         except TypeError:  # missing arguments: the core reports them

@@ -15,6 +15,18 @@ from .config import ModelConfig
 PRECISIONS = ("fp32", "bf16")
 
 _INT32_MAX = 2**31 - 1  # the core counts sizes (B*T, dimensions, token ids) in 32-bit ints
+# OpenMP teams much larger than the machine fail to start: libgomp exits ("Thread creation failed") or the process
+# crashes, so the thread count is bounded.
+MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))
+
+
+def check_num_threads(n) -> int:
+    """The number of kernel threads, checked: an int in [1, MAX_THREADS]."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be in [1, {MAX_THREADS}], got {n}")
+    return int(n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,9 +105,12 @@ def _size(nbytes: int) -> str:
     return f"{nbytes:,} bytes"
 
 
+_CHECK_FROM_BYTES = 16 << 20  # smaller allocations are not checked (reading /proc costs ~0.1 ms)
+
+
 def check_memory(nbytes: int, what: str) -> None:
-    """Raise InsufficientMemoryError if `nbytes` more bytes cannot fit in the memory available now."""
-    if os.environ.get("CLLM_MEMORY_CHECK", "1").strip() == "0":
+    """Raise InsufficientMemoryError if `nbytes` (16 MiB or more) more bytes cannot fit in the memory available."""
+    if nbytes < _CHECK_FROM_BYTES or os.environ.get("CLLM_MEMORY_CHECK", "1").strip() == "0":
         return
     avail = available_memory()
     if avail is not None and nbytes > avail:

@@ -36,7 +36,7 @@ from . import _core
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import POS_ENCODINGS, ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens, prepare
-from .model import Model, check_memory, memory_estimate, parameter_count
+from .model import MAX_THREADS, Model, check_memory, check_num_threads, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .schedule import SCHEDULES, check_schedule, lr_at
 from .tokenizer import MissingFileError, Tokenizer, load_tokenizer
@@ -49,7 +49,7 @@ EVAL_SEED = 1234        # the fixed validation batches do not depend on the trai
 
 
 def set_num_threads(n: int) -> None:
-    _core.set_num_threads(int(n))
+    _core.set_num_threads(check_num_threads(n))
 
 
 def get_num_threads() -> int:
@@ -255,6 +255,7 @@ def _check_ranges(c: TrainConfig) -> None:
     for name in ("ff_dim", "threads", "patience", "max_data_bytes"):
         v = getattr(c, name)
         need(v is None or v > 0, f"{name} must be positive or none, got {v}")
+    need(c.threads is None or c.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS}, got {c.threads}")
     need(c.bpe_vocab_size >= 257, f"bpe_vocab_size must be at least 257, got {c.bpe_vocab_size}")
     need(0.0 < c.val_fraction <= 0.5, f"val_fraction must be in (0, 0.5], got {c.val_fraction}")
     need(c.embedding_dim % c.num_heads == 0,

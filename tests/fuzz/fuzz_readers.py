@@ -33,7 +33,7 @@ with atheris.instrument_imports(include=["cllm"]):
     import numpy as np
 
     import cllm
-    from cllm.checkpoint import load_checkpoint, save_checkpoint
+    from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from cllm.data import load_tokens, write_tokens
     from cllm.model import InsufficientMemoryError
     from cllm.tokenizer import BPETokenizer, ByteTokenizer, MissingFileError, load_tokenizer
@@ -72,6 +72,7 @@ def guarded(fn, *args, path=None, **kwargs):
 def fuzz_checkpoint(data: bytes) -> None:
     path = WORK / "input.safetensors"
     path.write_bytes(data)
+    guarded(read_metadata, path, path=path)  # what `cllm train --resume` reads first
     ok, ck = guarded(load_checkpoint, path, path=path)
     if ok:
         assert ck.config.vocab_size >= ck.tokenizer.vocab_size
