@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -29,17 +29,24 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(4)));
 
 constexpr int MR = 8;        // rows of C per micro-tile (2 x 8 accumulator vectors)
 constexpr int NR = 2 * VL;   // columns of C per micro-tile (two vectors)
-constexpr int KC = 192;      // depth of a packed block: the KC x NR panel of B stays in L1
 constexpr int MC = 96;       // rows of C per thread task (multiple of MR): its A block stays in L2
 constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
+constexpr size_t PACK_BUDGET = 16u << 20;  // bytes of packed op(B) at a time: fits the L3 cache
+constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in the L2 caches between K blocks
 
-// Adds the finished MR x NR register tile to C, writing only rows < m and columns < n.
-inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n) {
+// Adds the finished MR x NR register tile to C (or stores it, when add is false: C's first K block),
+// writing only rows < m and columns < n.
+inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n, bool add) {
     if (m == MR && n == NR) {
         for (int r = 0; r < MR; r++) {
             vf_u* cr = (vf_u*)(C + (size_t)r * ldc);
-            cr[0] += c0[r];
-            cr[1] += c1[r];
+            if (add) {
+                cr[0] += c0[r];
+                cr[1] += c1[r];
+            } else {
+                cr[0] = c0[r];
+                cr[1] = c1[r];
+            }
         }
     } else {
         alignas(64) float t[MR][NR];
@@ -48,7 +55,7 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
             *(vf*)&t[r][VL] = c1[r];
         }
         for (int r = 0; r < m; r++)
-            for (int j = 0; j < n; j++) C[(size_t)r * ldc + j] += t[r][j];
+            for (int j = 0; j < n; j++) C[(size_t)r * ldc + j] = (add ? C[(size_t)r * ldc + j] : 0.0f) + t[r][j];
     }
 }
 
@@ -56,7 +63,9 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
 struct KernelF32 {
     using T = float;
     static constexpr int KSTEP = 1;  // k values per packed step
-    static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n) {
+    static constexpr int KC = 192;   // depth of a packed block: the KC x NR panel of B (24 KiB) stays in L1
+    static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n,
+                    bool add) {
         vf c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
         for (int k = 0; k < kc; k++) {
@@ -68,27 +77,30 @@ struct KernelF32 {
                 c1[r] += a[r] * b1;
             }
         }
-        store_tile(c0, c1, C, ldc, m, n);
+        store_tile(c0, c1, C, ldc, m, n, add);
     }
     static float convert(float x) { return x; }
+    static constexpr bool CONVERTS = false;  // convert() is the identity: packing may move raw floats
 };
 
 // bf16 inputs, fp32 accumulation. Values are rounded to bf16 (nearest even) while packing; k is packed in
 // pairs, Ap[k/2][r][2] and Bp[k/2][j][2], the layout of the AVX-512 BF16 dot product vdpbf16ps, which adds
 // a[2k]*b[2k] + a[2k+1]*b[2k+1] into each fp32 lane. Without AVX-512 BF16 the same rounded values run
 // through the fp32 kernel, so results agree across CPUs up to summation order.
-inline uint16_t to_bf16(float x) {
-    uint32_t u = __builtin_bit_cast(uint32_t, x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+// Branch-free, so the packing loops vectorise.
+inline uint32_t to_bf16(float x) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;  // NaN stays NaN
+    return (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
 }
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 struct KernelBF16 {
     using T = uint16_t;
     static constexpr int KSTEP = 2;
+    static constexpr int KC = 384;  // twice fp32's: half the bytes per value, same 24 KiB panel
     static void run(int kc, const uint16_t* __restrict Ap, const uint16_t* __restrict Bp, float* C, int ldc, int m,
-                    int n) {
+                    int n, bool add) {
         __m512 c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
         const int kp = (kc + 1) / 2;
@@ -107,23 +119,42 @@ struct KernelBF16 {
             v0[r] = (vf)c0[r];
             v1[r] = (vf)c1[r];
         }
-        store_tile(v0, v1, C, ldc, m, n);
+        store_tile(v0, v1, C, ldc, m, n, add);
     }
-    static uint16_t convert(float x) { return to_bf16(x); }
+    static uint16_t convert(float x) { return (uint16_t)to_bf16(x); }
+    static constexpr bool CONVERTS = true;
 };
 #else
 struct KernelBF16 : KernelF32 {  // emulation: bf16-rounded values in fp32
     static float convert(float x) { return __builtin_bit_cast(float, (uint32_t)to_bf16(x) << 16); }
+    static constexpr bool CONVERTS = true;
 };
 #endif
 
-// Position of element (k, i) in a packed block W wide: [k][W] for fp32, [k/2][W][2] for k-pairs.
-template <int KSTEP>
-inline size_t packed_index(int k, int i, int W) {
-    return KSTEP == 1 ? (size_t)k * W + i : (size_t)(k >> 1) * W * 2 + i * 2 + (k & 1);
-}
 template <int KSTEP>
 inline int padded_k(int kc) { return (kc + KSTEP - 1) / KSTEP * KSTEP; }
+
+#if defined(__AVX__)
+// dst[k * W + i] = src[i * ld + k] for i, k < 8: one 8 x 8 transpose in registers.
+inline void transpose8x8(float* dst, size_t W, const float* src, size_t ld) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + k * W, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (k + 4) * W, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+#endif
 
 // Copy a kc x w block into a packed block W wide (zero-padded to W and to whole k steps). The source is
 // either k-major (element (k, i) at src[k * ld + i], rows contiguous along i) or i-major (at src[i * ld + k]).
@@ -139,15 +170,42 @@ void pack_block(typename K::T* dst, const float* src, size_t ld, int kc, int w, 
                 T* d = dst + (size_t)k * W;
                 #pragma omp simd
                 for (int i = 0; i < w; i++) d[i] = K::convert(s[i]);
-            } else {
-                T* d = dst + (size_t)(k >> 1) * W * 2 + (k & 1);
-                for (int i = 0; i < w; i++) d[2 * i] = K::convert(s[i]);
+            } else if ((k & 1) == 0) {  // rows k and k+1 go into one 32-bit pair per column
+                uint32_t* d = (uint32_t*)(dst + (size_t)(k >> 1) * W * 2);
+                if (k + 1 < kc) {
+                    const float* s1 = s + ld;
+                    #pragma omp simd
+                    for (int i = 0; i < w; i++) d[i] = to_bf16(s[i]) | (to_bf16(s1[i]) << 16);
+                } else {
+                    #pragma omp simd
+                    for (int i = 0; i < w; i++) d[i] = to_bf16(s[i]);  // odd kc: the pair's second half is 0
+                }
             }
         }
-    } else {
+    } else if (K::KSTEP == 1) {
+        int i0 = 0;
+#if defined(__AVX__)
+        if (!K::CONVERTS)  // transpose 8 x 8 tiles in registers, then the ragged edges one by one
+            for (; i0 + 8 <= w; i0 += 8) {
+                const float* s = src + (size_t)i0 * ld;
+                float* d = (float*)dst + i0;
+                int k = 0;
+                for (; k + 8 <= kc; k += 8) transpose8x8(d + (size_t)k * W, W, s + k, ld);
+                for (; k < kc; k++)
+                    for (int i = 0; i < 8; i++) d[(size_t)k * W + i] = s[(size_t)i * ld + k];
+            }
+#endif
+        for (int i = i0; i < w; i++) {
+            const float* s = src + (size_t)i * ld;
+            for (int k = 0; k < kc; k++) dst[(size_t)k * W + i] = K::convert(s[k]);
+        }
+    } else {  // (k, k+1) are neighbours in the source: one 32-bit pair each
+        uint32_t* d = (uint32_t*)dst;
         for (int i = 0; i < w; i++) {
             const float* s = src + (size_t)i * ld;
-            for (int k = 0; k < kc; k++) dst[packed_index<K::KSTEP>(k, i, W)] = K::convert(s[k]);
+            int k = 0;
+            for (; k + 1 < kc; k += 2) d[(size_t)(k >> 1) * W + i] = to_bf16(s[k]) | (to_bf16(s[k + 1]) << 16);
+            if (k < kc) d[(size_t)(k >> 1) * W + i] = to_bf16(s[k]);
         }
     }
 }
@@ -200,34 +258,54 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                bool trans_a, bool trans_b, bool accumulate, bool parallel) {
     using T = typename K::T;
     if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
-    if (!accumulate)
-        for (int i = 0; i < M; i++) std::memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
-    if (K_ == 0 || M == 0 || N == 0) return;
+    if (K_ == 0) {
+        if (!accumulate)
+            for (int i = 0; i < M; i++) std::memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+        return;
+    }
+    // op(B) is packed for a chunk of K, KC-deep blocks of NR-wide panels; then each thread task (an MC x NCB
+    // tile of C) runs over the chunk's K blocks. A large C (the LM head's logits) takes the whole K in one
+    // chunk (up to PACK_BUDGET), so its tiles are read and written once while they sit in L2, not once per
+    // K block from memory. A small C stays cached anyway; there one K block at a time keeps the packed B in
+    // L2, which measures faster (weight-gradient products, 2 threads).
     thread_local Scratch bscratch;
-    const int n_panels = (N + NR - 1) / NR;
-    T* Bp = bscratch.get<T>((size_t)n_panels * KC * NR);
+    const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
+    const size_t kblock_stride = (size_t)n_panels * K::KC * NR;
+    const int chunk = (size_t)M * N * sizeof(float) < C_LARGE
+                          ? 1
+                          : (int)std::max<size_t>(1, std::min<size_t>(kblocks, PACK_BUDGET / (kblock_stride * sizeof(T))));
+    T* Bp = bscratch.get<T>((size_t)chunk * kblock_stride);
     const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
-    for (int k0 = 0; k0 < K_; k0 += KC) {
-        const int kc = std::min(KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+    for (int kb0 = 0; kb0 < kblocks; kb0 += chunk) {
+        const int kb1 = std::min(kblocks, kb0 + chunk);
         #pragma omp parallel if (parallel)
         {
-            // pack all of op(B)[k0:k0+kc, :], panels split across threads
-            #pragma omp for schedule(static)
-            for (int p = 0; p < n_panels; p++)
-                pack_B<K>(Bp + (size_t)p * kpad * NR, B, ldb, trans_b, k0, kc, p * NR, std::min(NR, N - p * NR));
+            #pragma omp for schedule(static) collapse(2)
+            for (int kb = kb0; kb < kb1; kb++)
+                for (int p = 0; p < n_panels; p++) {
+                    const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+                    pack_B<K>(Bp + (kb - kb0) * kblock_stride + (size_t)p * kpad * NR, B, ldb, trans_b, k0, kc,
+                              p * NR, std::min(NR, N - p * NR));
+                }
             thread_local Scratch ascratch;
-            T* Ap = ascratch.get<T>((size_t)MC * KC);
+            T* Ap = ascratch.get<T>((size_t)MC * K::KC);
             #pragma omp for schedule(static) collapse(2)
             for (int ib = 0; ib < mblocks; ib++)
                 for (int jb = 0; jb < nblocks; jb++) {
                     const int i0 = ib * MC, mc = std::min(MC, M - i0);
                     const int j0 = jb * NCB, nc = std::min(NCB, N - j0);
-                    pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-                    for (int jr = 0; jr < nc; jr += NR) {
-                        const T* bp = Bp + (size_t)((j0 + jr) / NR) * kpad * NR;
-                        for (int ir = 0; ir < mc; ir += MR)
-                            K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp, C + (size_t)(i0 + ir) * ldc + j0 + jr,
-                                   ldc, std::min(MR, mc - ir), std::min(NR, nc - jr));
+                    for (int kb = kb0; kb < kb1; kb++) {
+                        const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+                        const bool add = accumulate || kb > 0;
+                        pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
+                        const T* Bk = Bp + (kb - kb0) * kblock_stride;
+                        for (int jr = 0; jr < nc; jr += NR) {
+                            const T* bp = Bk + (size_t)((j0 + jr) / NR) * kpad * NR;
+                            for (int ir = 0; ir < mc; ir += MR)
+                                K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp,
+                                       C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
+                                       std::min(NR, nc - jr), add);
+                        }
                     }
                 }
         }
