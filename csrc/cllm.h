@@ -137,9 +137,10 @@ void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
             bool accumulate, bool bf16 = false);
 // The same with leading dimensions (row strides, in floats) for strided operands; parallel = false runs
-// on the calling thread only (for use inside an outer parallel loop).
+// on the calling thread only (for use inside an outer parallel loop); bias (with accumulate false): a row
+// of N values added to every row of C.
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16 = false);
+          bool trans_b, bool accumulate, bool parallel, bool bf16 = false, const float* bias = nullptr);
 bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include <omp.h>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -34,9 +36,13 @@ constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
 constexpr size_t PACK_BUDGET = 16u << 20;  // bytes of packed op(B) at a time: fits the L3 cache
 constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in the L2 caches between K blocks
 
-// Adds the finished MR x NR register tile to C (or stores it, when add is false: C's first K block),
-// writing only rows < m and columns < n.
-inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n, bool add) {
+// Adds the finished MR x NR register tile to C, or (add false: C's first K block) stores it plus the bias
+// row when there is one; writes only rows < m and columns < n.
+inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n, bool add, const float* bias) {
+    alignas(64) float bt[NR] = {};
+    if (!add && bias)
+        for (int j = 0; j < n; j++) bt[j] = bias[j];
+    const vf b0 = *(const vf*)&bt[0], b1 = *(const vf*)&bt[VL];
     if (m == MR && n == NR) {
         for (int r = 0; r < MR; r++) {
             vf_u* cr = (vf_u*)(C + (size_t)r * ldc);
@@ -44,8 +50,8 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
                 cr[0] += c0[r];
                 cr[1] += c1[r];
             } else {
-                cr[0] = c0[r];
-                cr[1] = c1[r];
+                cr[0] = c0[r] + b0;
+                cr[1] = c1[r] + b1;
             }
         }
     } else {
@@ -55,7 +61,7 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
             *(vf*)&t[r][VL] = c1[r];
         }
         for (int r = 0; r < m; r++)
-            for (int j = 0; j < n; j++) C[(size_t)r * ldc + j] = (add ? C[(size_t)r * ldc + j] : 0.0f) + t[r][j];
+            for (int j = 0; j < n; j++) C[(size_t)r * ldc + j] = (add ? C[(size_t)r * ldc + j] : bt[j]) + t[r][j];
     }
 }
 
@@ -65,7 +71,7 @@ struct KernelF32 {
     static constexpr int KSTEP = 1;  // k values per packed step
     static constexpr int KC = 192;   // depth of a packed block: the KC x NR panel of B (24 KiB) stays in L1
     static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n,
-                    bool add) {
+                    bool add, const float* bias) {
         vf c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
         for (int k = 0; k < kc; k++) {
@@ -77,7 +83,7 @@ struct KernelF32 {
                 c1[r] += a[r] * b1;
             }
         }
-        store_tile(c0, c1, C, ldc, m, n, add);
+        store_tile(c0, c1, C, ldc, m, n, add, bias);
     }
     static float convert(float x) { return x; }
     static constexpr bool CONVERTS = false;  // convert() is the identity: packing may move raw floats
@@ -100,7 +106,7 @@ struct KernelBF16 {
     static constexpr int KSTEP = 2;
     static constexpr int KC = 384;  // twice fp32's: half the bytes per value, same 24 KiB panel
     static void run(int kc, const uint16_t* __restrict Ap, const uint16_t* __restrict Bp, float* C, int ldc, int m,
-                    int n, bool add) {
+                    int n, bool add, const float* bias) {
         __m512 c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
         const int kp = (kc + 1) / 2;
@@ -119,7 +125,7 @@ struct KernelBF16 {
             v0[r] = (vf)c0[r];
             v1[r] = (vf)c1[r];
         }
-        store_tile(v0, v1, C, ldc, m, n, add);
+        store_tile(v0, v1, C, ldc, m, n, add, bias);
     }
     static uint16_t convert(float x) { return (uint16_t)to_bf16(x); }
     static constexpr bool CONVERTS = true;
@@ -201,7 +207,28 @@ void pack_block(typename K::T* dst, const float* src, size_t ld, int kc, int w, 
         }
     } else {  // (k, k+1) are neighbours in the source: one 32-bit pair each
         uint32_t* d = (uint32_t*)dst;
-        for (int i = 0; i < w; i++) {
+        int i0 = 0;
+#if defined(__AVX__)
+        // 8 rows x 16 k: round to 8 pairs per row, then transpose the 8 x 8 pairs like floats
+        for (; i0 + 8 <= w && kc >= 16; i0 += 8) {
+            int k = 0;
+            for (; k + 16 <= kc; k += 16) {
+                alignas(32) uint32_t pairs[8][8];
+                for (int r = 0; r < 8; r++) {
+                    const float* s = src + (size_t)(i0 + r) * ld + k;
+                    #pragma omp simd
+                    for (int j = 0; j < 8; j++) pairs[r][j] = to_bf16(s[2 * j]) | (to_bf16(s[2 * j + 1]) << 16);
+                }
+                transpose8x8((float*)(d + (size_t)(k >> 1) * W + i0), W, (const float*)&pairs[0][0], 8);
+            }
+            for (int i = i0; i < i0 + 8; i++) {
+                const float* s = src + (size_t)i * ld;
+                for (int kk = k; kk < kc; kk += 2)
+                    d[(size_t)(kk >> 1) * W + i] = to_bf16(s[kk]) | (kk + 1 < kc ? to_bf16(s[kk + 1]) << 16 : 0u);
+            }
+        }
+#endif
+        for (int i = i0; i < w; i++) {
             const float* s = src + (size_t)i * ld;
             int k = 0;
             for (; k + 1 < kc; k += 2) d[(size_t)(k >> 1) * W + i] = to_bf16(s[k]) | (to_bf16(s[k + 1]) << 16);
@@ -255,12 +282,13 @@ struct Scratch {
 
 template <class K>
 void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
-               bool trans_a, bool trans_b, bool accumulate, bool parallel) {
+               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias) {
     using T = typename K::T;
     if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
     if (K_ == 0) {
         if (!accumulate)
-            for (int i = 0; i < M; i++) std::memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = bias ? bias[j] : 0.0f;
         return;
     }
     // op(B) is packed for a chunk of K, KC-deep blocks of NR-wide panels; then each thread task (an MC x NCB
@@ -268,14 +296,43 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     // chunk (up to PACK_BUDGET), so its tiles are read and written once while they sit in L2, not once per
     // K block from memory. A small C stays cached anyway; there one K block at a time keeps the packed B in
     // L2, which measures faster (weight-gradient products, 2 threads).
-    thread_local Scratch bscratch;
     const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
+    const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
+    const int threads = parallel ? omp_get_max_threads() : 1;
+    if ((size_t)M * N * sizeof(float) < C_LARGE && threads > 1 && mblocks < 4 * threads && n_panels >= threads) {
+        // Few row blocks (a weight gradient: M = input features, K = tokens): split the columns instead,
+        // each thread packing only the B panels it uses, so no packed B moves between cores.
+        const int cols = (n_panels + threads - 1) / threads * NR;
+        const int cblocks = (N + cols - 1) / cols;
+        for (int kb = 0; kb < kblocks; kb++) {
+            const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+            #pragma omp parallel for schedule(static)
+            for (int cb = 0; cb < cblocks; cb++) {
+                const int j0 = cb * cols, nc = std::min(cols, N - j0);
+                thread_local Scratch own_b, own_a;
+                T* Bp = own_b.get<T>((size_t)(cols / NR) * K::KC * NR);
+                T* Ap = own_a.get<T>((size_t)MC * K::KC);
+                pack_B<K>(Bp, B, ldb, trans_b, k0, kc, j0, nc);
+                for (int i0 = 0; i0 < M; i0 += MC) {
+                    const int mc = std::min(MC, M - i0);
+                    pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
+                    for (int jr = 0; jr < nc; jr += NR)
+                        for (int ir = 0; ir < mc; ir += MR)
+                            K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
+                                   C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
+                                   std::min(NR, nc - jr), accumulate || kb > 0,
+                                   bias ? bias + j0 + jr : nullptr);
+                }
+            }
+        }
+        return;
+    }
+    thread_local Scratch bscratch;
     const size_t kblock_stride = (size_t)n_panels * K::KC * NR;
     const int chunk = (size_t)M * N * sizeof(float) < C_LARGE
                           ? 1
                           : (int)std::max<size_t>(1, std::min<size_t>(kblocks, PACK_BUDGET / (kblock_stride * sizeof(T))));
     T* Bp = bscratch.get<T>((size_t)chunk * kblock_stride);
-    const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
     for (int kb0 = 0; kb0 < kblocks; kb0 += chunk) {
         const int kb1 = std::min(kblocks, kb0 + chunk);
         #pragma omp parallel if (parallel)
@@ -304,7 +361,7 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                             for (int ir = 0; ir < mc; ir += MR)
                                 K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp,
                                        C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                       std::min(NR, nc - jr), add);
+                                       std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
                         }
                     }
                 }
@@ -315,11 +372,11 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
 }  // namespace
 
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16) {
+          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias) {
     if (bf16)
-        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel);
+        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias);
     else
-        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel);
+        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias);
 }
 
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
@@ -336,12 +393,8 @@ bool bf16_native() {
 }
 
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16) {
-    if ((size_t)N * OC == 0) return;
-    if (bias) {  // start from the bias and let the GEMM accumulate: no separate pass over out
-        #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) std::memcpy(out + (size_t)n * OC, bias, OC * sizeof(float));
-    }
-    matmul(out, inp, w, N, OC, IC, false, false, bias != nullptr, bf16);
+    // the bias is added as each output tile is first stored: no separate pass over out
+    gemm(out, OC, inp, IC, w, OC, N, OC, IC, false, false, false, true, bf16, bias);
 }
 
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
@@ -352,11 +405,14 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
         // columns split across threads; rows summed in order (deterministic)
         #pragma omp parallel for schedule(static)
         for (int j0 = 0; j0 < OC; j0 += 64) {
-            int j1 = std::min(OC, j0 + 64);
+            const int w = std::min(OC - j0, 64);
+            alignas(64) float acc[64] = {};
             for (int n = 0; n < N; n++) {
-                const float* d = dout + (size_t)n * OC;
-                for (int j = j0; j < j1; j++) dbias[j] += d[j];
+                const float* d = dout + (size_t)n * OC + j0;
+                #pragma omp simd
+                for (int j = 0; j < w; j++) acc[j] += d[j];
             }
+            for (int j = 0; j < w; j++) dbias[j0 + j] += acc[j];
         }
     }
 }
