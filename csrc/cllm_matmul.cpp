@@ -298,32 +298,37 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     // L2, which measures faster (weight-gradient products, 2 threads).
     const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
     const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
-    const int threads = parallel ? omp_get_max_threads() : 1;
+    // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which
+    // packs the B panels it uses itself
+    auto column_block = [&](int j0, int nc, int kb) {
+        const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+        thread_local Scratch own_b, own_a;
+        T* Bp = own_b.get<T>((size_t)((nc + NR - 1) / NR) * K::KC * NR);
+        T* Ap = own_a.get<T>((size_t)MC * K::KC);
+        pack_B<K>(Bp, B, ldb, trans_b, k0, kc, j0, nc);
+        for (int i0 = 0; i0 < M; i0 += MC) {
+            const int mc = std::min(MC, M - i0);
+            pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
+            for (int jr = 0; jr < nc; jr += NR)
+                for (int ir = 0; ir < mc; ir += MR)
+                    K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
+                           C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir), std::min(NR, nc - jr),
+                           accumulate || kb > 0, bias ? bias + j0 + jr : nullptr);
+        }
+    };
+    if (!parallel) {  // inside an outer parallel loop (attention's blocks): no OpenMP region at all
+        for (int kb = 0; kb < kblocks; kb++) column_block(0, N, kb);
+        return;
+    }
+    const int threads = omp_get_max_threads();
     if ((size_t)M * N * sizeof(float) < C_LARGE && threads > 1 && mblocks < 4 * threads && n_panels >= threads) {
         // Few row blocks (a weight gradient: M = input features, K = tokens): split the columns instead,
         // each thread packing only the B panels it uses, so no packed B moves between cores.
         const int cols = (n_panels + threads - 1) / threads * NR;
         const int cblocks = (N + cols - 1) / cols;
         for (int kb = 0; kb < kblocks; kb++) {
-            const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
             #pragma omp parallel for schedule(static)
-            for (int cb = 0; cb < cblocks; cb++) {
-                const int j0 = cb * cols, nc = std::min(cols, N - j0);
-                thread_local Scratch own_b, own_a;
-                T* Bp = own_b.get<T>((size_t)(cols / NR) * K::KC * NR);
-                T* Ap = own_a.get<T>((size_t)MC * K::KC);
-                pack_B<K>(Bp, B, ldb, trans_b, k0, kc, j0, nc);
-                for (int i0 = 0; i0 < M; i0 += MC) {
-                    const int mc = std::min(MC, M - i0);
-                    pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-                    for (int jr = 0; jr < nc; jr += NR)
-                        for (int ir = 0; ir < mc; ir += MR)
-                            K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
-                                   C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                   std::min(NR, nc - jr), accumulate || kb > 0,
-                                   bias ? bias + j0 + jr : nullptr);
-                }
-            }
+            for (int cb = 0; cb < cblocks; cb++) column_block(cb * cols, std::min(cols, N - cb * cols), kb);
         }
         return;
     }
@@ -335,7 +340,7 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     T* Bp = bscratch.get<T>((size_t)chunk * kblock_stride);
     for (int kb0 = 0; kb0 < kblocks; kb0 += chunk) {
         const int kb1 = std::min(kblocks, kb0 + chunk);
-        #pragma omp parallel if (parallel)
+        #pragma omp parallel
         {
             #pragma omp for schedule(static) collapse(2)
             for (int kb = kb0; kb < kb1; kb++)
