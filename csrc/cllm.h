@@ -164,9 +164,9 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
 // cllm_attention.cpp: causal multi-head self-attention over qkv [B,T,3C]; out [B,T,C], lse [B,H,T].
 // Only the per-row log-sum-exp is kept, so memory is linear in T; the backward recomputes probabilities.
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
-                       uint64_t site);
+                       uint64_t site, bool bf16 = false);
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int B, int T, int C, int H, const Dropout& d, uint64_t site);
+                        int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16 = false);
 // The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
 

@@ -4,7 +4,8 @@
 // Tiled in blocks of query rows (flash-attention style): for a block, the scores against all earlier keys
 // live in a per-thread scratch of BQ x T floats, never a T x T matrix, and the forward keeps only each row's
 // log-sum-exp, so activation memory is O(B*H*T). The backward recomputes the probabilities from it. All
-// block products run on the GEMM micro-kernel. Attention dropout regenerates its mask from the counter RNG.
+// block products run on the GEMM micro-kernel (bf16 inputs when the model's precision is bf16, as the
+// linear layers). Attention dropout regenerates its mask from the counter RNG.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,7 +37,7 @@ struct Rows {
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
-                       uint64_t site) {
+                       uint64_t site, bool bf16) {
     const int hs = C / H, ld = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     const uint32_t th = dropout_threshold(d.p);
@@ -56,7 +57,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     const float* k = qkv + (size_t)b * T * ld + C + h * hs;
                     const float* v = k + C;
                     // S[r, j] = q_{i0+r} . k_j for keys j < i1
-                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false);
+                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16);
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
@@ -81,13 +82,13 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     }
                     // out rows = P @ V
                     gemm(out + ((size_t)b * T + i0) * C + h * hs, C, S, T, v, ld, rows, hs, i1, false, false, false,
-                         false);
+                         false, bf16);
                 }
     }
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int B, int T, int C, int H, const Dropout& d, uint64_t site) {
+                        int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16) {
     const int hs = C / H, ld = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     const uint32_t th = dropout_threshold(d.p);
@@ -119,8 +120,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     const float* q = q_all + (size_t)i0 * ld;
                     const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
                     const float* o = out + ((size_t)b * T + i0) * C + h * hs;
-                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false);    // scores
-                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false);   // dP' = dO V^T
+                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16);    // scores
+                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16);   // dP' = dO V^T
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* p = P + (size_t)r * T;
@@ -144,9 +145,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, true, false);   // dV += P^T dO
-                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false);
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, true, false);  // dK += dS^T Q
+                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, true, false, bf16);   // dV += P^T dO
+                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16);
+                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, true, false, bf16);  // dK += dS^T Q
                 }
             }
     }

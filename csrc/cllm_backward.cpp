@@ -41,7 +41,7 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         std::memcpy(acts.dln, dres, NC * sizeof(float));
         dropout_backward(acts.dln, NC, d, site_attn_resid(l));
         linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, acts.dln, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
-        attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l));
+        attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l), cfg.bf16);
         layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N, C);  // recompute
         linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, acts.ln_out, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
         layernorm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N, C);

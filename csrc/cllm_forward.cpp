@@ -22,7 +22,7 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
         LayerActs& a = acts.layers[l];
         layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C);
         linear_forward(a.qkv, acts.ln_out, w.qkv_w, w.qkv_b, N, C, 3 * C, cfg.bf16);
-        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, d, site_attn(l));
+        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, d, site_attn(l), cfg.bf16);
         linear_forward(a.res2, a.atty, w.attproj_w, w.attproj_b, N, C, C, cfg.bf16);
         dropout_forward(a.res2, NC, d, site_attn_resid(l));
         #pragma omp parallel for simd schedule(static)
