@@ -31,7 +31,7 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(4)));
 
 constexpr int MR = 8;        // rows of C per micro-tile (2 x 8 accumulator vectors)
 constexpr int NR = 2 * VL;   // columns of C per micro-tile (two vectors)
-constexpr int MC = 96;       // rows of C per thread task (multiple of MR): its A block stays in L2
+constexpr int MC = 128;       // rows of C per thread task (multiple of MR): its A block stays in L2
 constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
 constexpr size_t PACK_BUDGET = 16u << 20;  // bytes of packed op(B) at a time: fits the L3 cache
 constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in the L2 caches between K blocks
