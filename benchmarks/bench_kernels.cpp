@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include "cllm.h"
 
 namespace {
@@ -146,6 +150,47 @@ void report(const std::string& name, const std::string& shape, const std::functi
     std::fflush(stdout);
 }
 
+// The machine's ceiling: every thread runs 12 independent chains of vector FMAs (fp32) or of AVX-512 BF16
+// dot products (vdpbf16ps: 16 lanes x 2 products), registers only, no memory traffic. Matmul rates are
+// read against these.
+constexpr int PEAK_ITERS = 1 << 22;
+#if defined(__AVX512F__)
+typedef float pvf __attribute__((vector_size(64)));
+#else
+typedef float pvf __attribute__((vector_size(32)));
+#endif
+void peak_fp32() {
+    #pragma omp parallel
+    {
+        pvf a[12], m = (pvf){} + 0.999999f, c = (pvf){} + 1e-7f;
+        for (int i = 0; i < 12; i++) a[i] = (pvf){} + (float)i;
+        for (int it = 0; it < PEAK_ITERS; it++) {
+            for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
+            asm volatile("" : "+x"(m));  // keep the multiplier opaque: no folding of the chains
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < 12; i++) sum += a[i][0];
+        asm volatile("" : : "x"(sum));
+    }
+}
+#if defined(__AVX512BF16__)
+void peak_bf16() {
+    #pragma omp parallel
+    {
+        __m512 acc[12];
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_setzero_ps();
+        __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // pairs of bf16 1.0
+        for (int it = 0; it < PEAK_ITERS; it++) {
+            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], x, x);
+            asm volatile("" : "+v"(x));
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < 12; i++) sum += _mm512_reduce_add_ps(acc[i]);
+        asm volatile("" : : "x"(sum));
+    }
+}
+#endif
+
 // The GEMMs of one linear layer out[N,OC] = inp[N,IC] @ w[IC,OC] + b, as the model calls them:
 // forward (NN + bias), and the two backward products: dinp = dout @ w^T (NT), dw += inp^T @ dout (TN).
 void bench_linear(const std::string& name, int N, int IC, int OC) {
@@ -178,6 +223,14 @@ int run_config(const BenchConfig& c, int threads) {
                 "low\n");
     std::printf("%-28s %-34s %13s %17s %13s %4s %6s\n", "kernel", "shape", "median", "rate (median)", "min", "reps",
                 "other");
+
+    const double lanes = sizeof(pvf) / sizeof(float), threads_d = threads;
+    report("peak.fp32_fma", std::to_string((int)lanes) + " lanes x 12 chains x threads", peak_fp32,
+           2.0 * lanes * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
+#if defined(__AVX512BF16__)
+    report("peak.bf16_dot", "vdpbf16ps x 12 chains x threads", peak_bf16, 4.0 * 16 * 12 * PEAK_ITERS * threads_d,
+           Unit::GFLOPS);
+#endif
 
     // ---- linear layers of one block (x L in a step), then the tied LM head ----
     bench_linear("attn.c_attn", N, C, 3 * C);

@@ -144,6 +144,21 @@ def test_grad_accumulation_matches_one_big_batch(data_dir, tmp_path):
         assert rel < 1e-6, (key, rel)
 
 
+def test_bf16_precision_trains_like_fp32(data_dir, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        t = Trainer(tiny(data_dir, tmp_path / precision, precision=precision, max_steps=10, eval_interval=50))
+        t.fit()
+        assert t.model.precision == precision
+        runs[precision] = [loss for _, loss in train_losses(tmp_path / precision)]
+    assert len(runs["bf16"]) == len(runs["fp32"]) == 10
+    rel = max(abs(b - f) / f for b, f in zip(runs["bf16"], runs["fp32"]))
+    assert rel < 0.02, rel  # bf16 inputs, fp32 accumulation: the same run within bf16 round-off
+    assert runs["bf16"][-1] < runs["bf16"][0]
+    with pytest.raises(ValueError, match="precision"):
+        tiny(data_dir, tmp_path / "x", precision="fp16")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_resume_is_bit_exact(data_dir, tmp_path, dropout):
     kw = dict(dropout=dropout, decay_steps=12, patience=5)

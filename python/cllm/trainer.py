@@ -36,7 +36,7 @@ from . import _core
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import POS_ENCODINGS, ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens, prepare
-from .model import MAX_THREADS, Model, check_memory, check_num_threads, memory_estimate, parameter_count
+from .model import MAX_THREADS, PRECISIONS, Model, check_memory, check_num_threads, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .schedule import SCHEDULES, check_schedule, lr_at
 from .tokenizer import MissingFileError, Tokenizer, load_tokenizer
@@ -84,6 +84,8 @@ class TrainConfig:
     ff_dim: Optional[int] = _f(None, "feed-forward hidden size (none: 4 * embedding_dim)", "opt_int")
     dropout: float = _f(0.0, "dropout probability", "float")
     pos_encoding: str = _f("learned", "positional encoding", "choice", POS_ENCODINGS)
+    precision: str = _f("fp32", "matmul precision: fp32, or bf16 (bfloat16 inputs, fp32 accumulation, fp32 "
+                                "weights and optimizer)", "choice", PRECISIONS)
     # optimisation
     batch_size: int = _f(16, "sequences per micro-batch (per rank)", "int")
     grad_accum: int = _f(1, "micro-batches per optimizer step", "int")
@@ -401,7 +403,7 @@ class Trainer:
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens")
-        self.model = Model(self.model_config, seed=c.seed)
+        self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
         self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
