@@ -291,13 +291,13 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                 for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = bias ? bias[j] : 0.0f;
         return;
     }
-    // op(B) is packed for a chunk of K, KC-deep blocks of NR-wide panels; then each thread task (an MC x NCB
-    // tile of C) runs over the chunk's K blocks. A large C (the LM head's logits) takes the whole K in one
-    // chunk (up to PACK_BUDGET), so its tiles are read and written once while they sit in L2, not once per
-    // K block from memory. A small C stays cached anyway; there one K block at a time keeps the packed B in
-    // L2, which measures faster (weight-gradient products, 2 threads).
+    // op(B) is packed for a chunk of K (KC-deep blocks of NR-wide panels); then each thread task (an MC x NCB
+    // tile of C) runs over the chunk's K blocks. A large C (the LM head's logits) takes all of K in one chunk
+    // where it fits, so its tiles are read and written once while they sit in L2, not once per K block from
+    // memory. A small C stays cached anyway; there one K block at a time keeps the packed B in L2, which
+    // measures faster (weight-gradient products, 2 threads).
     const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
-    const int mblocks = (M + MC - 1) / MC, nblocks = (N + NCB - 1) / NCB;
+    const int mblocks = (M + MC - 1) / MC;
     // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which
     // packs the B panels it uses itself
     auto column_block = [&](int j0, int nc, int kb) {
@@ -333,45 +333,57 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
         return;
     }
     thread_local Scratch bscratch;
-    const size_t kblock_stride = (size_t)n_panels * K::KC * NR;
-    const int chunk = (size_t)M * N * sizeof(float) < C_LARGE
-                          ? 1
-                          : (int)std::max<size_t>(1, std::min<size_t>(kblocks, PACK_BUDGET / (kblock_stride * sizeof(T))));
+    // A large C: chunks of K blocks and of column panels sized so their packed B fits PACK_BUDGET (all of K
+    // and all columns for the small model's LM head; column strips of a 50k vocabulary). A small C: one K
+    // block at a time, all columns.
+    const bool c_large = (size_t)M * N * sizeof(float) >= C_LARGE;
+    const size_t panel_block = (size_t)K::KC * NR;  // elements of one packed panel of one K block
+    const int chunk = c_large ? (int)std::clamp<size_t>(PACK_BUDGET / (panel_block * sizeof(T)), 1, kblocks) : 1;
+    int strip = c_large ? (int)std::clamp<size_t>(PACK_BUDGET / (chunk * panel_block * sizeof(T)), 1, n_panels)
+                        : n_panels;
+    if (strip < n_panels && strip >= NCB / NR) strip -= strip % (NCB / NR);  // whole NCB-wide task columns
+    const size_t kblock_stride = (size_t)strip * panel_block;
     T* Bp = bscratch.get<T>((size_t)chunk * kblock_stride);
-    for (int kb0 = 0; kb0 < kblocks; kb0 += chunk) {
-        const int kb1 = std::min(kblocks, kb0 + chunk);
-        #pragma omp parallel
-        {
-            #pragma omp for schedule(static) collapse(2)
-            for (int kb = kb0; kb < kb1; kb++)
-                for (int p = 0; p < n_panels; p++) {
-                    const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
-                    pack_B<K>(Bp + (kb - kb0) * kblock_stride + (size_t)p * kpad * NR, B, ldb, trans_b, k0, kc,
-                              p * NR, std::min(NR, N - p * NR));
-                }
-            thread_local Scratch ascratch;
-            T* Ap = ascratch.get<T>((size_t)MC * K::KC);
-            #pragma omp for schedule(static) collapse(2)
-            for (int ib = 0; ib < mblocks; ib++)
-                for (int jb = 0; jb < nblocks; jb++) {
-                    const int i0 = ib * MC, mc = std::min(MC, M - i0);
-                    const int j0 = jb * NCB, nc = std::min(NCB, N - j0);
-                    for (int kb = kb0; kb < kb1; kb++) {
+    for (int kb0 = 0; kb0 < kblocks; kb0 += chunk)
+        for (int p0 = 0; p0 < n_panels; p0 += strip) {
+            const int kb1 = std::min(kblocks, kb0 + chunk), p1 = std::min(n_panels, p0 + strip);
+            const int c0 = p0 * NR, c1 = std::min(N, p1 * NR), nblocks = (c1 - c0 + NCB - 1) / NCB;
+            #pragma omp parallel
+            {
+                #pragma omp for schedule(static) collapse(2)
+                for (int kb = kb0; kb < kb1; kb++)
+                    for (int p = p0; p < p1; p++) {
                         const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
-                        const bool add = accumulate || kb > 0;
-                        pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-                        const T* Bk = Bp + (kb - kb0) * kblock_stride;
-                        for (int jr = 0; jr < nc; jr += NR) {
-                            const T* bp = Bk + (size_t)((j0 + jr) / NR) * kpad * NR;
-                            for (int ir = 0; ir < mc; ir += MR)
-                                K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp,
-                                       C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                       std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
+                        pack_B<K>(Bp + (kb - kb0) * kblock_stride + (size_t)(p - p0) * kpad * NR, B, ldb, trans_b, k0,
+                                  kc, p * NR, std::min(NR, N - p * NR));
+                    }
+                thread_local Scratch ascratch;
+                T* Ap = ascratch.get<T>((size_t)MC * K::KC);
+                int packed_i0 = -1, packed_k0 = -1;  // the A block in Ap: a thread's consecutive tasks share it
+                #pragma omp for schedule(static) collapse(2)
+                for (int ib = 0; ib < mblocks; ib++)
+                    for (int jb = 0; jb < nblocks; jb++) {
+                        const int i0 = ib * MC, mc = std::min(MC, M - i0);
+                        const int j0 = c0 + jb * NCB, nc = std::min(NCB, c1 - j0);
+                        for (int kb = kb0; kb < kb1; kb++) {
+                            const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
+                            const bool add = accumulate || kb > 0;
+                            if (i0 != packed_i0 || k0 != packed_k0) {
+                                pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
+                                packed_i0 = i0, packed_k0 = k0;
+                            }
+                            const T* Bk = Bp + (kb - kb0) * kblock_stride;
+                            for (int jr = 0; jr < nc; jr += NR) {
+                                const T* bp = Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR;
+                                for (int ir = 0; ir < mc; ir += MR)
+                                    K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp,
+                                           C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
+                                           std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
+                            }
                         }
                     }
-                }
+            }
         }
-    }
 }
 
 }  // namespace

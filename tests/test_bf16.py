@@ -22,9 +22,11 @@ def bf16_round(a):
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["nn", "tn", "nt", "tt"])
 # odd: ragged tiles everywhere; kblocks: several K blocks (fp32 192 deep, bf16 384) with a ragged last one;
-# largeC: a C of >= 4 MiB, which the GEMM runs over all K blocks per tile (the LM head's path)
-@pytest.mark.parametrize("M, N, K", [(37, 50, 67), (128, 96, 384), (21, 70, 2049), (1030, 1040, 389)],
-                         ids=["odd", "model", "kblocks", "largeC"])
+# largeC: a C of >= 4 MiB, which the GEMM runs over all K blocks per tile (the LM head's path); strips: so
+# many columns that the packed B goes in column strips (a 50k vocabulary's head), over several K blocks
+@pytest.mark.parametrize("M, N, K", [(37, 50, 67), (128, 96, 384), (21, 70, 2049), (1030, 1040, 389),
+                                     (64, 20000, 800)],
+                         ids=["odd", "model", "kblocks", "largeC", "strips"])
 def test_bf16_matmul(ta, tb, M, N, K):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
