@@ -411,8 +411,7 @@ PYBIND11_MODULE(_core, mod) {
                 "shape mismatch");
         std::vector<float> h((size_t)N * F), hg((size_t)N * F);
         FloatArray out = empty({N, C});
-        linear_forward(h.data(), x.data(), wfc.data(), bfc.data(), N, C, F);
-        gelu_forward(hg.data(), h.data(), h.size());
+        linear_forward(h.data(), x.data(), wfc.data(), bfc.data(), N, C, F, false, hg.data());  // GELU epilogue
         linear_forward(out.mutable_data(), hg.data(), wproj.data(), bproj.data(), N, F, C);
         return out;
     });

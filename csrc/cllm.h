@@ -107,6 +107,9 @@ inline float fast_exp(float x) {
 // tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at +-inf
 #pragma omp declare simd
 inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+// GELU, tanh approximation (GPT-2's)
+inline float gelu(float x) { return 0.5f * x * (1.0f + fast_tanh(kGeluScale * (x + 0.044715f * x * x * x))); }
 
 // ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
 // so the backward regenerates it instead of storing it, and results do not depend on threads.
@@ -138,13 +141,15 @@ void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool 
             bool accumulate, bool bf16 = false);
 // The same with leading dimensions (row strides, in floats) for strided operands; parallel = false runs
 // on the calling thread only (for use inside an outer parallel loop); bias (with accumulate false): a row
-// of N values added to every row of C.
+// of N values added to every row of C; gelu_out (same leading dimension as C): also gets gelu(C), computed
+// as each tile of C is finished, while it is still in cache.
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16 = false, const float* bias = nullptr);
+          bool trans_b, bool accumulate, bool parallel, bool bf16 = false, const float* bias = nullptr,
+          float* gelu_out = nullptr);
 bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
-                    bool bf16 = false);
+                    bool bf16 = false, float* gelu_out = nullptr);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);

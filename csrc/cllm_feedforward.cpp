@@ -1,19 +1,15 @@
 // The feed-forward block's nonlinearity: GELU, tanh approximation, forward and backward.
-// (The block itself is c_fc -> GELU -> c_proj, composed from linear_* in the model.)
+// (The block itself is c_fc -> GELU -> c_proj, composed from linear_* in the model; the training forward
+// takes GELU from c_fc's GEMM epilogue, the same gelu() on each finished tile.)
 #include <cmath>
 
 #include "cllm.h"
 
 namespace cllm {
 
-static constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
-
 void gelu_forward(float* out, const float* inp, size_t n) {
     #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + fast_tanh(kGeluScale * (x + 0.044715f * x * x * x)));
-    }
+    for (size_t i = 0; i < n; i++) out[i] = gelu(inp[i]);
 }
 
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {

@@ -28,8 +28,7 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res2[i] += x[i];
         layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
-        linear_forward(a.fch, acts.ln_out, w.fc_w, w.fc_b, N, C, F, cfg.bf16);
-        gelu_forward(acts.gelu_out, a.fch, (size_t)N * F);
+        linear_forward(a.fch, acts.ln_out, w.fc_w, w.fc_b, N, C, F, cfg.bf16, acts.gelu_out);  // + GELU
         linear_forward(a.res3, acts.gelu_out, w.fcproj_w, w.fcproj_b, N, F, C, cfg.bf16);
         dropout_forward(a.res3, NC, d, site_mlp_resid(l));
         #pragma omp parallel for simd schedule(static)

@@ -280,15 +280,26 @@ struct Scratch {
     }
 };
 
+// G[i0:i0+mc, j0:j0+nc] = gelu(C[...]): the epilogue of a finished C tile, still in cache.
+inline void gelu_tile(const float* C, float* G, int ldc, int i0, int mc, int j0, int nc) {
+    for (int i = i0; i < i0 + mc; i++) {
+        const float* c = C + (size_t)i * ldc + j0;
+        float* g = G + (size_t)i * ldc + j0;
+        #pragma omp simd
+        for (int j = 0; j < nc; j++) g[j] = gelu(c[j]);
+    }
+}
+
 template <class K>
 void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
-               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias) {
+               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias, float* gelu_out) {
     using T = typename K::T;
     if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
     if (K_ == 0) {
         if (!accumulate)
             for (int i = 0; i < M; i++)
                 for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = bias ? bias[j] : 0.0f;
+        if (gelu_out) gelu_tile(C, gelu_out, ldc, 0, M, 0, N);
         return;
     }
     // op(B) is packed for a chunk of K (KC-deep blocks of NR-wide panels); then each thread task (an MC x NCB
@@ -314,6 +325,7 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                     K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
                            C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir), std::min(NR, nc - jr),
                            accumulate || kb > 0, bias ? bias + j0 + jr : nullptr);
+            if (gelu_out && kb == kblocks - 1) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
         }
     };
     if (!parallel) {  // inside an outer parallel loop (attention's blocks): no OpenMP region at all
@@ -381,6 +393,7 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                                            std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
                             }
                         }
+                        if (gelu_out && kb1 == kblocks) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
                     }
             }
         }
@@ -389,11 +402,11 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
 }  // namespace
 
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias) {
+          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias, float* gelu_out) {
     if (bf16)
-        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias);
+        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out);
     else
-        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias);
+        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out);
 }
 
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
@@ -409,9 +422,10 @@ bool bf16_native() {
 #endif
 }
 
-void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16) {
-    // the bias is added as each output tile is first stored: no separate pass over out
-    gemm(out, OC, inp, IC, w, OC, N, OC, IC, false, false, false, true, bf16, bias);
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
+                    float* gelu_out) {
+    // the bias is added as each output tile is first stored, GELU as it is finished: no extra passes over out
+    gemm(out, OC, inp, IC, w, OC, N, OC, IC, false, false, false, true, bf16, bias, gelu_out);
 }
 
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,

@@ -152,7 +152,10 @@ def test_attention_is_causal(kernels, rng):
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("N,C,F", [(37, 48, 100), (9, 33, 70), (64, 128, 512)], ids=["37x48x100", "9x33x70", "64x128x512"])
+# the larger shapes take the GEMM's other paths for the c_fc product and its GELU epilogue: column
+# strips per thread (64 rows), one K block at a time (1024 rows), a C of >= 4 MiB (2048 x 1024)
+@pytest.mark.parametrize("N,C,F", [(37, 48, 100), (9, 33, 70), (64, 128, 512), (1024, 32, 512), (2048, 32, 1024)],
+                         ids=["37x48x100", "9x33x70", "64x128x512", "1024x32x512", "2048x32x1024"])
 def test_feedforward(kernels, errs, rng, N, C, F):
     x = rng.standard_normal((N, C))
     w_fc = rng.standard_normal((C, F)) * (1.5 / np.sqrt(C))
