@@ -142,6 +142,9 @@ PYBIND11_MODULE(_core, mod) {
         .def_property(
             "dropout_step", [](const PyModel& pm) { return pm.m.dropout_step; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_step = s; })
+        .def_property(
+            "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
+            [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def(
             "forward_backward",
             [](PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale) {

@@ -197,6 +197,7 @@ struct Model {
     std::vector<float> pos_table;  // sinusoidal table, when not learned
     Activations acts;
     uint64_t dropout_seed = 0;   // base seed
+    uint64_t dropout_stream = 0; // independent mask streams for the same seed and step (a data-parallel rank)
     uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
 
     Model(const Config& c, uint64_t seed);

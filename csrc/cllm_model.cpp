@@ -180,7 +180,8 @@ Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(c) {
 Dropout Model::step_dropout() const {
     Dropout d;
     d.p = cfg.dropout;
-    d.seed = mix64(dropout_seed + dropout_step);
+    const uint64_t base = dropout_stream == 0 ? dropout_seed : mix64(dropout_seed ^ mix64(dropout_stream));
+    d.seed = mix64(base + dropout_step);
     return d;
 }
 

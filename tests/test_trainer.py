@@ -301,6 +301,25 @@ def test_communicator_hook(data_dir, tmp_path):
     assert "barrier" in comm.calls
 
 
+def test_ranks_draw_their_own_dropout_masks(data_dir, tmp_path):
+    cfg = cllm.ModelConfig(vocab_size=32, max_seq_len=8, embedding_dim=16, num_layers=1, num_heads=2, ff_dim=32,
+                           dropout=0.3)
+    m = cllm.Model(cfg, seed=0)
+    base = m.dropout_masks(2, 8)
+    m.dropout_stream = 1
+    other = m.dropout_masks(2, 8)
+    assert all(not np.array_equal(base[k], other[k]) for k in base)  # every site: other masks
+    m.dropout_stream = 0
+    assert all(np.array_equal(base[k], v) for k, v in m.dropout_masks(2, 8).items())  # stream 0 unchanged
+
+    class SecondRank(cllm.SingleProcess):  # rank 1 of 2 (the collectives are one-process stand-ins)
+        rank, world_size = 1, 2
+
+    t = Trainer(tiny(data_dir, tmp_path / "r1", max_steps=1, dropout=0.1), comm=SecondRank())
+    t.fit()
+    assert t.model.dropout_stream == 1
+
+
 def test_nonfinite_validation_loss_is_never_best(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "evaluate", lambda self: float("nan"))
     out = tmp_path / "nanval"

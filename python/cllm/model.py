@@ -384,6 +384,17 @@ class Model:
     def dropout_step(self, value: int) -> None:
         self._core.dropout_step = _int_arg("dropout_step", value, 0, 0xFFFFFFFFFFFFFFFF)
 
+    @property
+    def dropout_stream(self) -> int:
+        """Which of independent dropout mask streams this model draws (same seed and step, other masks).
+        Data-parallel training sets it to the rank, so the ranks' rows of one global batch get their own
+        masks instead of repeating rank 0's. Default 0."""
+        return self._core.dropout_stream
+
+    @dropout_stream.setter
+    def dropout_stream(self, value: int) -> None:
+        self._core.dropout_stream = _int_arg("dropout_stream", value, 0, 0xFFFFFFFFFFFFFFFF)
+
     def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
                   seed: int = 0, return_logits: bool = False):
         """Sample a continuation of `prompt` (1-D token ids) with a KV cache; returns the new token ids.

@@ -404,6 +404,7 @@ class Trainer:
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
+        self.model.dropout_stream = self.comm.rank  # each rank's rows get their own dropout masks
         self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
