@@ -525,6 +525,10 @@ def print_train_table(results, out=sys.stdout):
               + f" {r['model_gflops']:>8.1f} {r['step_s_median'] * 1e3:>9.1f} {r['warmup_s']:>8.1f}"
               f" {r['peak_rss_mb']:>7.0f} {r['first_loss']:>6.3f}>{r['last_loss']:<6.3f}"
               f" {_fmt(r.get('other_cores'), '{:.2f}'):>6}", file=out)
+    spread = [r for r in ok if len(r.get("rounds_tokens_per_s", ())) > 1]
+    for r in spread:
+        print(f"rounds {r['config']} {r['threads']} {r['engine']}: tokens/s "
+              + " / ".join(f"{v:.0f}" for v in r["rounds_tokens_per_s"]) + " (the median one is shown)", file=out)
     print(f"tokens/s = B*T / median step time (forward+backward+clip+AdamW); '/X' = tokens/s ratio to engine X;\n"
           f"GFLOP/s = model FLOPs, {FLOP_FORMULA};\n"
           f"RSS = the child process's peak resident set (ru_maxrss); loss = first warmup step > last timed step;\n"
@@ -589,6 +593,11 @@ def markdown_report(data: dict) -> str:
         lines.append(f"| {r['config']} | {r['threads']} | {r['engine']} | {r['tokens_per_s']:.0f} | " + " | ".join(ratios)
                      + f" | {r['model_gflops']:.1f} | {r['step_s_median'] * 1e3:.0f} | {r['warmup_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {_fmt(r.get('other_cores'), '{:.2f}')} |")
+    spread = [r for r in ok if len(r.get("rounds_tokens_per_s", ())) > 1]
+    if spread:
+        lines += ["", "Each engine ran in alternating rounds; the median run is shown. All rounds (tokens/s):", ""]
+        lines += [f"- {r['config']}, {r['threads']} thread(s), {r['engine']}: "
+                  + " / ".join(f"{v:.0f}" for v in r["rounds_tokens_per_s"]) for r in spread]
     return "\n".join(lines)
 
 
@@ -633,6 +642,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--retry-busy", type=int, default=0, metavar="N",
                    help="re-run a measurement up to N times while other processes kept >= 0.3 cores busy during it, "
                    "keeping the least disturbed run (default 0)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the engines of each config and thread count N times, alternating, and report each "
+                   "engine's median run: where the machine's speed drifts, alternation keeps the ratios fair "
+                   "(default 1)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each subprocess (default 900)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--matmul", action="store_true",
@@ -657,8 +670,8 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.retry_busy < 0 or args.wait_idle < 0 or args.timeout <= 0:
-        raise ValueError("--retry-busy and --wait-idle must be >= 0, --timeout > 0")
+    if args.retry_busy < 0 or args.wait_idle < 0 or args.timeout <= 0 or args.rounds < 1:
+        raise ValueError("--retry-busy and --wait-idle must be >= 0, --timeout > 0, --rounds >= 1")
     if args.report:
         print(markdown_report(json.loads(Path(args.report).read_text())))
         return 0
@@ -700,19 +713,32 @@ def run(args) -> int:
             steps = args.steps if args.steps is not None else c["steps"]
             warmup = args.warmup if args.warmup is not None else c["warmup"]
             for t in args.threads:
-                for engine in [e for e in ENGINES if e in args.engines]:
-                    spec = dict(mode="train", config=name, threads=t, engine=engine, steps=steps, warmup=warmup)
+                engines = [e for e in ENGINES if e in args.engines]
+                runs = {e: [] for e in engines if e not in skip}
+                for rnd in range(args.rounds):
+                    for engine in runs:
+                        spec = dict(mode="train", config=name, threads=t, engine=engine, steps=steps, warmup=warmup)
+                        tag = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+                        print(f"  {name} threads={t} {engine}: {warmup} warmup + {steps} timed steps{tag} ...",
+                              flush=True)
+                        r = measure(spec, args)
+                        if "error" not in r:
+                            print(f"    {r['tokens_per_s']:.0f} tokens/s, {r['model_gflops']:.1f} GFLOP/s, "
+                                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                        else:
+                            print(f"    failed: {r['error']}", flush=True)
+                        runs[engine].append(r)
+                for engine in engines:
                     if engine in skip:
+                        spec = dict(mode="train", config=name, threads=t, engine=engine, steps=steps, warmup=warmup)
                         results.append(dict(spec, skipped=skip[engine]))
                         continue
-                    print(f"  {name} threads={t} {engine}: {warmup} warmup + {steps} timed steps ...", flush=True)
-                    r = measure(spec, args)
-                    if "error" not in r:
-                        print(f"    {r['tokens_per_s']:.0f} tokens/s, {r['model_gflops']:.1f} GFLOP/s, "
-                              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-                    else:
-                        print(f"    failed: {r['error']}", flush=True)
-                    results.append(r)
+                    ok = sorted((r for r in runs[engine] if "error" not in r), key=lambda r: r["tokens_per_s"])
+                    if not ok:
+                        results.append(runs[engine][0])
+                        continue
+                    # the median run (the lower middle one for an even count)
+                    results.append(dict(ok[(len(ok) - 1) // 2], rounds_tokens_per_s=[r["tokens_per_s"] for r in ok]))
         print()
         print_train_table(results)
     if args.json:

@@ -1,0 +1,33 @@
+"""The benchmark driver itself (not speed): its JSON, alternating rounds, the Markdown report, bad options."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cllm import bench
+
+
+def test_rounds_keep_each_engines_median_run(tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "-m", "cllm.bench", "--configs", "tiny", "--threads", "1", "--engines",
+                           "cllm", "--steps", "1", "--warmup", "0", "--rounds", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("(round ") == 3
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    rounds = r["rounds_tokens_per_s"]
+    assert len(rounds) == 3 and rounds == sorted(rounds)
+    assert r["tokens_per_s"] == rounds[1] > 0  # the median run
+    assert r["engine"] == "cllm" and r["config"] == "tiny" and r["threads"] == 1
+    assert r["first_loss"] > 0 and r["peak_rss_mb"] > 0
+    report = bench.markdown_report(data)
+    assert "| tiny | 1 | cllm |" in report and "All rounds" in report
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--steps", "0"], ["--configs", "huge"], ["--threads", "0"]])
+def test_bad_options_are_one_line_errors(argv):
+    proc = subprocess.run([sys.executable, "-m", "cllm.bench", *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and proc.stderr.strip()
