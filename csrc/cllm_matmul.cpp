@@ -333,10 +333,12 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
         return;
     }
     const int threads = omp_get_max_threads();
-    if ((size_t)M * N * sizeof(float) < C_LARGE && threads > 1 && mblocks < 4 * threads && n_panels >= threads) {
+    if (threads > 1 && mblocks < 4 * threads && n_panels >= threads) {
         // Few row blocks (a weight gradient: M = input features, K = tokens): split the columns instead,
-        // each thread packing only the B panels it uses, so no packed B moves between cores.
-        const int cols = (n_panels + threads - 1) / threads * NR;
+        // each thread packing only the B panels it uses, so no packed B moves between cores. A thread's
+        // packed panels stay within its share of PACK_BUDGET (more, narrower column blocks for a huge N).
+        const int max_panels = (int)std::max<size_t>(1, PACK_BUDGET / threads / ((size_t)K::KC * NR * sizeof(T)));
+        const int cols = std::min((n_panels + threads - 1) / threads, max_panels) * NR;
         const int cblocks = (N + cols - 1) / cols;
         for (int kb = 0; kb < kblocks; kb++) {
             #pragma omp parallel for schedule(static)
