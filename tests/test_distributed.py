@@ -148,7 +148,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, one_rank):
 
 
 @needs_mpi
-@pytest.mark.filterwarnings("ignore:resuming with changed settings")  # batch 2B x 1 rank, same global batch
+@pytest.mark.filterwarnings("error:resuming with changed settings")  # 2 ranks x B and 1 x 2B: the same batch
 def test_resume_under_mpi_continues_exactly(two_ranks, one_rank, data_dir, tmp_path):
     out, single = tmp_path / "resumed", tmp_path / "single"
     code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]

@@ -301,6 +301,22 @@ def test_communicator_hook(data_dir, tmp_path):
     assert "barrier" in comm.calls
 
 
+@pytest.mark.filterwarnings("error:resuming with changed settings")
+def test_resume_keeps_the_global_batch_not_its_split(data_dir, tmp_path):
+    out = tmp_path / "r"
+    Trainer(tiny(data_dir, out, max_steps=4, batch_size=4, decay_steps=10)).fit()
+    # 4 rows as 2 x 2 micro-batches, then as 2 ranks x 1 x 2: the same global batch, no warning
+    Trainer(tiny(data_dir, out, max_steps=5, batch_size=2, grad_accum=2, decay_steps=10, resume=True)).fit()
+
+    class FirstOfTwoRanks(cllm.SingleProcess):  # rank 0 of 2 (the collectives are one-process stand-ins)
+        rank, world_size = 0, 2
+
+    Trainer(tiny(data_dir, out, max_steps=6, batch_size=1, grad_accum=2, decay_steps=10,
+                 resume=True), comm=FirstOfTwoRanks()).fit()
+    with pytest.raises(ValueError, match=r"last.safetensors: cannot resume: .*global batch"):
+        Trainer(tiny(data_dir, out, max_steps=7, batch_size=8, decay_steps=10, resume=True)).fit()
+
+
 def test_ranks_draw_their_own_dropout_masks(data_dir, tmp_path):
     cfg = cllm.ModelConfig(vocab_size=32, max_seq_len=8, embedding_dim=16, num_layers=1, num_heads=2, ff_dim=32,
                            dropout=0.3)

@@ -461,9 +461,13 @@ class Trainer:
             self.elapsed_before = float(st.get("elapsed", 0.0))
         except KeyError as e:
             raise ValueError(f"{self.last_path}: cannot resume, trainer_state lacks {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{self.last_path}: cannot resume: {e}") from None
         old = st.get("train_config", {})
+        # (batch_size, grad_accum and the number of ranks may change if their product, the global batch,
+        # does not: the loader refuses anything else; the same rows then give the same step up to round-off)
         changed = [k for k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps", "weight_decay",
-                               "grad_clip", "batch_size", "grad_accum", "seed")
+                               "grad_clip", "seed")
                    if k in old and old[k] != getattr(c, k)]
         if old.get("decay_steps") is None and c.decay_steps is None and old.get("max_steps") != c.max_steps:
             changed.append("max_steps (the schedule's horizon; set decay_steps to keep it)")
