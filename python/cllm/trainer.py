@@ -66,7 +66,7 @@ def _f(default, help: str, kind: str, choices=None):
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a training run, with defaults that train a small byte-level model on the Python
-    standard library in about three minutes on two cores. Read one from TOML/JSON with `from_file`."""
+    standard library in under three minutes on two cores. Read one from TOML/JSON with `from_file`."""
 
     # data
     data: Optional[Tuple[str, ...]] = _f(None, "a prepared data dir (train.bin, val.bin, tokenizer.json) or text "
