@@ -1,7 +1,9 @@
 // The GEMM everything else uses, and the linear layer (forward/backward) built on it.
 //
 // A packed, cache-blocked GEMM in the classic (Goto/BLIS) structure: op(B) is packed into KC x NR column
-// panels, op(A) into MR x KC row slivers, and an MR x NR register-tile micro-kernel does the FMAs. The
+// panels, op(A) into MR x KC row slivers, and an MR x NR register-tile micro-kernel does the FMAs. Each A
+// sliver (broadcast operand, 12 KB) stays in L1 while it runs across NCS columns of packed B (vector operand,
+// in L2): the BLIS loop order, mirrored for row-major C (measured 3-8 % faster than B panels outer). The
 // micro-kernel uses GCC vector types sized to the widest unit the build targets (AVX-512: 16 floats,
 // otherwise 8), so -march picks AVX-512 or AVX2 code at build time with one source.
 // Each C tile belongs to one thread and is summed over K in a fixed order: results do not depend on the
@@ -33,6 +35,7 @@ constexpr int MR = 8;        // rows of C per micro-tile (2 x 8 accumulator vect
 constexpr int NR = 2 * VL;   // columns of C per micro-tile (two vectors)
 constexpr int MC = 128;       // rows of C per thread task (multiple of MR): its A block stays in L2
 constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
+constexpr int NCS = 256;     // of which the KC x NCS packed B block stays in L2 while each A sliver (L1) runs across it
 constexpr size_t PACK_BUDGET = 16u << 20;  // bytes of packed op(B) at a time: fits the L3 cache
 constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in the L2 caches between K blocks
 
@@ -320,11 +323,12 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
         for (int i0 = 0; i0 < M; i0 += MC) {
             const int mc = std::min(MC, M - i0);
             pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-            for (int jr = 0; jr < nc; jr += NR)
+            for (int js = 0; js < nc; js += NCS)
                 for (int ir = 0; ir < mc; ir += MR)
-                    K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
-                           C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir), std::min(NR, nc - jr),
-                           accumulate || kb > 0, bias ? bias + j0 + jr : nullptr);
+                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR)
+                        K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
+                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
+                               std::min(NR, nc - jr), accumulate || kb > 0, bias ? bias + j0 + jr : nullptr);
             if (gelu_out && kb == kblocks - 1) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
         }
     };
@@ -387,13 +391,13 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                                 packed_i0 = i0, packed_k0 = k0;
                             }
                             const T* Bk = Bp + (kb - kb0) * kblock_stride;
-                            for (int jr = 0; jr < nc; jr += NR) {
-                                const T* bp = Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR;
+                            for (int js = 0; js < nc; js += NCS)
                                 for (int ir = 0; ir < mc; ir += MR)
-                                    K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, bp,
-                                           C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                           std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
-                            }
+                                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR)
+                                        K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR,
+                                               Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR,
+                                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
+                                               std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
                         }
                         if (gelu_out && kb1 == kblocks) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
                     }
