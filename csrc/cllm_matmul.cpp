@@ -439,17 +439,27 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
     if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp, bf16);  // dout[N,OC] @ w^T
     if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true, bf16);              // inp^T @ dout
     if (dbias) {
-        // columns split across threads; rows summed in order (deterministic)
+        // Rows in fixed chunks (whatever the thread count), each summed in order into its own partial row with
+        // contiguous full-width reads; the partials then summed in chunk order: deterministic, and one
+        // streaming pass over dout (summing 64-column strips down all rows was 3x slower).
+        constexpr int ROWS = 128;
+        const int chunks = (N + ROWS - 1) / ROWS;
+        thread_local Scratch partial_buf;
+        float* partial = partial_buf.get<float>((size_t)chunks * OC);
         #pragma omp parallel for schedule(static)
-        for (int j0 = 0; j0 < OC; j0 += 64) {
-            const int w = std::min(OC - j0, 64);
-            alignas(64) float acc[64] = {};
-            for (int n = 0; n < N; n++) {
-                const float* d = dout + (size_t)n * OC + j0;
+        for (int c = 0; c < chunks; c++) {
+            float* acc = partial + (size_t)c * OC;
+            std::memcpy(acc, dout + (size_t)c * ROWS * OC, OC * sizeof(float));
+            for (int n = c * ROWS + 1; n < std::min(N, (c + 1) * ROWS); n++) {
+                const float* d = dout + (size_t)n * OC;
                 #pragma omp simd
-                for (int j = 0; j < w; j++) acc[j] += d[j];
+                for (int j = 0; j < OC; j++) acc[j] += d[j];
             }
-            for (int j = 0; j < w; j++) dbias[j0 + j] += acc[j];
+        }
+        for (int c = 0; c < chunks; c++) {
+            const float* acc = partial + (size_t)c * OC;
+            #pragma omp simd
+            for (int j = 0; j < OC; j++) dbias[j] += acc[j];
         }
     }
 }
