@@ -68,6 +68,15 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
     }
 }
 
+// Asks for the C tile's cache lines (write intent) before the K loop, which hides their miss: C is too big
+// for the caches and its rows are too far apart for the hardware prefetcher.
+inline void prefetch_tile(float* C, int ldc, int m) {
+    for (int r = 0; r < m; r++) {
+        __builtin_prefetch(C + (size_t)r * ldc, 1, 3);
+        __builtin_prefetch(C + (size_t)r * ldc + NR - 1, 1, 3);
+    }
+}
+
 // fp32: C[0:MR, 0:NR] += Ap[k][0:MR] * Bp[k][0:NR], k < kc.
 struct KernelF32 {
     using T = float;
@@ -77,6 +86,7 @@ struct KernelF32 {
                     bool add, const float* bias) {
         vf c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
+        prefetch_tile(C, ldc, m);
         for (int k = 0; k < kc; k++) {
             const vf b0 = *(const vf*)(Bp + k * NR);
             const vf b1 = *(const vf*)(Bp + k * NR + VL);
@@ -112,6 +122,7 @@ struct KernelBF16 {
                     int n, bool add, const float* bias) {
         __m512 c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+        prefetch_tile(C, ldc, m);
         const int kp = (kc + 1) / 2;
         const uint32_t* a32 = (const uint32_t*)Ap;
         for (int k = 0; k < kp; k++) {
