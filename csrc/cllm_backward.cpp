@@ -13,6 +13,14 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
     const size_t NC = (size_t)N * C;
     const float* dlogits = acts.logits;
     float* dres = acts.dres;  // gradient w.r.t. the residual stream, carried down the layers
+    // The gradient entering a residual branch: dres itself, or with dropout a masked copy (in acts.dln, which
+    // the branch overwrites only after its last read).
+    auto branch_grad = [&](const float* dr, uint64_t site) -> const float* {
+        if (!d.active()) return dr;
+        std::memcpy(acts.dln, dr, NC * sizeof(float));
+        dropout_backward(acts.dln, NC, d, site);
+        return acts.dln;
+    };
 
     // tied LM head: logits = lnf @ wte^T
     matmul(acts.dln, dlogits, p.wte, N, C, V, false, false, false, cfg.bf16);  // dlnf = dlogits @ wte
@@ -28,19 +36,17 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         const float* x_in = l == 0 ? acts.encoded : acts.layers[l - 1].res3;
 
         // res3 = res2 + drop(fcproj(gelu(fc(ln2(res2))))): dres flows to res2 unchanged, plus the MLP branch
-        std::memcpy(acts.dln, dres, NC * sizeof(float));
-        dropout_backward(acts.dln, NC, d, site_mlp_resid(l));
+        const float* dmlp = branch_grad(dres, site_mlp_resid(l));
         gelu_forward(acts.gelu_out, a.fch, (size_t)N * F);  // recompute the GELU output
-        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, acts.dln, acts.gelu_out, w.fcproj_w, N, F, C, false, cfg.bf16);
+        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, dmlp, acts.gelu_out, w.fcproj_w, N, F, C, false, cfg.bf16);
         gelu_backward(acts.dfch, acts.dfch, a.fch, (size_t)N * F);
         layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);  // recompute
         linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, acts.ln_out, w.fc_w, N, C, F, false, cfg.bf16);
         layernorm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
 
         // res2 = x_in + drop(attproj(attn(qkv(ln1(x_in)))))
-        std::memcpy(acts.dln, dres, NC * sizeof(float));
-        dropout_backward(acts.dln, NC, d, site_attn_resid(l));
-        linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, acts.dln, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
+        const float* dattn = branch_grad(dres, site_attn_resid(l));
+        linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, dattn, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
         attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l), cfg.bf16);
         layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N, C);  // recompute
         linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, acts.ln_out, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
