@@ -94,8 +94,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     const uint32_t th = dropout_threshold(d.p);
     const float keep_scale = d.active() ? 1.0f / (1.0f - d.p) : 1.0f;
     const int nblk = (T + BQ - 1) / BQ;
-    // Each (b, h) owns its q/k/v columns of dqkv: no races; its query blocks run in order, so dK and dV
-    // are summed in a fixed order whatever the thread count.
+    // Each (b, h) owns its q/k/v columns of dqkv: no races; its query blocks run in a fixed order (last
+    // first), so dK and dV are summed in the same order whatever the thread count.
     #pragma omp parallel
     {
         thread_local Rows scratch;
@@ -111,11 +111,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 float* dq_all = dqkv + (size_t)b * T * ld + h * hs;
                 float* dk = dq_all + C;
                 float* dv = dq_all + 2 * C;
-                for (int t = 0; t < T; t++) {
-                    std::memset(dk + (size_t)t * ld, 0, hs * sizeof(float));
-                    std::memset(dv + (size_t)t * ld, 0, hs * sizeof(float));
-                }
-                for (int blk = 0; blk < nblk; blk++) {
+                // the last query block reaches every key: its products store dK and dV, the others add
+                for (int blk = nblk - 1; blk >= 0; blk--) {
+                    const bool add = blk < nblk - 1;
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
                     const float* q = q_all + (size_t)i0 * ld;
                     const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
@@ -145,9 +143,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, true, false, bf16);   // dV += P^T dO
+                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16);   // dV += P^T dO
                     gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16);
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, true, false, bf16);  // dK += dS^T Q
+                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16);  // dK += dS^T Q
                 }
             }
     }
