@@ -294,6 +294,26 @@ struct Scratch {
     }
 };
 
+// Brings the next block of op(A) toward L2 a few cache lines at a time while the current block computes,
+// so that packing it finds it there rather than in memory.
+struct BlockPrefetch {
+    const char* base = nullptr;
+    size_t ld = 0;  // bytes between rows
+    int lines = 0, total = 0, next = 0;
+    // op(A)[i0:i0+mc, k0:k0+kc], A stored [K, M] if trans_a
+    void start(const float* A, int lda, bool trans_a, int i0, int mc, int k0, int kc) {
+        const int rows = trans_a ? kc : mc, width = trans_a ? mc : kc;
+        base = (const char*)(trans_a ? A + (size_t)k0 * lda + i0 : A + (size_t)i0 * lda + k0);
+        ld = (size_t)lda * sizeof(float);
+        lines = (width * (int)sizeof(float) + 63) / 64;
+        total = rows * lines;
+        next = 0;
+    }
+    void step(int n) {
+        for (; n > 0 && next < total; n--, next++) __builtin_prefetch(base + (next / lines) * ld + (next % lines) * 64, 0, 2);
+    }
+};
+
 // G[i0:i0+mc, j0:j0+nc] = gelu(C[...]): the epilogue of a finished C tile, still in cache.
 inline void gelu_tile(const float* C, float* G, int ldc, int i0, int mc, int j0, int nc) {
     for (int i = i0; i < i0 + mc; i++) {
@@ -402,13 +422,23 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                                 packed_i0 = i0, packed_k0 = k0;
                             }
                             const T* Bk = Bp + (kb - kb0) * kblock_stride;
+                            BlockPrefetch next_a;  // the A block this thread most likely packs next
+                            if (kb + 1 < kb1)
+                                next_a.start(A, lda, trans_a, i0, mc, k0 + K::KC, std::min(K::KC, K_ - k0 - K::KC));
+                            else if (i0 + MC < M)
+                                next_a.start(A, lda, trans_a, i0 + MC, std::min(MC, M - i0 - MC), kb0 * K::KC,
+                                             std::min(K::KC, K_ - kb0 * K::KC));
+                            const int calls = ((mc + MR - 1) / MR) * ((nc + NR - 1) / NR);
+                            const int per_call = (next_a.total + calls - 1) / calls;
                             for (int js = 0; js < nc; js += NCS)
                                 for (int ir = 0; ir < mc; ir += MR)
-                                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR)
+                                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR) {
+                                        next_a.step(per_call);
                                         K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR,
                                                Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR,
                                                C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
                                                std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
+                                    }
                         }
                         if (gelu_out && kb1 == kblocks) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
                     }
