@@ -375,10 +375,10 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
         const int max_panels = (int)std::max<size_t>(1, PACK_BUDGET / threads / ((size_t)K::KC * NR * sizeof(T)));
         const int cols = std::min((n_panels + threads - 1) / threads, max_panels) * NR;
         const int cblocks = (N + cols - 1) / cols;
-        for (int kb = 0; kb < kblocks; kb++) {
-            #pragma omp parallel for schedule(static)
-            for (int cb = 0; cb < cblocks; cb++) column_block(cb * cols, std::min(cols, N - cb * cols), kb);
-        }
+        // a column block is one thread's for all of K: one parallel region, no barrier between K blocks
+        #pragma omp parallel for schedule(static)
+        for (int cb = 0; cb < cblocks; cb++)
+            for (int kb = 0; kb < kblocks; kb++) column_block(cb * cols, std::min(cols, N - cb * cols), kb);
         return;
     }
     thread_local Scratch bscratch;
