@@ -311,6 +311,13 @@ def _make_torch(name: str, threads: int, compiled: bool):
     cfg = model_config(name)
     model = build_torch_gpt2(cfg.vocab_size, cfg.max_seq_len, cfg.embedding_dim, cfg.num_layers, cfg.num_heads,
                              cfg.ff_dim)
+    # start from CLLM's initial weights: both engines then train the same model from the same point, and
+    # their loss columns agree to float rounding (a check that the comparison is like for like)
+    import cllm
+
+    init = cllm.Model(cfg, seed=0)
+    load_cllm_parameters(model, init.parameters())
+    del init
     # weight decay on the 2-D weights (wte, wpe, linear weights), as cllm.AdamW does
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -531,7 +538,8 @@ def print_train_table(results, out=sys.stdout):
               + " / ".join(f"{v:.0f}" for v in r["rounds_tokens_per_s"]) + " (the median one is shown)", file=out)
     print(f"tokens/s = B*T / median step time (forward+backward+clip+AdamW); '/X' = tokens/s ratio to engine X;\n"
           f"GFLOP/s = model FLOPs, {FLOP_FORMULA};\n"
-          f"RSS = the child process's peak resident set (ru_maxrss); loss = first warmup step > last timed step;\n"
+          f"RSS = the child process's peak resident set (ru_maxrss); loss = first warmup step > last timed step\n"
+          f"(every engine starts from CLLM's initial weights and sees the same batches: equal losses, same model);\n"
           f"other = cores kept busy by other processes during the timed steps (contention: numbers are lower).",
           file=out)
 
