@@ -7,14 +7,36 @@
 namespace cllm {
 
 namespace {
-// log-sum-exp of a row
-inline float row_lse(const float* x, int V) {
+inline float row_max(const float* x, int V) {
     float mx = -INFINITY;
     #pragma omp simd reduction(max : mx)
     for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+// log-sum-exp of a row
+inline float row_lse(const float* x, int V) {
+    const float mx = row_max(x, V);
     float s = 0.0f;
     #pragma omp simd reduction(+ : s)
     for (int i = 0; i < V; i++) s += fast_exp(x[i] - mx);
+    return mx + std::log(s);
+}
+
+// d = softmax(x) * scale - onehot(target) * scale; returns log-sum-exp(x). One exp per element (the exps
+// are stored, then scaled by scale / sum): the exp is the costly part of this loop, it is compute-bound.
+inline float softmax_grad_row(float* d, const float* x, int32_t target, int V, float scale) {
+    const float mx = row_max(x, V);
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int i = 0; i < V; i++) {
+        d[i] = fast_exp(x[i] - mx);
+        s += d[i];
+    }
+    const float f = scale / s;
+    #pragma omp simd
+    for (int i = 0; i < V; i++) d[i] *= f;
+    d[target] -= scale;
     return mx + std::log(s);
 }
 }  // namespace
@@ -30,25 +52,16 @@ void cross_entropy_forward(float* losses, const float* logits, const int32_t* ta
 void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V,
                             float scale) {
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* x = logits + (size_t)n * V;
-        float* d = dlogits + (size_t)n * V;
-        const float l = row_lse(x, V);
-        #pragma omp simd
-        for (int i = 0; i < V; i++) d[i] = fast_exp(x[i] - l) * scale;
-        d[targets[n]] -= scale;
-    }
+    for (int n = 0; n < N; n++)
+        softmax_grad_row(dlogits + (size_t)n * V, logits + (size_t)n * V, targets[n], V, scale);
 }
 
 void cross_entropy_fused(float* losses, float* logits, const int32_t* targets, int N, int V, float scale) {
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float* x = logits + (size_t)n * V;
-        const float l = row_lse(x, V);
-        losses[n] = l - x[targets[n]];
-        #pragma omp simd
-        for (int i = 0; i < V; i++) x[i] = fast_exp(x[i] - l) * scale;
-        x[targets[n]] -= scale;
+        const float target_logit = x[targets[n]];  // read before the row is overwritten in place
+        losses[n] = softmax_grad_row(x, x, targets[n], V, scale) - target_logit;
     }
 }
 
