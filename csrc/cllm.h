@@ -104,12 +104,16 @@ inline float fast_exp(float x) {
     const float scale = __builtin_bit_cast(float, bits);
     return x != x ? x : (x < lo ? 0.0f : p * scale);  // NaN in, NaN out
 }
-// tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at +-inf
-#pragma omp declare simd
-inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
-// GELU, tanh approximation (GPT-2's)
-inline float gelu(float x) { return 0.5f * x * (1.0f + fast_tanh(kGeluScale * (x + 0.044715f * x * x * x))); }
+// GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
+// x * sigmoid(2u) = x / (1 + exp(-2u)), the same function with one exp and one division.
+#pragma omp declare simd
+inline float gelu_sigmoid(float x) {  // sigmoid(2u); exactly 0 where exp(-2u) overflows (fast_exp clamps there)
+    const float t = -2.0f * kGeluScale * (x + 0.044715f * x * x * x);
+    return t > 88.0f ? 0.0f : 1.0f / (1.0f + fast_exp(t));
+}
+#pragma omp declare simd
+inline float gelu(float x) { return x * gelu_sigmoid(x); }
 
 // ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
 // so the backward regenerates it instead of storing it, and results do not depend on threads.

@@ -15,11 +15,10 @@ void gelu_forward(float* out, const float* inp, size_t n) {
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
     #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float u = kGeluScale * (x + 0.044715f * x * x * x);
-        float th = fast_tanh(u);
-        float sech2 = 1.0f - th * th;
-        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
+        // with s = sigmoid(2u): 0.5 (1 + tanh u) = s and 1 - tanh^2 u = 4 s (1 - s)
+        const float x = inp[i];
+        const float s = gelu_sigmoid(x);
+        const float grad = s + 2.0f * x * s * (1.0f - s) * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] = dout[i] * grad;
     }
 }
