@@ -147,9 +147,18 @@ void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool 
 // on the calling thread only (for use inside an outer parallel loop); bias (with accumulate false): a row
 // of N values added to every row of C; gelu_out (same leading dimension as C): also gets gelu(C), computed
 // as each tile of C is finished, while it is still in cache.
+// causal (attention's diagonal blocks): work known to be zero or unused is skipped, per MR x NR micro-tile.
+// For row i of C, column j, summed index k:
+//   OUT_LOWER  C[i][j] is wanted only for j <= i + diag (tiles wholly above are not computed, left as they are)
+//   A_LOWER    op(A)[i][k] is zero for k > i + diag
+//   A_UPPER    op(A)[i][k] is zero for k < i - diag
+struct Causal {
+    enum Kind { NONE, OUT_LOWER, A_LOWER, A_UPPER } kind = NONE;
+    int diag = 0;
+};
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
           bool trans_b, bool accumulate, bool parallel, bool bf16 = false, const float* bias = nullptr,
-          float* gelu_out = nullptr);
+          float* gelu_out = nullptr, Causal causal = {});
 bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,

@@ -53,11 +53,12 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
             for (int h = 0; h < H; h++)
                 for (int blk = 0; blk < nblk; blk++) {
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
+                    const Causal above_diagonal_unused{Causal::OUT_LOWER, i0}, row_causal{Causal::A_LOWER, i0};
                     const float* q = qkv + ((size_t)b * T + i0) * ld + h * hs;
                     const float* k = qkv + (size_t)b * T * ld + C + h * hs;
                     const float* v = k + C;
                     // S[r, j] = q_{i0+r} . k_j for keys j < i1
-                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16);
+                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr, above_diagonal_unused);
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
@@ -82,7 +83,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     }
                     // out rows = P @ V
                     gemm(out + ((size_t)b * T + i0) * C + h * hs, C, S, T, v, ld, rows, hs, i1, false, false, false,
-                         false, bf16);
+                         false, bf16, nullptr, nullptr, row_causal);
                 }
     }
 }
@@ -115,11 +116,16 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 for (int blk = nblk - 1; blk >= 0; blk--) {
                     const bool add = blk < nblk - 1;
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
+                    // query row r (global i0 + r) sees keys j <= i0 + r: scores above that are not computed,
+                    // products over keys stop there, products over query rows start there
+                    const Causal above_diagonal_unused{Causal::OUT_LOWER, i0}, row_causal{Causal::A_LOWER, i0},
+                        key_causal{Causal::A_UPPER, i0};
                     const float* q = q_all + (size_t)i0 * ld;
                     const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
                     const float* o = out + ((size_t)b * T + i0) * C + h * hs;
-                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16);    // scores
-                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16);   // dP' = dO V^T
+                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr, above_diagonal_unused);
+                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
+                         above_diagonal_unused);  // dP' = dO V^T
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* p = P + (size_t)r * T;
@@ -143,9 +149,10 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16);   // dV += P^T dO
-                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16);
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16);  // dK += dS^T Q
+                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr, key_causal);  // dV += P^T dO
+                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16, nullptr,
+                         nullptr, row_causal);
+                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr, key_causal);  // dK += dS^T Q
                 }
             }
     }

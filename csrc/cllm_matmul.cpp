@@ -314,6 +314,19 @@ struct BlockPrefetch {
     }
 };
 
+// One micro-tile under a causal structure: rows [i, i + m) of C, columns from j, K block [k0, k0 + kc). Runs the
+// micro-kernel over the part of the K block that can be non-zero, or nothing where the tile is not wanted.
+template <class K>
+inline void causal_tile(const Causal& cz, int i, int m, int j, int k0, int kc, const typename K::T* Ap,
+                        const typename K::T* Bp, float* C, int ldc, int n, bool add, const float* bias) {
+    int kb = 0, ke = padded_k<K::KSTEP>(kc);
+    if (cz.kind == Causal::OUT_LOWER && j > i + m - 1 + cz.diag) return;
+    if (cz.kind == Causal::A_LOWER) ke = std::clamp(padded_k<K::KSTEP>(i + m + cz.diag - k0), 0, ke);
+    if (cz.kind == Causal::A_UPPER) kb = std::clamp((i - cz.diag - k0) / K::KSTEP * K::KSTEP, 0, ke);
+    if (ke <= kb && add) return;  // nothing to add (a first K block still stores its zeros)
+    K::run(std::max(0, std::min(kc, ke) - kb), Ap + (size_t)kb * MR, Bp + (size_t)kb * NR, C, ldc, m, n, add, bias);
+}
+
 // G[i0:i0+mc, j0:j0+nc] = gelu(C[...]): the epilogue of a finished C tile, still in cache.
 inline void gelu_tile(const float* C, float* G, int ldc, int i0, int mc, int j0, int nc) {
     for (int i = i0; i < i0 + mc; i++) {
@@ -326,7 +339,8 @@ inline void gelu_tile(const float* C, float* G, int ldc, int i0, int mc, int j0,
 
 template <class K>
 void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
-               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias, float* gelu_out) {
+               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias, float* gelu_out,
+               Causal causal) {
     using T = typename K::T;
     if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
     if (K_ == 0) {
@@ -343,6 +357,15 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     // measures faster (weight-gradient products, 2 threads).
     const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
     const int mblocks = (M + MC - 1) / MC;
+    // C[i:i+m, j:j+n] (+)= the packed sliver times the packed panel over the K block at k0
+    auto run_tile = [&](int i, int m, int j, int k0, int kc, const T* ap, const T* bp, int n, bool add) {
+        float* c = C + (size_t)i * ldc + j;
+        const float* bias_j = bias ? bias + j : nullptr;
+        if (causal.kind == Causal::NONE)
+            K::run(kc, ap, bp, c, ldc, m, n, add, bias_j);
+        else
+            causal_tile<K>(causal, i, m, j, k0, kc, ap, bp, c, ldc, n, add, bias_j);
+    };
     // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which
     // packs the B panels it uses itself
     auto column_block = [&](int j0, int nc, int kb) {
@@ -357,9 +380,8 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
             for (int js = 0; js < nc; js += NCS)
                 for (int ir = 0; ir < mc; ir += MR)
                     for (int jr = js; jr < std::min(nc, js + NCS); jr += NR)
-                        K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR, Bp + (size_t)(jr / NR) * kpad * NR,
-                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                               std::min(NR, nc - jr), accumulate || kb > 0, bias ? bias + j0 + jr : nullptr);
+                        run_tile(i0 + ir, std::min(MR, mc - ir), j0 + jr, k0, kc, Ap + (size_t)(ir / MR) * kpad * MR,
+                                 Bp + (size_t)(jr / NR) * kpad * NR, std::min(NR, nc - jr), accumulate || kb > 0);
             if (gelu_out && kb == kblocks - 1) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
         }
     };
@@ -434,10 +456,10 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                                 for (int ir = 0; ir < mc; ir += MR)
                                     for (int jr = js; jr < std::min(nc, js + NCS); jr += NR) {
                                         next_a.step(per_call);
-                                        K::run(kc, Ap + (size_t)(ir / MR) * kpad * MR,
-                                               Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR,
-                                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc, std::min(MR, mc - ir),
-                                               std::min(NR, nc - jr), add, bias ? bias + j0 + jr : nullptr);
+                                        run_tile(i0 + ir, std::min(MR, mc - ir), j0 + jr, k0, kc,
+                                                 Ap + (size_t)(ir / MR) * kpad * MR,
+                                                 Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR, std::min(NR, nc - jr),
+                                                 add);
                                     }
                         }
                         if (gelu_out && kb1 == kblocks) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
@@ -449,11 +471,13 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
 }  // namespace
 
 void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias, float* gelu_out) {
+          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias, float* gelu_out, Causal causal) {
     if (bf16)
-        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out);
+        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
+                              causal);
     else
-        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out);
+        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
+                             causal);
 }
 
 void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,

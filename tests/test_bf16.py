@@ -59,14 +59,15 @@ def test_matmul_wide_output_in_column_strips(bf16, tb):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 
 
-def test_bf16_gradients_close_to_oracle():
-    cfg = cllm.ModelConfig(vocab_size=67, max_seq_len=16, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)
+@pytest.mark.parametrize("T", [16, 150])  # 150: several attention query blocks, the last one ragged
+def test_bf16_gradients_close_to_oracle(T):
+    cfg = cllm.ModelConfig(vocab_size=67, max_seq_len=T, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)
     m = cllm.Model(cfg, seed=0, precision="bf16")
     rng = np.random.default_rng(1)
     for v in m.parameters().values():
         v += rng.normal(0, 0.02, v.shape).astype(np.float32)
-    x = rng.integers(0, 67, (3, 16))
-    y = rng.integers(0, 67, (3, 16))
+    x = rng.integers(0, 67, (3, T))
+    y = rng.integers(0, 67, (3, T))
     loss = m.forward_backward(x, y)
     params = {k: v.astype(np.float64) for k, v in m.parameters().items()}
     _, ref_loss, cache = oracle.model_forward(params, cfg, x, y)

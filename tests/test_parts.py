@@ -116,8 +116,11 @@ def test_gelu(kernels, errs, rng, shape, scale):
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,T,C,H", [(2, 13, 48, 3), (2, 13, 48, 1), (1, 1, 48, 3), (3, 7, 20, 5), (1, 64, 128, 4)],
-                         ids=["B2-T13-C48-H3", "B2-T13-C48-H1", "B1-T1-H3", "B3-T7-C20-H5", "B1-T64-C128-H4"])
+# T above 64 spans several query blocks (the kernel's diagonal-block skipping), 130 and 200 with a ragged last one
+@pytest.mark.parametrize("B,T,C,H", [(2, 13, 48, 3), (2, 13, 48, 1), (1, 1, 48, 3), (3, 7, 20, 5), (1, 64, 128, 4),
+                                     (1, 130, 64, 2), (2, 200, 96, 3)],
+                         ids=["B2-T13-C48-H3", "B2-T13-C48-H1", "B1-T1-H3", "B3-T7-C20-H5", "B1-T64-C128-H4",
+                              "B1-T130-C64-H2", "B2-T200-C96-H3"])
 def test_attention(kernels, errs, rng, B, T, C, H):
     qkv = rng.standard_normal((B, T, 3 * C)) * 1.5
     dout = rng.standard_normal((B, T, C))
