@@ -503,7 +503,7 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16) {
     if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp, bf16);  // dout[N,OC] @ w^T
     if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true, bf16);              // inp^T @ dout
-    if (dbias) {
+    if (dbias && N > 0 && OC > 0) {  // (no rows: dbias gets nothing; no columns: nothing to touch)
         // Rows in fixed chunks (whatever the thread count), each summed in order into its own partial row with
         // contiguous full-width reads; the partials then summed in chunk order: deterministic, and one
         // streaming pass over dout (summing 64-column strips down all rows was 3x slower).

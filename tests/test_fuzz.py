@@ -747,3 +747,14 @@ def test_zero_width_linear_layer_without_undefined_behaviour():
     out = cllm.kernels.feedforward_forward(x, np.zeros((3, 0), np.float32), np.zeros(0, np.float32),
                                            np.zeros((0, 3), np.float32), np.full(3, 0.5, np.float32))
     assert np.array_equal(out, np.full((2, 3), 0.5, np.float32))
+
+
+def test_linear_backward_with_no_rows_or_columns_without_undefined_behaviour():
+    """csrc/cllm_matmul.cpp linear_backward's bias gradient with no columns: memcpy into the null scratch of zero
+    partial rows ("null pointer passed as argument 1"). No rows leave the bias gradient at zero."""
+    for n, ic, oc in [(3, 4, 0), (0, 3, 4), (3, 0, 4)]:
+        dx, dw, db = cllm.kernels.linear_backward(np.ones((n, oc), np.float32), np.ones((n, ic), np.float32),
+                                                  np.ones((ic, oc), np.float32))
+        assert dx.shape == (n, ic) and dw.shape == (ic, oc)
+        assert np.array_equal(db, np.full(oc, float(n), np.float32))
+        assert np.array_equal(dw, np.full((ic, oc), float(n), np.float32))
