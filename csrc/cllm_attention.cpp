@@ -5,11 +5,10 @@
 // live in a per-thread scratch of BQ x T floats, never a T x T matrix, and the forward keeps only each row's
 // log-sum-exp, so activation memory is O(B*H*T). The backward recomputes the probabilities from it. All
 // block products run on the GEMM micro-kernel (bf16 inputs when the model's precision is bf16, as the
-// linear layers). Attention dropout regenerates its mask from the counter RNG.
+// linear layers), told the causal structure so that micro-tiles above the diagonal are skipped. Attention
+// dropout regenerates its mask from the counter RNG.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <vector>
 
 #include "cllm.h"
 
