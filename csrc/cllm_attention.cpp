@@ -57,7 +57,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     const float* k = qkv + (size_t)b * T * ld + C + h * hs;
                     const float* v = k + C;
                     // S[r, j] = q_{i0+r} . k_j for keys j < i1
-                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr, above_diagonal_unused);
+                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
+                         above_diagonal_unused);
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
@@ -122,7 +123,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     const float* q = q_all + (size_t)i0 * ld;
                     const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
                     const float* o = out + ((size_t)b * T + i0) * C + h * hs;
-                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr, above_diagonal_unused);
+                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
+                         above_diagonal_unused);  // scores
                     gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
                          above_diagonal_unused);  // dP' = dO V^T
                     for (int r = 0; r < rows; r++) {
@@ -148,10 +150,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr, key_causal);  // dV += P^T dO
-                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16, nullptr,
-                         nullptr, row_causal);
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr, key_causal);  // dK += dS^T Q
+                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
+                         key_causal);  // dV += P^T dO
+                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16,
+                         nullptr, nullptr, row_causal);  // dQ = dS K
+                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
+                         key_causal);  // dK += dS^T Q
                 }
             }
     }

@@ -10,7 +10,6 @@
 // thread count.
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -310,12 +309,14 @@ struct BlockPrefetch {
         next = 0;
     }
     void step(int n) {
-        for (; n > 0 && next < total; n--, next++) __builtin_prefetch(base + (next / lines) * ld + (next % lines) * 64, 0, 2);
+        for (; n > 0 && next < total; n--, next++)
+            __builtin_prefetch(base + (next / lines) * ld + (next % lines) * 64, 0, 2);
     }
 };
 
-// One micro-tile under a causal structure: rows [i, i + m) of C, columns from j, K block [k0, k0 + kc). Runs the
-// micro-kernel over the part of the K block that can be non-zero, or nothing where the tile is not wanted.
+// One micro-tile under a causal structure (NONE: the whole K block): rows [i, i + m) of C, columns from j, K block
+// [k0, k0 + kc). Runs the micro-kernel over the part of the K block that can be non-zero, or nothing where the
+// tile is not wanted.
 template <class K>
 inline void causal_tile(const Causal& cz, int i, int m, int j, int k0, int kc, const typename K::T* Ap,
                         const typename K::T* Bp, float* C, int ldc, int n, bool add, const float* bias) {
@@ -359,12 +360,8 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     const int mblocks = (M + MC - 1) / MC;
     // C[i:i+m, j:j+n] (+)= the packed sliver times the packed panel over the K block at k0
     auto run_tile = [&](int i, int m, int j, int k0, int kc, const T* ap, const T* bp, int n, bool add) {
-        float* c = C + (size_t)i * ldc + j;
-        const float* bias_j = bias ? bias + j : nullptr;
-        if (causal.kind == Causal::NONE)
-            K::run(kc, ap, bp, c, ldc, m, n, add, bias_j);
-        else
-            causal_tile<K>(causal, i, m, j, k0, kc, ap, bp, c, ldc, n, add, bias_j);
+        causal_tile<K>(causal, i, m, j, k0, kc, ap, bp, C + (size_t)i * ldc + j, ldc, n, add,
+                       bias ? bias + j : nullptr);
     };
     // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which
     // packs the B panels it uses itself
@@ -444,12 +441,13 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
                                 packed_i0 = i0, packed_k0 = k0;
                             }
                             const T* Bk = Bp + (kb - kb0) * kblock_stride;
-                            BlockPrefetch next_a;  // the A block this thread most likely packs next
-                            if (kb + 1 < kb1)
-                                next_a.start(A, lda, trans_a, i0, mc, k0 + K::KC, std::min(K::KC, K_ - k0 - K::KC));
-                            else if (i0 + MC < M)
-                                next_a.start(A, lda, trans_a, i0 + MC, std::min(MC, M - i0 - MC), kb0 * K::KC,
-                                             std::min(K::KC, K_ - kb0 * K::KC));
+                            // the A block this thread most likely packs next: this row block's next K block,
+                            // else the next row block's first
+                            BlockPrefetch next_a;
+                            const int next_kb = kb + 1 < kb1 ? kb + 1 : kb0, next_i0 = kb + 1 < kb1 ? i0 : i0 + MC;
+                            if (next_i0 < M)
+                                next_a.start(A, lda, trans_a, next_i0, std::min(MC, M - next_i0), next_kb * K::KC,
+                                             std::min(K::KC, K_ - next_kb * K::KC));
                             const int calls = ((mc + MR - 1) / MR) * ((nc + NR - 1) / NR);
                             const int per_call = (next_a.total + calls - 1) / calls;
                             for (int js = 0; js < nc; js += NCS)
