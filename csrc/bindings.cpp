@@ -51,17 +51,24 @@ struct PyModel {
     PyModel(const Config& c, uint64_t seed) : m(c, seed) {}
 };
 
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); i++) s += std::to_string(a.shape(i)) + (a.ndim() == 1 || i + 1 < a.ndim() ? "," : "");
+    return s + ")";
+}
+
 py::array view(py::object owner, float* ptr, const std::vector<int64_t>& shape) {
     std::vector<py::ssize_t> sh(shape.begin(), shape.end());
     return py::array_t<float>(sh, ptr, owner);  // no copy: a view kept alive by its owner
 }
 
-size_t flat_size(const PyModel& pm) { return pm.m.layout.total; }
+using FlatArray = py::array_t<float, py::array::c_style>;
 
-void check_flat(const py::array_t<float, py::array::c_style>& a, const PyModel& pm, const char* what) {
-    if (a.ndim() != 1 || (size_t)a.shape(0) != flat_size(pm))
+// A flat buffer of the layout's size (parameters, gradients or optimizer state).
+void check_flat(const FlatArray& a, const ParamLayout& layout, const char* what) {
+    if (a.ndim() != 1 || (size_t)a.shape(0) != layout.total)
         throw py::value_error(std::string(what) + " must be a flat float32 array of size " +
-                              std::to_string(flat_size(pm)));
+                              std::to_string(layout.total) + ", got shape " + shape_str(a));
 }
 
 FloatArray empty(std::vector<py::ssize_t> shape) { return FloatArray(shape); }
@@ -92,19 +99,26 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("ff_dim", &Config::ff_dim)
         .def_readwrite("dropout", &Config::dropout)
         .def_readwrite("learned_pos", &Config::learned_pos)
-        .def_readwrite("bf16", &Config::bf16)
-        .def("validate", [](const Config& c) { validate_config(c); });
+        .def_readwrite("bf16", &Config::bf16);
+
+    // The parameter layout of a config, without allocating: the one source of names, shapes and offsets.
+    py::class_<ParamLayout>(mod, "ParamLayout")
+        .def(py::init<const Config&>(), py::arg("config"))
+        .def_readonly("total", &ParamLayout::total, "floats in the flat buffer (tensors padded to 16 floats)")
+        .def_property_readonly(
+            "tensors",
+            [](const ParamLayout& l) {
+                py::list out;
+                for (auto& t : l.tensors) out.append(py::make_tuple(t.name, t.shape, t.offset, t.size, t.decay));
+                return out;
+            },
+            "[(name, shape, offset, size, decay)] in buffer order");
+    mod.def("activation_floats", &activation_floats, py::arg("config"), py::arg("B"), py::arg("T"),
+            "floats of the activation arena of a [B, T] training step");
 
     py::class_<PyModel>(mod, "Model")
         .def(py::init<const Config&, uint64_t>(), py::arg("config"), py::arg("seed"))
-        .def_property_readonly("flat_size", [](const PyModel& pm) { return flat_size(pm); })
-        .def("tensor_info",
-             [](const PyModel& pm) {
-                 py::list out;
-                 for (auto& t : pm.m.layout.tensors)
-                     out.append(py::make_tuple(t.name, t.shape, t.offset, t.size, t.decay));
-                 return out;
-             })
+        .def_property_readonly("layout", [](const PyModel& pm) { return pm.m.layout; })
         .def("param_views",
              [](py::object self) {
                  PyModel& pm = self.cast<PyModel&>();
@@ -122,12 +136,12 @@ PYBIND11_MODULE(_core, mod) {
         .def("flat_params",
              [](py::object self) {
                  PyModel& pm = self.cast<PyModel&>();
-                 return view(self, pm.m.params.get(), {(int64_t)flat_size(pm)});
+                 return view(self, pm.m.params.get(), {(int64_t)pm.m.layout.total});
              })
         .def("flat_grads",
              [](py::object self) {
                  PyModel& pm = self.cast<PyModel&>();
-                 return view(self, pm.m.grads.get(), {(int64_t)flat_size(pm)});
+                 return view(self, pm.m.grads.get(), {(int64_t)pm.m.layout.total});
              })
         .def("position_table",
              [](PyModel& pm) {
@@ -246,40 +260,58 @@ PYBIND11_MODULE(_core, mod) {
             py::arg("seed"), py::arg("return_logits") = false);
 
     // ---- optimizer -----------------------------------------------------------------------------
+    // ---- optimizer: kernels over flat buffers laid out by a ParamLayout -------------------------
     mod.def(
         "adamw_step",
-        [](PyModel& pm, py::array_t<float, py::array::c_style> m, py::array_t<float, py::array::c_style> v, float lr,
+        [](const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray m, FlatArray v, float lr,
            double beta1, double beta2, float eps, float weight_decay, int64_t step) {
-            check_flat(m, pm, "exp_avg");
-            check_flat(v, pm, "exp_avg_sq");
+            check_flat(params, layout, "params");
+            check_flat(grads, layout, "grads");
+            check_flat(m, layout, "exp_avg");
+            check_flat(v, layout, "exp_avg_sq");
             require(step >= 1, "step must be >= 1");
-            float* mp = m.mutable_data();
-            float* vp = v.mutable_data();
+            float *pp = params.mutable_data(), *mp = m.mutable_data(), *vp = v.mutable_data();
+            const float* gp = grads.data();
             py::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> lock(pm.mu);
-            adamw_step(pm.m.params.get(), pm.m.grads.get(), mp, vp, pm.m.layout, lr, beta1, beta2, eps, weight_decay,
-                       step);
-        });
-    mod.def("sgd_step", [](PyModel& pm, py::array_t<float, py::array::c_style> buf, float lr, float momentum,
-                           float weight_decay, bool nesterov, bool first_step) {
-        check_flat(buf, pm, "momentum buffer");
-        float* b = buf.mutable_data();
-        py::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> lock(pm.mu);
-        sgd_step(pm.m.params.get(), pm.m.grads.get(), b, pm.m.layout, lr, momentum, weight_decay, nesterov, first_step);
-    });
-    mod.def("grad_norm", [](PyModel& pm) {
-        py::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> lock(pm.mu);
-        return grad_norm(pm.m.grads.get(), pm.m.layout.total);
-    });
-    mod.def("scale_grads", [](PyModel& pm, float s) {
-        py::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> lock(pm.mu);
-        scale_inplace(pm.m.grads.get(), pm.m.layout.total, s);
-    });
+            adamw_step(pp, gp, mp, vp, layout, lr, beta1, beta2, eps, weight_decay, step);
+        },
+        py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
+    mod.def(
+        "sgd_step",
+        [](const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray buf, float lr,
+           float momentum, float weight_decay, bool nesterov, bool first_step) {
+            check_flat(params, layout, "params");
+            check_flat(grads, layout, "grads");
+            check_flat(buf, layout, "momentum buffer");
+            float *pp = params.mutable_data(), *bp = buf.mutable_data();
+            const float* gp = grads.data();
+            py::gil_scoped_release nogil;
+            sgd_step(pp, gp, bp, layout, lr, momentum, weight_decay, nesterov, first_step);
+        },
+        py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("momentum_buffer"), py::arg("lr"),
+        py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"));
+    mod.def(
+        "grad_norm",
+        [](const FlatArray& g) {
+            require(g.ndim() == 1, "grads must be a flat float32 array");
+            const float* p = g.data();
+            const size_t n = (size_t)g.size();
+            py::gil_scoped_release nogil;
+            return grad_norm(p, n);
+        },
+        py::arg("grads"), "global L2 norm (accumulated in double)");
+    mod.def(
+        "scale_",
+        [](FlatArray x, float s) {
+            require(x.ndim() == 1, "x must be a flat float32 array");
+            float* p = x.mutable_data();
+            const size_t n = (size_t)x.size();
+            py::gil_scoped_release nogil;
+            scale_inplace(p, n, s);
+        },
+        py::arg("x"), py::arg("s"), "x *= s in place");
     mod.def("get_num_threads", &get_num_threads);
-    mod.def("bf16_native", &bf16_native, "True when built with AVX-512 BF16 dot products");
     mod.def("set_num_threads", [](int n) {
         require(n >= 1, "number of threads must be >= 1, got " + std::to_string(n));
         set_num_threads(n);

@@ -80,6 +80,8 @@ struct Activations {
     float *dres, *dln, *dqkv, *datty, *dfch;
     void allocate(const Config& c, int B, int T);
 };
+// Floats of the arena for a (B, T) step (what allocate reserves), without allocating.
+size_t activation_floats(const Config& c, int B, int T);
 
 // ---- vectorisable transcendental functions ------------------------------------------------------
 // Plain arithmetic (no libm call), so `omp simd` loops over them become AVX-512/AVX2 code.

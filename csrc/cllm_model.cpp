@@ -49,6 +49,8 @@ FloatBuffer alloc_floats(size_t n) {
     return FloatBuffer(p);
 }
 
+static size_t pad16(size_t n) { return (n + 15) / 16 * 16; }  // every tensor/slice 64-byte aligned
+
 ParamLayout::ParamLayout(const Config& c) {
     validate_config(c);
     const int64_t V = c.vocab_size, T = c.max_seq_len, C = c.embedding_dim, F = c.ff_dim;
@@ -56,7 +58,7 @@ ParamLayout::ParamLayout(const Config& c) {
         size_t n = 1;
         for (auto s : shape) n *= (size_t)s;
         tensors.push_back({name, shape, total, n, shape.size() == 2});
-        total += (n + 15) / 16 * 16;  // keep every tensor 64-byte aligned
+        total += pad16(n);
     };
     add("wte", {V, C});
     if (c.learned_pos) add("wpe", {T, C});
@@ -98,47 +100,58 @@ ModelTensors ParamLayout::bind(float* base) const {
     return m;
 }
 
+// The arena's plan: every activation slice with its size in floats, in arena order.
+static std::vector<std::pair<float**, size_t>> arena_plan(Activations& a, const Config& c, int B, int T) {
+    const size_t BT = (size_t)B * T, C = c.embedding_dim, F = c.ff_dim, V = c.vocab_size, H = c.num_heads;
+    std::vector<std::pair<float**, size_t>> plan;
+    a.layers.assign(c.num_layers, LayerActs{});
+    plan.push_back({&a.encoded, BT * C});
+    for (auto& l : a.layers) {
+        plan.push_back({&l.ln1_mean, BT});
+        plan.push_back({&l.ln1_rstd, BT});
+        plan.push_back({&l.qkv, BT * 3 * C});
+        plan.push_back({&l.atty, BT * C});
+        plan.push_back({&l.att_lse, BT * H});
+        plan.push_back({&l.res2, BT * C});
+        plan.push_back({&l.ln2_mean, BT});
+        plan.push_back({&l.ln2_rstd, BT});
+        plan.push_back({&l.fch, BT * F});
+        plan.push_back({&l.res3, BT * C});
+    }
+    plan.push_back({&a.ln_out, BT * C});
+    plan.push_back({&a.gelu_out, BT * F});
+    plan.push_back({&a.lnf, BT * C});
+    plan.push_back({&a.lnf_mean, BT});
+    plan.push_back({&a.lnf_rstd, BT});
+    plan.push_back({&a.logits, BT * V});
+    plan.push_back({&a.losses, BT});
+    plan.push_back({&a.dres, BT * C});
+    plan.push_back({&a.dln, BT * C});
+    plan.push_back({&a.dqkv, BT * 3 * C});
+    plan.push_back({&a.datty, BT * C});
+    plan.push_back({&a.dfch, BT * F});
+    return plan;
+}
+
+size_t activation_floats(const Config& c, int B, int T) {
+    Activations a;
+    size_t total = 0;
+    for (auto& s : arena_plan(a, c, B, T)) total += pad16(s.second);
+    return total;
+}
+
 void Activations::allocate(const Config& c, int B_, int T_) {
     B = B_;
     T = T_;
-    const size_t BT = (size_t)B * T, C = c.embedding_dim, F = c.ff_dim, V = c.vocab_size, H = c.num_heads;
-    const size_t L = c.num_layers;
-    // [pointer, floats] plan, each slice rounded to 16 floats for alignment
-    std::vector<std::pair<float**, size_t>> plan;
-    layers.assign(L, LayerActs{});
-    plan.push_back({&encoded, BT * C});
-    for (auto& a : layers) {
-        plan.push_back({&a.ln1_mean, BT});
-        plan.push_back({&a.ln1_rstd, BT});
-        plan.push_back({&a.qkv, BT * 3 * C});
-        plan.push_back({&a.atty, BT * C});
-        plan.push_back({&a.att_lse, BT * H});
-        plan.push_back({&a.res2, BT * C});
-        plan.push_back({&a.ln2_mean, BT});
-        plan.push_back({&a.ln2_rstd, BT});
-        plan.push_back({&a.fch, BT * F});
-        plan.push_back({&a.res3, BT * C});
-    }
-    plan.push_back({&ln_out, BT * C});
-    plan.push_back({&gelu_out, BT * F});
-    plan.push_back({&lnf, BT * C});
-    plan.push_back({&lnf_mean, BT});
-    plan.push_back({&lnf_rstd, BT});
-    plan.push_back({&logits, BT * V});
-    plan.push_back({&losses, BT});
-    plan.push_back({&dres, BT * C});
-    plan.push_back({&dln, BT * C});
-    plan.push_back({&dqkv, BT * 3 * C});
-    plan.push_back({&datty, BT * C});
-    plan.push_back({&dfch, BT * F});
+    auto plan = arena_plan(*this, c, B, T);
     size_t total = 0;
-    for (auto& s : plan) total += (s.second + 15) / 16 * 16;
+    for (auto& s : plan) total += pad16(s.second);
     arena = alloc_floats(total);
     arena_floats = total;
     float* cur = arena.get();
     for (auto& s : plan) {
         *s.first = cur;
-        cur += (s.second + 15) / 16 * 16;
+        cur += pad16(s.second);
     }
 }
 

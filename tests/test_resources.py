@@ -200,7 +200,7 @@ def test_estimates_match_the_core():
                     pos_encoding="sinusoidal")):
         c = cllm.ModelConfig(**kw)
         m = cllm.Model(c)
-        assert m._core.flat_size == parameter_count(c)
+        assert m.layout.total == parameter_count(c)
         assert m.num_parameters == parameter_count(c, padded=False)
         for B, T in ((1, 1), (3, 5), (2, c.max_seq_len)):
             m.loss(np.zeros((B, T), int), np.zeros((B, T), int))

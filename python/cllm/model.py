@@ -118,44 +118,40 @@ def check_memory(nbytes: int, what: str) -> None:
                                       f"available")
 
 
-def _pad16(n: int) -> int:
-    return (n + 15) // 16 * 16
+def core_config(config: ModelConfig, precision: str = "fp32") -> "_core.Config":
+    """The core's Config for a ModelConfig (the core validates it again)."""
+    c = _core.Config()
+    c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
+    c.embedding_dim, c.num_layers = config.embedding_dim, config.num_layers
+    c.num_heads, c.ff_dim = config.num_heads, config.ff_dim
+    c.dropout, c.learned_pos = float(config.dropout), config.pos_encoding == "learned"
+    c.bf16 = precision == "bf16"
+    return c
+
+
+def parameter_layout(config: ModelConfig) -> list:
+    """The core's parameter layout of a model of this config (no allocation): one dict per tensor with
+    name, shape, offset and size (in floats) and decay (whether weight decay applies), in buffer order."""
+    return [dict(name=n, shape=tuple(s), offset=o, size=z, decay=d)
+            for n, s, o, z, d in _core.ParamLayout(core_config(config)).tensors]
 
 
 def parameter_shapes(config: ModelConfig) -> dict:
     """name -> shape of every parameter of a model of this config, in the core's order (no allocation)."""
-    V, T, C, F = config.vocab_size, config.max_seq_len, config.embedding_dim, config.ff_dim
-    shapes = {"wte": (V, C)}
-    if config.pos_encoding == "learned":
-        shapes["wpe"] = (T, C)
-    for i in range(config.num_layers):
-        h = f"h.{i}."
-        shapes.update({h + "ln_1.weight": (C,), h + "ln_1.bias": (C,), h + "attn.c_attn.weight": (C, 3 * C),
-                       h + "attn.c_attn.bias": (3 * C,), h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-                       h + "ln_2.weight": (C,), h + "ln_2.bias": (C,), h + "mlp.c_fc.weight": (C, F),
-                       h + "mlp.c_fc.bias": (F,), h + "mlp.c_proj.weight": (F, C), h + "mlp.c_proj.bias": (C,)})
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
+    return {t["name"]: t["shape"] for t in parameter_layout(config)}
 
 
 def parameter_count(config: ModelConfig, padded: bool = True) -> int:
     """Floats in the parameter buffer of a model of this config (each tensor padded to 16 floats, as the core
     lays them out; padded=False gives the number of parameters)."""
-    V, T, C, F, L = (config.vocab_size, config.max_seq_len, config.embedding_dim, config.ff_dim,
-                     config.num_layers)
-    pad = _pad16 if padded else (lambda n: n)
-    layer = sum(pad(n) for n in (C, C, C * 3 * C, 3 * C, C * C, C, C, C, C * F, F, F * C, C))
-    return pad(V * C) + (pad(T * C) if config.pos_encoding == "learned" else 0) + L * layer + 2 * pad(C)
+    if padded:
+        return _core.ParamLayout(core_config(config)).total
+    return sum(t["size"] for t in parameter_layout(config))
 
 
 def activation_count(config: ModelConfig, batch_size: int, seq_len: int) -> int:
-    """Floats in the activation arena of a training step on [batch_size, seq_len] tokens (as the core plans it)."""
-    N = batch_size * seq_len
-    C, F, V, H, L = (config.embedding_dim, config.ff_dim, config.vocab_size, config.num_heads,
-                     config.num_layers)
-    layer = sum(_pad16(n) for n in (N, N, N * 3 * C, N * C, N * H, N * C, N, N, N * F, N * C))
-    rest = (N * C, N * F, N * C, N, N, N * V, N, N * C, N * C, N * 3 * C, N * C, N * F)
-    return _pad16(N * C) + L * layer + sum(_pad16(n) for n in rest)
+    """Floats in the activation arena of a training step on [batch_size, seq_len] tokens (the core's plan)."""
+    return _core.activation_floats(core_config(config), batch_size, seq_len)
 
 
 def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
@@ -199,10 +195,6 @@ def _int32_tokens(arr: np.ndarray, what: str) -> np.ndarray:
             bad = lo if lo < info.min else hi
             raise ValueError(f"token id {bad} out of range in {what}")
     return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-def _as_tokens(a, what: str, max_seq_len: Optional[int] = None) -> np.ndarray:
-    return _int32_tokens(_token_array(a, what, max_seq_len), what)
 
 
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = _INT32_MAX) -> int:
@@ -258,18 +250,12 @@ class Model:
         self.seed = int(seed)
         self.precision = precision
         self._arena_shape = None  # the (B, T) the core's activation arena is sized for
-        c = _core.Config()
-        c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
-        c.embedding_dim, c.num_layers = config.embedding_dim, config.num_layers
-        c.num_heads, c.ff_dim = config.num_heads, config.ff_dim
-        c.dropout, c.learned_pos = float(config.dropout), config.pos_encoding == "learned"
-        c.bf16 = precision == "bf16"
-        self._core = _core.Model(c, int(seed))
+        self._core = _core.Model(core_config(config, precision), int(seed))
         self._params = self._core.param_views()
         self._grads = self._core.grad_views()
-        self.tensor_info = [
-            dict(name=n, shape=tuple(s), offset=o, size=z, decay=d) for n, s, o, z, d in self._core.tensor_info()
-        ]
+        self.layout = self._core.layout  # the core's ParamLayout: names, shapes, offsets, decay
+        self.tensor_info = [dict(name=n, shape=tuple(s), offset=o, size=z, decay=d)
+                            for n, s, o, z, d in self.layout.tensors]
 
     # -- buffers ------------------------------------------------------------------------------
     def parameters(self) -> dict:

@@ -34,15 +34,16 @@ class AdamW:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
         self.model = model
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
-        n = model._core.flat_size
+        n = model.layout.total
         self.exp_avg = np.zeros(n, dtype=np.float32)
         self.exp_avg_sq = np.zeros(n, dtype=np.float32)
         self.step_count = 0
 
     def step(self) -> None:
         self.step_count += 1
-        _core.adamw_step(self.model._core, self.exp_avg, self.exp_avg_sq, self.lr, self.betas[0], self.betas[1],
-                         self.eps, self.weight_decay, self.step_count)
+        m = self.model
+        _core.adamw_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.exp_avg, self.exp_avg_sq, self.lr,
+                         self.betas[0], self.betas[1], self.eps, self.weight_decay, self.step_count)
 
     def state(self) -> dict:
         return {"step": self.step_count, "exp_avg": _views(self.model, self.exp_avg),
@@ -75,19 +76,20 @@ class SGD:
             raise ValueError("nesterov momentum requires momentum > 0")
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
-        self.momentum_buffer = np.zeros(model._core.flat_size, dtype=np.float32)
+        self.momentum_buffer = np.zeros(model.layout.total, dtype=np.float32)
         self.step_count = 0
 
     def step(self) -> None:
-        _core.sgd_step(self.model._core, self.momentum_buffer, self.lr, self.momentum, self.weight_decay,
-                       self.nesterov, self.step_count == 0)
+        m = self.model
+        _core.sgd_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.momentum_buffer, self.lr,
+                       self.momentum, self.weight_decay, self.nesterov, self.step_count == 0)
         self.step_count += 1
 
 
 def grad_norm(model: Model) -> float:
     """Global L2 norm of all gradients."""
     _check_model(model)
-    return float(_core.grad_norm(model._core))
+    return float(_core.grad_norm(model.flat_gradients()))
 
 
 def clip_grad_norm(model: Model, max_norm: float) -> float:
@@ -95,8 +97,8 @@ def clip_grad_norm(model: Model, max_norm: float) -> float:
     _check_model(model)
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    norm = float(_core.grad_norm(model._core))
+    norm = float(_core.grad_norm(model.flat_gradients()))
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
-        _core.scale_grads(model._core, coef)
+        _core.scale_(model.flat_gradients(), coef)
     return norm
