@@ -1,8 +1,9 @@
 """NumPy float64 reference model for CLLM (the test oracle).
 
-An independent, deliberately plain implementation of the model in DESIGN.md: every part is a pair
-``X_forward`` / ``X_backward`` with hand-written gradients (no autodiff), all arithmetic in float64.
-Inputs may be float32; they are upcast.
+An independent, deliberately plain implementation of the model specified in docs/design.md (section 1,
+"The model"): every part is a pair ``X_forward`` / ``X_backward`` with hand-written gradients (no autodiff),
+all arithmetic in float64. Inputs may be float32; they are upcast. The tests that use it, from this file's own
+finite-difference check up to whole-model training, are listed in docs/design.md, section 7.
 
 Conventions
 -----------
