@@ -21,8 +21,9 @@ import pytest
 
 from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
-from cllm.distributed import (DEFAULT_CHECK_INTERVAL, MPISetupError, _divergence_message, auto_communicator,
-                              launched_world_size, mpirun_command)
+from cllm.distributed import (DEFAULT_CHECK_INTERVAL, _divergence_message, auto_communicator, launched_world_size,
+                              mpirun_command)
+from cllm.errors import MPISetupError
 from cllm.trainer import SingleProcess, TrainConfig, Trainer, read_metrics
 
 JOB_TIMEOUT = 60  # seconds: no job here may take longer; a hang fails the test instead of blocking the suite

@@ -2,6 +2,7 @@
 from . import _core
 from . import kernels  # the core's kernels behind argument checks (see kernels.py)
 from .config import ModelConfig
+from .errors import CLLMError, InsufficientMemoryError, MissingFileError, MPISetupError, ReplicaDivergenceError
 from .model import Model
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 
@@ -35,7 +36,8 @@ _bound_threads_from_environment()
 
 
 __all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "kernels",
-           "set_num_threads", "get_num_threads", "__version__"]
+           "set_num_threads", "get_num_threads", "CLLMError", "MissingFileError", "InsufficientMemoryError",
+           "MPISetupError", "ReplicaDivergenceError", "__version__"]
 
 from .schedule import lr_at  # noqa: E402
 from .checkpoint import Checkpoint, export_weights, load_checkpoint, save_checkpoint  # noqa: E402

@@ -31,8 +31,9 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 
 from .config import ModelConfig
-from .model import InsufficientMemoryError, Model, parameter_shapes
-from .tokenizer import MissingFileError, Tokenizer, tokenizer_from_json
+from .errors import InsufficientMemoryError, MissingFileError
+from .model import Model, parameter_shapes
+from .tokenizer import Tokenizer, tokenizer_from_json
 
 FORMAT = "cllm-checkpoint"
 FORMAT_VERSION = "1"
@@ -231,7 +232,7 @@ def _state_int(path: Path, state: dict, key: str, what: str) -> int:
 def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpoint:
     """Read a checkpoint written by save_checkpoint.
 
-    Raises FileNotFoundError (also a ValueError) if the file is missing, and ValueError naming the file if it
+    Raises MissingFileError (a FileNotFoundError) if the file is missing, and ValueError naming the file if it
     is truncated, corrupt, not a CLLM checkpoint, of another format version, missing tensors or holding tensors
     of the wrong shape for its config, or (unless allow_nonfinite=True) holding NaN/Inf weights."""
     from safetensors import SafetensorError, safe_open

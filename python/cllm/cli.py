@@ -6,7 +6,7 @@
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
 
-User errors (a bad file, a bad value) print one line to stderr and exit with status 2.
+User errors (a bad file, a bad value: USER_ERRORS) print one line to stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .errors import CLLMError
+
 # name -> (help, add_arguments(parser), run(args) -> exit status). Other modules may add commands with
 # register_command (the kernel benchmarks add "bench" this way).
 COMMANDS: Dict[str, tuple] = {}
@@ -23,10 +25,6 @@ COMMANDS: Dict[str, tuple] = {}
 
 def register_command(name: str, help: str, add_arguments: Callable, run: Callable) -> None:
     COMMANDS[name] = (help, add_arguments, run)
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,10 +93,10 @@ def _run_train(args) -> int:
         out_dir = settings.get("out_dir", TrainConfig.out_dir)
         last = Path(out_dir) / "last.safetensors"
         if not last.is_file():
-            raise UserError(f"cannot resume: {last} does not exist (train without --resume first)")
+            raise CLLMError(f"cannot resume: {last} does not exist (train without --resume first)")
         saved = read_metadata(last).get("trainer_state", {}).get("train_config", {})
         if not isinstance(saved, dict):
-            raise UserError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
+            raise CLLMError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
         saved = {k: v for k, v in saved.items() if k in fields}
         settings = {**saved, **settings}
     config = TrainConfig.from_dict(settings, source=source)
@@ -137,10 +135,10 @@ def _run_sample(args) -> int:
         candidates = [path / "best.safetensors", path / "last.safetensors"]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise UserError(f"{path}: no best.safetensors or last.safetensors in this directory")
+            raise CLLMError(f"{path}: no best.safetensors or last.safetensors in this directory")
         path = found[0]
     if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
+        raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
     if args.threads:
         set_num_threads(args.threads)
     ckpt = load_checkpoint(path)
@@ -202,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a user can fix: a CLLMError (a bad file, a machine too small), a bad argument value or type, a file
+# that cannot be read or written
+USER_ERRORS = (CLLMError, ValueError, TypeError, OSError)
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror}"
@@ -218,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = COMMANDS[args.command][2]
     try:
         return int(run(args) or 0)
-    except (UserError, ValueError, OSError) as e:  # MissingFileError is both an OSError and a ValueError
+    except USER_ERRORS as e:
         print(f"cllm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

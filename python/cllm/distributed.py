@@ -33,8 +33,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MPICommunicator", "ReplicaDivergenceError", "MPISetupError", "auto_communicator", "abort_on_error",
-           "launched_world_size", "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
+from .errors import CLLMError, MPISetupError, ReplicaDivergenceError
+
+__all__ = ["MPICommunicator", "auto_communicator", "abort_on_error", "launched_world_size", "mpirun_command",
+           "DEFAULT_CHECK_INTERVAL"]
 
 #: steps between two comparisons of the replicas' parameters (also compared at the end of training)
 DEFAULT_CHECK_INTERVAL = 100
@@ -50,17 +52,8 @@ _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LO
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 
-class ReplicaDivergenceError(RuntimeError):
-    """The ranks' copies of the model are no longer equal (raised on every rank alike)."""
-
-
-class MPISetupError(RuntimeError, ValueError):
-    """MPI cannot be used as launched (mpi4py missing, or linked against another MPI than the launcher's).
-    A ValueError too, so that the command line reports it as one line."""
-
-
 # errors whose message says it all: no traceback when they end a job
-_SELF_EXPLAINING = (ValueError, OSError, ReplicaDivergenceError, KeyboardInterrupt)
+_SELF_EXPLAINING = (CLLMError, ValueError, OSError, KeyboardInterrupt)
 
 
 def launched_world_size() -> int:

@@ -31,28 +31,20 @@ from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 
+from .errors import MissingFileError
+
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
     "BPETokenizer",
     "tokenizer_from_json",
     "load_tokenizer",
-    "MissingFileError",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _MIN_BPE_VOCAB = 257
-
-
-class MissingFileError(FileNotFoundError, ValueError):
-    """A required input file does not exist.
-
-    It is both a :class:`FileNotFoundError` and a :class:`ValueError`, so code
-    that handles either (for example a command-line front end that reports
-    every ``ValueError`` as a user error) sees it.
-    """
 
 
 def _utf8(text: str) -> bytes:

@@ -36,7 +36,8 @@ with atheris.instrument_imports(include=["cllm"]):
     from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from cllm.data import load_tokens, write_tokens
     from cllm.model import InsufficientMemoryError
-    from cllm.tokenizer import BPETokenizer, ByteTokenizer, MissingFileError, load_tokenizer
+    from cllm.errors import MissingFileError
+    from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
     from cllm.trainer import TrainConfig
 
 CLEAN = (ValueError, TypeError, FileNotFoundError, MissingFileError, MemoryError, InsufficientMemoryError)
