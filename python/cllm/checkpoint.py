@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -32,6 +31,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InsufficientMemoryError, MissingFileError
+from .files import atomic_write
 from .model import Model, parameter_shapes
 from .tokenizer import Tokenizer, tokenizer_from_json
 
@@ -62,19 +62,6 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_payload(f, data: bytes) -> None:
     """Write `data` to the open temporary file (a separate function so tests can simulate a crash here)."""
     view = memoryview(data)
@@ -84,27 +71,8 @@ def _write_payload(f, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise MissingFileError(2, "checkpoint directory does not exist", str(directory))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_payload(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # e.g. ENOSPC: name the file
-            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror}", str(path)) from e
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, lambda f: _write_payload(f, data), what="checkpoint",
+                 missing_dir="checkpoint directory does not exist")
 
 
 def _check_finite(arrays: Dict[str, np.ndarray], what: str, path) -> None:
