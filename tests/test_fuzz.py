@@ -39,7 +39,7 @@ from cllm.data import HEADER_SIZE, MAGIC, load_tokens, write_tokens
 from cllm.errors import MissingFileError
 from cllm.model import InsufficientMemoryError
 from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, tokenizer_from_json
-from cllm.trainer import TrainConfig
+from cllm.train_config import TrainConfig
 
 LONG = int(os.environ.get("CLLM_FUZZ_EXAMPLES", "0") or 0)
 

@@ -41,7 +41,9 @@ __all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm"
 
 from .schedule import lr_at  # noqa: E402
 from .checkpoint import Checkpoint, export_weights, load_checkpoint, save_checkpoint  # noqa: E402
-from .trainer import SingleProcess, TrainConfig, Trainer, sample_text  # noqa: E402
+from .distributed import SingleProcess  # noqa: E402
+from .train_config import TrainConfig  # noqa: E402
+from .trainer import Trainer, sample_text  # noqa: E402
 
 __all__ += ["lr_at", "Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights", "TrainConfig", "Trainer",
             "SingleProcess", "sample_text"]

@@ -48,7 +48,7 @@ def _opt(convert, what):
 # train
 # ----------------------------------------------------------------------------------------------------
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML or JSON file (flags override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -80,12 +80,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args) -> int:
     from .checkpoint import read_metadata
-    from .trainer import TrainConfig, Trainer, read_config_file
+    from .train_config import TrainConfig, read_config_file
+    from .trainer import Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
     from_file = read_config_file(args.config) if args.config else {}
-    from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
     settings = {**from_file, **flags}
     source = args.config or "command line"
     if settings.get("resume"):
