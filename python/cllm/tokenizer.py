@@ -366,7 +366,8 @@ def _check_hf_tokenizer(tok) -> None:
         raise ValueError("BPE tokenizer is not lossless: decoding its encoding does not give the text back")
 
 
-_LOSSLESS_PROBE = ("".join(chr(i) for i in range(1, 256)) + " def f(x):\n    return x * 2  # note\n\n\tclass A: pass\r\n"
+_LOSSLESS_PROBE = ("".join(chr(i) for i in range(1, 256))
+                   + " def f(x):\n    return x * 2  # note\n\n\tclass A: pass\r\n"
                    "  héllo wörld ✓ 日本語 🙂 \u200b x")
 
 
