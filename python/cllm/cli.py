@@ -1,4 +1,4 @@
-"""The `cllm` command line: train, sample, prepare (and room for more, e.g. bench).
+"""The `cllm` command line: train, sample, prepare, bench.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .errors import CLLMError
+from .errors import USER_ERRORS, CLLMError
 
-# name -> (help, add_arguments(parser), run(args) -> exit status). Other modules may add commands with
-# register_command (the kernel benchmarks add "bench" this way).
+# name -> (help, add_arguments(parser), run(args) -> exit status), in the order `cllm --help` lists them
 COMMANDS: Dict[str, tuple] = {}
 
 
@@ -198,11 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         add_arguments(p)
     return parser
-
-
-# what a user can fix: a CLLMError (a bad file, a machine too small), a bad argument value or type, a file
-# that cannot be read or written
-USER_ERRORS = (CLLMError, ValueError, TypeError, OSError)
 
 
 def _one_line(e: BaseException) -> str:

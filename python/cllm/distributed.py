@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import CLLMError, MPISetupError, ReplicaDivergenceError
+from .errors import USER_ERRORS, MPISetupError, ReplicaDivergenceError
 
 __all__ = ["SingleProcess", "MPICommunicator", "auto_communicator", "abort_on_error", "launched_world_size",
            "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
@@ -54,7 +54,7 @@ _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_R
 
 
 # errors whose message says it all: no traceback when they end a job
-_SELF_EXPLAINING = (CLLMError, ValueError, OSError, KeyboardInterrupt)
+_SELF_EXPLAINING = USER_ERRORS + (KeyboardInterrupt,)
 
 
 def launched_world_size() -> int:

@@ -123,20 +123,6 @@ class Trainer:
         self._metrics: Optional[MetricsLog] = None
 
     # -- setup --------------------------------------------------------------------------------
-    def _data_dir(self) -> Path:
-        """The directory holding train.bin, val.bin and tokenizer.json: config.data if it is one, else
-        out_dir/data, where rank 0 prepares config.data (or the stdlib) unless it already did."""
-        c = self.config
-        if c.data is not None and len(c.data) == 1 and is_prepared_data(Path(c.data[0])):
-            return Path(c.data[0])
-        data_dir = self.out_dir / "data"
-        if self.main:
-            tokenizer = "byte" if c.tokenizer == "byte" else f"bpe:{c.bpe_vocab_size}"
-            prepare_data_once(data_dir, c.data, tokenizer, val_fraction=c.val_fraction, seed=PREPARED_DATA_SEED,
-                              max_bytes=c.max_data_bytes, say=self.console.say)
-        self.comm.barrier()
-        return data_dir
-
     def _setup(self) -> None:
         c = self.config
         if c.threads:
@@ -187,6 +173,20 @@ class Trainer:
                 self.console.say(f"starting a fresh run in {self.out_dir} (resume=True would continue the old one)")
             for old in (self.best_path, self.metrics_path):  # a fresh run must not mix with an old one
                 old.unlink(missing_ok=True)
+
+    def _data_dir(self) -> Path:
+        """The directory holding train.bin, val.bin and tokenizer.json: config.data if it is one, else
+        out_dir/data, where rank 0 prepares config.data (or the stdlib) unless it already did."""
+        c = self.config
+        if c.data is not None and len(c.data) == 1 and is_prepared_data(Path(c.data[0])):
+            return Path(c.data[0])
+        data_dir = self.out_dir / "data"
+        if self.main:
+            tokenizer = "byte" if c.tokenizer == "byte" else f"bpe:{c.bpe_vocab_size}"
+            prepare_data_once(data_dir, c.data, tokenizer, val_fraction=c.val_fraction, seed=PREPARED_DATA_SEED,
+                              max_bytes=c.max_data_bytes, say=self.console.say)
+        self.comm.barrier()
+        return data_dir
 
     def _resume(self) -> None:
         c = self.config
@@ -324,7 +324,7 @@ class Trainer:
         if self.main:
             self._metrics = MetricsLog(self.metrics_path)
         self.console.say(f"model: {self.model.num_parameters:,} parameters {self.model_config}; "
-                  f"{self.tokens_per_step:,} tokens per step")
+                         f"{self.tokens_per_step:,} tokens per step")
         s = _Session(start_step=self.step)
         try:
             with s.interrupt, self.console.progress_bar(total=self.config.max_steps, initial=self.step):
@@ -400,8 +400,8 @@ class Trainer:
             self.save(self.best_path, self._elapsed(s))
         else:
             self.evals_since_best += 1
-        self.console.say(f"step {self.step}: val loss {val:.4f}"
-                  + (" (best)" if improved else f" (best {_fmt(self.best_val_loss)} at step {self.best_step})"))
+        best = "best" if improved else f"best {_fmt(self.best_val_loss)} at step {self.best_step}"
+        self.console.say(f"step {self.step}: val loss {val:.4f} ({best})")
         if c.patience is not None and self.evals_since_best >= c.patience:
             self.console.say(f"early stopping: no improvement in {c.patience} evaluations")
             s.stop_reason = "early_stop"
@@ -444,7 +444,7 @@ class Trainer:
         summary = self._summary(s, session_time, final_val)
         if self.main:
             self.console.say(f"stopped ({s.stop_reason}) at step {self.step} after {session_time:.1f} s: "
-                      f"val loss {_fmt(final_val)}, best {_fmt(self.best_val_loss)} at step {self.best_step}")
+                             f"val loss {_fmt(final_val)}, best {_fmt(self.best_val_loss)} at step {self.best_step}")
             summary["plot"] = plot_losses(self.metrics_path, self.plot_path)
             if self.config.sample_tokens > 0 and s.stop_reason != "interrupted":
                 summary["sample"] = self._final_sample()
