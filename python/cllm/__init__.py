@@ -7,32 +7,10 @@ from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 
 __version__ = "0.1.0"
 
-
-def set_num_threads(n: int) -> None:
-    """Threads used by the C++ kernels (OpenMP), 1 to cllm.model.MAX_THREADS."""
-    from .model import check_num_threads
-
-    _core.set_num_threads(check_num_threads(n))
-
-
-def get_num_threads() -> int:
-    return _core.get_num_threads()
-
-
-def _bound_threads_from_environment() -> None:
-    """OMP_NUM_THREADS far beyond the machine would crash the first parallel kernel: bound it, with a warning."""
-    from .model import MAX_THREADS
-
-    if _core.get_num_threads() > MAX_THREADS:
-        import warnings
-
-        warnings.warn(f"{_core.get_num_threads()} OpenMP threads requested (OMP_NUM_THREADS); using {MAX_THREADS}",
-                      RuntimeWarning, stacklevel=3)
-        _core.set_num_threads(MAX_THREADS)
-
+from .system import bound_threads_from_environment as _bound_threads_from_environment
+from .system import get_num_threads, set_num_threads
 
 _bound_threads_from_environment()
-
 
 __all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "kernels",
            "set_num_threads", "get_num_threads", "__version__"]
