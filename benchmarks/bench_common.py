@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the configs, their FLOP arithmetic, and how busy the machine is.
 
-Imported by bench_train.py (the driver), bench_child.py (one measurement in a fresh process) and torch_gpt2.py.
+Imported by bench_train.py (the driver), bench_child.py (one measurement in a fresh process), bench_mpi.py and
+torch_gpt2.py.
 The model sizes come from CLLM itself (cllm.model.parameter_shapes), not from a second copy of the architecture.
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _machine_busy_seconds():
+def machine_busy_seconds():
     """CPU-seconds all processes spent busy so far (Linux /proc/stat), or None elsewhere."""
     try:
         with open("/proc/stat") as f:
@@ -93,25 +94,25 @@ class LoadMeter:
     benchmark sharing its cores with other work is slower for reasons that are not its own."""
 
     def __enter__(self):
-        self.wall0, self.cpu0, self.busy0 = time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
+        self.wall0, self.cpu0, self.busy0 = time.perf_counter(), _cpu_seconds(), machine_busy_seconds()
         return self
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.wall0
         cpu = _cpu_seconds() - self.cpu0
         self.own_cores = cpu / wall if wall > 0 else 0.0
-        busy = _machine_busy_seconds()
+        busy = machine_busy_seconds()
         self.other_cores = None if busy is None or self.busy0 is None else max(0.0, (busy - self.busy0 - cpu) / wall)
         return False
 
 
 def other_load(sample_s: float = 1.0):
     """Cores kept busy by other processes over the next sample_s seconds (this process sleeps meanwhile)."""
-    b0 = _machine_busy_seconds()
+    b0 = machine_busy_seconds()
     if b0 is None:
         return None
     time.sleep(sample_s)
-    b1 = _machine_busy_seconds()
+    b1 = machine_busy_seconds()
     return max(0.0, (b1 - b0) / sample_s)
 
 
