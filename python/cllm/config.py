@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .checks import check_float, check_int
+from .checks import INT32_MAX, check_float, check_int
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 
@@ -13,7 +13,7 @@ POS_ENCODINGS = ("learned", "sinusoidal")
 class ModelConfig:
     """Shape of a GPT-2-style model: vocabulary, context length, width, depth, heads, feed-forward width, dropout
     probability and position encoding ("learned": a trained wpe table, "sinusoidal": a fixed one). Checked on
-    construction (ints stored as Python ints, dropout as a float)."""
+    construction, sizes within the core's 32-bit ints (ints stored as Python ints, dropout as a float)."""
 
     vocab_size: int = 256
     max_seq_len: int = 128
@@ -26,7 +26,12 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "ff_dim"):
-            object.__setattr__(self, name, check_int(name, getattr(self, name), lo=1))
+            value = check_int(name, getattr(self, name), lo=1)
+            if value > INT32_MAX:  # the core's sizes are 32-bit ints
+                raise ValueError(f"{name} {value:,} is too large (at most {INT32_MAX:,})")
+            object.__setattr__(self, name, value)
+        if 3 * self.embedding_dim > INT32_MAX:  # the width of the qkv projection
+            raise ValueError(f"embedding_dim {self.embedding_dim:,} is too large (at most {INT32_MAX // 3:,})")
         if self.embedding_dim % self.num_heads != 0:
             raise ValueError(
                 f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}")

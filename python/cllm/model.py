@@ -83,11 +83,6 @@ class Model:
         seed = check_int("seed", seed, 0, UINT64_MAX)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name in ("vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "ff_dim"):
-            if getattr(config, name) > INT32_MAX:
-                raise ValueError(f"{name} {getattr(config, name):,} is too large (at most {INT32_MAX:,})")
-        if 3 * config.embedding_dim > INT32_MAX:  # the qkv rows
-            raise ValueError(f"embedding_dim {config.embedding_dim:,} is too large (at most {INT32_MAX // 3:,})")
         # parameters + gradients, before the core allocates (and zero-fills) them
         check_memory(8 * parameter_count(config), f"a model of {parameter_count(config, padded=False):,} "
                                                   f"parameters (weights and gradients)")
