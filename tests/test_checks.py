@@ -1,4 +1,5 @@
 """The shared boundary helpers: argument checks (cllm.checks) and atomic writes (cllm.fileio)."""
+import errno
 import os
 
 import numpy as np
@@ -70,3 +71,12 @@ def test_atomic_writes(tmp_path):
     assert p.read_bytes() == b"abcd" and sorted(os.listdir(tmp_path)) == ["t.json"]  # old file, no temp left
     with pytest.raises(MissingFileError, match="nodir"):
         write_bytes_atomic(tmp_path / "nodir" / "x.bin", b"")
+
+    def full_disk():
+        yield b"partial"
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as e:
+        write_bytes_atomic(p, full_disk())
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(p) and "No space left" in str(e.value)
+    assert p.read_bytes() == b"abcd" and sorted(os.listdir(tmp_path)) == ["t.json"]
