@@ -19,7 +19,7 @@ from .checks import check_int
 from .errors import InsufficientMemoryError
 
 __all__ = ["MAX_THREADS", "check_num_threads", "set_num_threads", "get_num_threads",
-           "bound_threads_from_environment", "available_memory", "check_memory", "InsufficientMemoryError"]
+           "bound_threads_from_environment", "available_memory", "format_bytes", "check_memory", "InsufficientMemoryError"]
 
 # ----------------------------------------------------------------------------------------------------
 # threads
