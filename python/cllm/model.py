@@ -10,9 +10,11 @@ import numpy as np
 from . import _core
 from .checks import INT32_MAX, UINT64_MAX, as_int32_tokens, check_float, check_int, token_array
 from .config import ModelConfig
-from .errors import InsufficientMemoryError  # noqa: F401  (re-exported until trainer/checkpoint import from system)
-from .system import MAX_THREADS, check_num_threads  # noqa: F401  (re-exported until trainer/checkpoint import from system)
 from .system import check_memory
+
+# re-exported until trainer/checkpoint import from system
+from .errors import InsufficientMemoryError  # noqa: E402,F401,I001
+from .system import MAX_THREADS, check_num_threads  # noqa: E402,F401,I001
 
 # "bf16": matmul inputs rounded to bfloat16 with fp32 accumulation (AVX-512 BF16 where available);
 # parameters, gradients and optimizer state stay fp32.

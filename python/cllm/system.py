@@ -18,8 +18,8 @@ from . import _core
 from .checks import check_int
 from .errors import InsufficientMemoryError
 
-__all__ = ["MAX_THREADS", "check_num_threads", "set_num_threads", "get_num_threads",
-           "bound_threads_from_environment", "available_memory", "format_bytes", "check_memory", "InsufficientMemoryError"]
+__all__ = ["MAX_THREADS", "check_num_threads", "set_num_threads", "get_num_threads", "bound_threads_from_environment",
+           "available_memory", "format_bytes", "check_memory", "InsufficientMemoryError"]
 
 # ----------------------------------------------------------------------------------------------------
 # threads
