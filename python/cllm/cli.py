@@ -1,4 +1,4 @@
-"""The `cllm` command line: train, sample, prepare, bench.
+"""The `cllm` command line: train, sample, prepare.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
@@ -179,10 +179,6 @@ register_command("train", "train a model (every setting has a default)", _train_
 register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
-
-from . import bench as _bench  # noqa: E402  (stdlib-only at import; torch only inside the benchmark children)
-
-register_command("bench", _bench.HELP, _bench.add_arguments, _bench.run)
 
 
 # ----------------------------------------------------------------------------------------------------
