@@ -3,9 +3,9 @@
 // A packed, cache-blocked GEMM in the classic (Goto/BLIS) structure: op(B) is packed into KC x NR column
 // panels, op(A) into MR x KC row slivers, and an MR x NR register-tile micro-kernel does the FMAs. Each A
 // sliver (broadcast operand, 12 KB) stays in L1 while it runs across NCS columns of packed B (vector operand,
-// in L2): the BLIS loop order, mirrored for row-major C (measured 3-8 % faster than B panels outer). The
-// micro-kernel uses GCC vector types sized to the widest unit the build targets (AVX-512: 16 floats,
-// otherwise 8), so -march picks AVX-512 or AVX2 code at build time with one source.
+// in L2): the BLIS loop order, mirrored for row-major C. The micro-kernel uses GCC vector types sized to the
+// widest unit the build targets (AVX-512: 16 floats, otherwise 8), so -march picks AVX-512 or AVX2 code at
+// build time with one source.
 // Each C tile belongs to one thread and is summed over K in a fixed order: results do not depend on the
 // thread count.
 #include <algorithm>
@@ -80,7 +80,7 @@ inline void prefetch_tile(float* C, int ldc, int m) {
 struct KernelF32 {
     using T = float;
     static constexpr int KSTEP = 1;  // k values per packed step
-    static constexpr int KC = 384;   // depth of a packed block: 192, 256, 384 measured, 384 fastest here
+    static constexpr int KC = 384;   // depth of a packed block
     static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n,
                     bool add, const float* bias) {
         vf c0[MR], c1[MR];
@@ -116,7 +116,7 @@ inline uint32_t to_bf16(float x) {
 struct KernelBF16 {
     using T = uint16_t;
     static constexpr int KSTEP = 2;
-    static constexpr int KC = 768;  // same bytes per packed panel as fp32's 384 (measured faster than 384)
+    static constexpr int KC = 768;  // same bytes per packed panel as fp32's 384
     static void run(int kc, const uint16_t* __restrict Ap, const uint16_t* __restrict Bp, float* C, int ldc, int m,
                     int n, bool add, const float* bias) {
         __m512 c0[MR], c1[MR];
@@ -354,8 +354,7 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
     // op(B) is packed for a chunk of K (KC-deep blocks of NR-wide panels); then each thread task (an MC x NCB
     // tile of C) runs over the chunk's K blocks. A large C (the LM head's logits) takes all of K in one chunk
     // where it fits, so its tiles are read and written once while they sit in L2, not once per K block from
-    // memory. A small C stays cached anyway; there one K block at a time keeps the packed B in L2, which
-    // measures faster (weight-gradient products, 2 threads).
+    // memory. A small C stays cached anyway; there one K block at a time keeps the packed B in L2.
     const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
     const int mblocks = (M + MC - 1) / MC;
     // C[i:i+m, j:j+n] (+)= the packed sliver times the packed panel over the K block at k0
@@ -504,7 +503,7 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
     if (dbias && N > 0 && OC > 0) {  // (no rows: dbias gets nothing; no columns: nothing to touch)
         // Rows in fixed chunks (whatever the thread count), each summed in order into its own partial row with
         // contiguous full-width reads; the partials then summed in chunk order: deterministic, and one
-        // streaming pass over dout (summing 64-column strips down all rows was 3x slower).
+        // streaming pass over dout.
         constexpr int ROWS = 128;
         const int chunks = (N + ROWS - 1) / ROWS;
         thread_local Scratch partial_buf;
