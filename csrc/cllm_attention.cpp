@@ -56,9 +56,9 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     const float* q = qkv + ((size_t)b * T + i0) * ld + h * hs;
                     const float* k = qkv + (size_t)b * T * ld + C + h * hs;
                     const float* v = k + C;
-                    // S[r, j] = q_{i0+r} . k_j for keys j < i1
-                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);
+                    // S = Q K^T for keys j < i1, the causal part only
+                    gemm({.c = S, .ldc = T, .a = {q, ld}, .b = {k, ld, true}, .m = rows, .n = i1, .k = hs,
+                          .parallel = false, .bf16 = bf16, .causal = above_diagonal_unused});
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
@@ -81,9 +81,9 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                         for (int j = i + 1; j < i1; j++) s[j] = 0.0f;  // causal mask
                         lse[((size_t)b * H + h) * T + i] = mx + std::log(sum);
                     }
-                    // out rows = P @ V
-                    gemm(out + ((size_t)b * T + i0) * C + h * hs, C, S, T, v, ld, rows, hs, i1, false, false, false,
-                         false, bf16, nullptr, nullptr, row_causal);
+                    // O = P V, P zero right of the diagonal
+                    gemm({.c = out + ((size_t)b * T + i0) * C + h * hs, .ldc = C, .a = {S, T}, .b = {v, ld}, .m = rows,
+                          .n = hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = row_causal});
                 }
     }
 }
@@ -123,10 +123,11 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     const float* q = q_all + (size_t)i0 * ld;
                     const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
                     const float* o = out + ((size_t)b * T + i0) * C + h * hs;
-                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);  // scores
-                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);  // dP' = dO V^T
+                    // S = Q K^T (into P) and dP' = dO V^T (into dS), the causal part only
+                    gemm({.c = P, .ldc = T, .a = {q, ld}, .b = {k, ld, true}, .m = rows, .n = i1, .k = hs,
+                          .parallel = false, .bf16 = bf16, .causal = above_diagonal_unused});
+                    gemm({.c = dS, .ldc = T, .a = {go, C}, .b = {v, ld, true}, .m = rows, .n = i1, .k = hs,
+                          .parallel = false, .bf16 = bf16, .causal = above_diagonal_unused});
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* p = P + (size_t)r * T;
@@ -150,12 +151,15 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
-                         key_causal);  // dV += P^T dO
-                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16,
-                         nullptr, nullptr, row_causal);  // dQ = dS K
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
-                         key_causal);  // dK += dS^T Q
+                    // dV (+)= P^T dO
+                    gemm({.c = dv, .ldc = ld, .a = {P, T, true}, .b = {go, C}, .m = i1, .n = hs, .k = rows,
+                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = key_causal});
+                    // dQ = dS K for this block's query rows
+                    gemm({.c = dq_all + (size_t)i0 * ld, .ldc = ld, .a = {dS, T}, .b = {k, ld}, .m = rows, .n = hs,
+                          .k = i1, .parallel = false, .bf16 = bf16, .causal = row_causal});
+                    // dK (+)= dS^T Q
+                    gemm({.c = dk, .ldc = ld, .a = {dS, T, true}, .b = {q, ld}, .m = i1, .n = hs, .k = rows,
+                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = key_causal});
                 }
             }
     }

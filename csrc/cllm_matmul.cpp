@@ -467,19 +467,13 @@ void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int l
 
 }  // namespace
 
-void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias, float* gelu_out, Causal causal) {
-    if (bf16)
-        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
-                              causal);
+void gemm(const Gemm& g) {
+    if (g.bf16)
+        gemm_impl<KernelBF16>(g.c, g.ldc, g.a.data, g.a.ld, g.b.data, g.b.ld, g.m, g.n, g.k, g.a.trans, g.b.trans,
+                              g.accumulate, g.parallel, g.bias, g.gelu_out, g.causal);
     else
-        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
-                             causal);
-}
-
-void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-            bool accumulate, bool bf16) {
-    gemm(C, N, A, trans_a ? M : K, B, trans_b ? K : N, M, N, K, trans_a, trans_b, accumulate, true, bf16);
+        gemm_impl<KernelF32>(g.c, g.ldc, g.a.data, g.a.ld, g.b.data, g.b.ld, g.m, g.n, g.k, g.a.trans, g.b.trans,
+                             g.accumulate, g.parallel, g.bias, g.gelu_out, g.causal);
 }
 
 bool bf16_native() {
@@ -493,13 +487,18 @@ bool bf16_native() {
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
                     float* gelu_out) {
     // the bias is added as each output tile is first stored, GELU as it is finished: no extra passes over out
-    gemm(out, OC, inp, IC, w, OC, N, OC, IC, false, false, false, true, bf16, bias, gelu_out);
+    gemm({.c = out, .ldc = OC, .a = {inp, IC}, .b = {w, OC}, .m = N, .n = OC, .k = IC, .bf16 = bf16, .bias = bias,
+          .gelu_out = gelu_out});
 }
 
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16) {
-    if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp, bf16);  // dout[N,OC] @ w^T
-    if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true, bf16);              // inp^T @ dout
+    if (dinp)  // dinp (+)= dout w^T
+        gemm({.c = dinp, .ldc = IC, .a = {dout, OC}, .b = {w, OC, true}, .m = N, .n = IC, .k = OC,
+              .accumulate = accumulate_dinp, .bf16 = bf16});
+    if (dw)  // dw += inp^T dout
+        gemm({.c = dw, .ldc = OC, .a = {inp, IC, true}, .b = {dout, OC}, .m = IC, .n = OC, .k = N, .accumulate = true,
+              .bf16 = bf16});
     if (dbias && N > 0 && OC > 0) {  // (no rows: dbias gets nothing; no columns: nothing to touch)
         // Rows in fixed chunks (whatever the thread count), each summed in order into its own partial row with
         // contiguous full-width reads; the partials then summed in chunk order: deterministic, and one
