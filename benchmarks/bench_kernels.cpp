@@ -201,9 +201,16 @@ void bench_linear(const std::string& name, int N, int IC, int OC) {
     const std::string s = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
     report(name + ".fwd", s, [&] { cllm::linear_forward(out, inp, w, b, N, IC, OC); }, flops, Unit::GFLOPS);
     report(name + ".bwd_dinp[NT]", s,
-           [&] { cllm::matmul(dinp, dout, w, N, IC, OC, false, true, false); }, flops, Unit::GFLOPS);
+           [&] {
+               cllm::gemm({.c = dinp, .ldc = IC, .a = {dout, OC}, .b = {w, OC, true}, .m = N, .n = IC, .k = OC});
+           },
+           flops, Unit::GFLOPS);
     report(name + ".bwd_dw[TN]", s,
-           [&] { cllm::matmul(dw, inp, dout, IC, OC, N, true, false, true); }, flops, Unit::GFLOPS);
+           [&] {
+               cllm::gemm({.c = dw, .ldc = OC, .a = {inp, IC, true}, .b = {dout, OC}, .m = IC, .n = OC, .k = N,
+                           .accumulate = true});
+           },
+           flops, Unit::GFLOPS);
     report(name + ".bwd", s,
            [&] { cllm::linear_backward(dinp, dw, db, dout, inp, w, N, IC, OC, false); }, 2 * flops,
            Unit::GFLOPS);
@@ -242,11 +249,17 @@ int run_config(const BenchConfig& c, int threads) {
             dln((size_t)N * C), dwte((size_t)V * C);
         const double flops = 2.0 * N * V * C;
         const std::string s = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " V=" + std::to_string(V);
-        report("lm_head.fwd[NT]", s, [&] { cllm::matmul(logits, lnf, wte, N, V, C, false, true, false); }, flops,
-               Unit::GFLOPS);
-        report("lm_head.bwd_dx[NN]", s, [&] { cllm::matmul(dln, logits, wte, N, C, V, false, false, false); },
+        report("lm_head.fwd[NT]", s,  // logits = lnf wte^T
+               [&] { cllm::gemm({.c = logits, .ldc = V, .a = {lnf, C}, .b = {wte, C, true}, .m = N, .n = V, .k = C}); },
                flops, Unit::GFLOPS);
-        report("lm_head.bwd_dwte[TN]", s, [&] { cllm::matmul(dwte, logits, lnf, V, C, N, true, false, true); },
+        report("lm_head.bwd_dx[NN]", s,  // dln = dlogits wte
+               [&] { cllm::gemm({.c = dln, .ldc = C, .a = {logits, V}, .b = {wte, C}, .m = N, .n = C, .k = V}); },
+               flops, Unit::GFLOPS);
+        report("lm_head.bwd_dwte[TN]", s,  // dwte += dlogits^T lnf
+               [&] {
+                   cllm::gemm({.c = dwte, .ldc = C, .a = {logits, V, true}, .b = {lnf, C}, .m = V, .n = C, .k = N,
+                               .accumulate = true});
+               },
                flops, Unit::GFLOPS);
     }
 

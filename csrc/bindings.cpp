@@ -418,7 +418,8 @@ PYBIND11_MODULE(_core, mod) {
             FloatArray out = empty({M, N});
             {
                 py::gil_scoped_release nogil;
-                matmul(out.mutable_data(), a.data(), b.data(), M, N, K, trans_a, trans_b, false, bf16);
+                gemm({.c = out.mutable_data(), .ldc = N, .a = {a.data(), (int)a.shape(1), trans_a},
+                      .b = {b.data(), (int)b.shape(1), trans_b}, .m = M, .n = N, .k = K, .bf16 = bf16});
             }
             return out;
         },

@@ -140,15 +140,13 @@ void dropout_backward(float* dx, size_t n, const Dropout& d, uint64_t site);
 void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
 
 // ---- kernels (one file each) -------------------------------------------------------------------
-// cllm_matmul.cpp: C[M,N] = (accumulate ? C : 0) + op(A) op(B); A is [M,K] (or [K,M] if trans_a),
-// B is [K,N] (or [N,K] if trans_b), all row-major and contiguous. bf16: inputs rounded to bfloat16,
-// products accumulated in fp32 (AVX-512 BF16 dot products where the CPU has them).
-void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-            bool accumulate, bool bf16 = false);
-// The same with leading dimensions (row strides, in floats) for strided operands; parallel = false runs
-// on the calling thread only (for use inside an outer parallel loop); bias (with accumulate false): a row
-// of N values added to every row of C; gelu_out (same leading dimension as C): also gets gelu(C), computed
-// as each tile of C is finished, while it is still in cache.
+// cllm_matmul.cpp: the GEMM, and the linear layer built on it.
+// op(X): X row-major with row stride ld (in floats), or (trans) the transpose of that.
+struct Operand {
+    const float* data;
+    int ld;
+    bool trans = false;
+};
 // causal (attention's diagonal blocks): work known to be zero or unused is skipped, per MR x NR micro-tile.
 // For row i of C, column j, summed index k:
 //   OUT_LOWER  C[i][j] is wanted only for j <= i + diag (tiles wholly above are not computed, left as they are)
@@ -158,9 +156,21 @@ struct Causal {
     enum Kind { NONE, OUT_LOWER, A_LOWER, A_UPPER } kind = NONE;
     int diag = 0;
 };
-void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16 = false, const float* bias = nullptr,
-          float* gelu_out = nullptr, Causal causal = {});
+// C[m,n] = (accumulate ? C : 0) + op(a)[m,k] op(b)[k,n] (+ bias), C row-major with row stride ldc. Callers
+// name the fields: gemm({.c = y, .ldc = n, .a = {x, k}, .b = {w, k, true}, .m = m, .n = n, .k = k}) is y = x w^T.
+struct Gemm {
+    float* c;
+    int ldc;
+    Operand a, b;
+    int m, n, k;
+    bool accumulate = false;
+    bool parallel = true;  // false: on the calling thread only (inside an outer parallel loop)
+    bool bf16 = false;     // inputs rounded to bfloat16, products summed in fp32 (AVX-512 BF16 where available)
+    const float* bias = nullptr;  // a row of n values added to every row of C (with accumulate false)
+    float* gelu_out = nullptr;    // also gets gelu(C) (row stride ldc), each tile as it is finished, still in cache
+    Causal causal = {};
+};
+void gemm(const Gemm& g);
 bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,

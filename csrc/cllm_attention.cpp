@@ -21,6 +21,33 @@ inline size_t drop_index(int b, int h, int t, int j, int H, int T) {
     return (((size_t)b * H + h) * T + t) * T + j;
 }
 
+// What the forward and the backward share: the shape of the heads, the softmax scale, dropout's constants.
+struct Heads {
+    int T, H, hs, ld;  // sequence length, heads, head size, row stride of qkv
+    int nblk;          // blocks of query rows
+    float scale;
+    uint32_t threshold;  // dropout's
+    float keep_scale;
+    Heads(int T, int C, int H, const Dropout& d)
+        : T(T), H(H), hs(C / H), ld(3 * C), nblk((T + BQ - 1) / BQ), scale(1.0f / std::sqrt((float)hs)),
+          threshold(dropout_threshold(d.p)), keep_scale(d.active() ? 1.0f / (1.0f - d.p) : 1.0f) {}
+    // whether dropout keeps the probability of query i for key j in head h of sequence b
+    bool keeps(const Dropout& d, uint64_t site, int b, int h, int i, int j) const {
+        return dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), threshold);
+    }
+};
+
+// The causal structure of a block of query rows [i0, i0 + BQ): query row r (global i0 + r) sees keys
+// j <= i0 + r.
+struct BlockCausal {
+    Causal scores;  // S, dP [rows x keys]: scores right of the diagonal are not wanted (tiles there are skipped)
+    Causal rows;    // P, dS as the left operand: query row r is zero past key i0 + r (sums over keys stop there)
+    Causal keys;    // P^T, dS^T as the left operand: key row j is zero for queries before j (sums over queries
+                    // start there)
+    explicit BlockCausal(int i0)
+        : scores{Causal::OUT_LOWER, i0}, rows{Causal::A_LOWER, i0}, keys{Causal::A_UPPER, i0} {}
+};
+
 // Per-thread scratch that grows once.
 struct Rows {
     FloatBuffer a, b;
@@ -33,42 +60,42 @@ struct Rows {
         }
     }
 };
+// This thread's two BQ x T blocks of scores (forward and backward alike).
+Rows& block_scratch(int T) {
+    thread_local Rows rows;
+    rows.need((size_t)BQ * T);
+    return rows;
+}
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
                        uint64_t site, bool bf16) {
-    const int hs = C / H, ld = 3 * C;
-    const float scale = 1.0f / std::sqrt((float)hs);
-    const uint32_t th = dropout_threshold(d.p);
-    const float keep_scale = d.active() ? 1.0f / (1.0f - d.p) : 1.0f;
-    const int nblk = (T + BQ - 1) / BQ;
-    #pragma omp parallel
+    const Heads hd(T, C, H, d);
+    #pragma omp parallel firstprivate(hd)  // a copy per thread: its fields stay in registers
     {
-        thread_local Rows scratch;
-        scratch.need((size_t)BQ * T);
-        float* S = scratch.a.get();
+        float* S = block_scratch(T).a.get();
         #pragma omp for schedule(dynamic, 1) collapse(3)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < H; h++)
-                for (int blk = 0; blk < nblk; blk++) {
+                for (int blk = 0; blk < hd.nblk; blk++) {
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
-                    const Causal above_diagonal_unused{Causal::OUT_LOWER, i0}, row_causal{Causal::A_LOWER, i0};
-                    const float* q = qkv + ((size_t)b * T + i0) * ld + h * hs;
-                    const float* k = qkv + (size_t)b * T * ld + C + h * hs;
+                    const BlockCausal causal(i0);
+                    const float* q = qkv + ((size_t)b * T + i0) * hd.ld + h * hd.hs;
+                    const float* k = qkv + (size_t)b * T * hd.ld + C + h * hd.hs;
                     const float* v = k + C;
-                    // S[r, j] = q_{i0+r} . k_j for keys j < i1
-                    gemm(S, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);
+                    // S = Q K^T for keys j < i1, the causal part only
+                    gemm({.c = S, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
+                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
                         float mx = -INFINITY;
                         #pragma omp simd reduction(max : mx)
-                        for (int j = 0; j <= i; j++) mx = std::max(mx, s[j] * scale);
+                        for (int j = 0; j <= i; j++) mx = std::max(mx, s[j] * hd.scale);
                         float sum = 0.0f;
                         #pragma omp simd reduction(+ : sum)
                         for (int j = 0; j <= i; j++) {
-                            s[j] = fast_exp(s[j] * scale - mx);
+                            s[j] = fast_exp(s[j] * hd.scale - mx);
                             sum += s[j];
                         }
                         const float inv = 1.0f / sum;
@@ -76,57 +103,49 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                         for (int j = 0; j <= i; j++) s[j] *= inv;
                         if (d.active())
                             for (int j = 0; j <= i; j++)
-                                s[j] = dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), th) ? s[j] * keep_scale
-                                                                                                 : 0.0f;
+                                s[j] = hd.keeps(d, site, b, h, i, j) ? s[j] * hd.keep_scale : 0.0f;
                         for (int j = i + 1; j < i1; j++) s[j] = 0.0f;  // causal mask
                         lse[((size_t)b * H + h) * T + i] = mx + std::log(sum);
                     }
-                    // out rows = P @ V
-                    gemm(out + ((size_t)b * T + i0) * C + h * hs, C, S, T, v, ld, rows, hs, i1, false, false, false,
-                         false, bf16, nullptr, nullptr, row_causal);
+                    // O = P V, P zero right of the diagonal
+                    gemm({.c = out + ((size_t)b * T + i0) * C + h * hd.hs, .ldc = C, .a = {S, T}, .b = {v, hd.ld},
+                          .m = rows, .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = causal.rows});
                 }
     }
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                         int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16) {
-    const int hs = C / H, ld = 3 * C;
-    const float scale = 1.0f / std::sqrt((float)hs);
-    const uint32_t th = dropout_threshold(d.p);
-    const float keep_scale = d.active() ? 1.0f / (1.0f - d.p) : 1.0f;
-    const int nblk = (T + BQ - 1) / BQ;
+    const Heads hd(T, C, H, d);
     // Each (b, h) owns its q/k/v columns of dqkv: no races; its query blocks run in a fixed order (last
     // first), so dK and dV are summed in the same order whatever the thread count.
-    #pragma omp parallel
+    #pragma omp parallel firstprivate(hd)
     {
-        thread_local Rows scratch;
-        scratch.need((size_t)BQ * T);
+        Rows& scratch = block_scratch(T);
         float* P = scratch.a.get();   // probabilities after dropout
         float* dS = scratch.b.get();  // dP, then the score gradient
         #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < H; h++) {
-                const float* q_all = qkv + (size_t)b * T * ld + h * hs;
+                const float* q_all = qkv + (size_t)b * T * hd.ld + h * hd.hs;
                 const float* k = q_all + C;
                 const float* v = q_all + 2 * C;
-                float* dq_all = dqkv + (size_t)b * T * ld + h * hs;
+                float* dq_all = dqkv + (size_t)b * T * hd.ld + h * hd.hs;
                 float* dk = dq_all + C;
                 float* dv = dq_all + 2 * C;
                 // the last query block reaches every key: its products store dK and dV, the others add
-                for (int blk = nblk - 1; blk >= 0; blk--) {
-                    const bool add = blk < nblk - 1;
+                for (int blk = hd.nblk - 1; blk >= 0; blk--) {
+                    const bool add = blk < hd.nblk - 1;
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
-                    // query row r (global i0 + r) sees keys j <= i0 + r: scores above that are not computed,
-                    // products over keys stop there, products over query rows start there
-                    const Causal above_diagonal_unused{Causal::OUT_LOWER, i0}, row_causal{Causal::A_LOWER, i0},
-                        key_causal{Causal::A_UPPER, i0};
-                    const float* q = q_all + (size_t)i0 * ld;
-                    const float* go = dout + ((size_t)b * T + i0) * C + h * hs;
-                    const float* o = out + ((size_t)b * T + i0) * C + h * hs;
-                    gemm(P, T, q, ld, k, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);  // scores
-                    gemm(dS, T, go, C, v, ld, rows, i1, hs, false, true, false, false, bf16, nullptr, nullptr,
-                         above_diagonal_unused);  // dP' = dO V^T
+                    const BlockCausal causal(i0);
+                    const float* q = q_all + (size_t)i0 * hd.ld;
+                    const float* go = dout + ((size_t)b * T + i0) * C + h * hd.hs;
+                    const float* o = out + ((size_t)b * T + i0) * C + h * hd.hs;
+                    // S = Q K^T (into P) and dP' = dO V^T (into dS), the causal part only
+                    gemm({.c = P, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
+                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                    gemm({.c = dS, .ldc = T, .a = {go, C}, .b = {v, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
+                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* p = P + (size_t)r * T;
@@ -134,28 +153,30 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         const float l = lse[((size_t)b * H + h) * T + i];
                         float D = 0.0f;  // sum_j p_j dp_j = dO_i . O_i
                         #pragma omp simd reduction(+ : D)
-                        for (int c = 0; c < hs; c++) D += go[(size_t)r * C + c] * o[(size_t)r * C + c];
+                        for (int c = 0; c < hd.hs; c++) D += go[(size_t)r * C + c] * o[(size_t)r * C + c];
                         #pragma omp simd
-                        for (int j = 0; j <= i; j++) p[j] = fast_exp(p[j] * scale - l);
+                        for (int j = 0; j <= i; j++) p[j] = fast_exp(p[j] * hd.scale - l);
                         if (d.active()) {
                             for (int j = 0; j <= i; j++) {
-                                const float m =
-                                    dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), th) ? keep_scale : 0.0f;
-                                ds[j] = p[j] * (m * ds[j] - D) * scale;
+                                const float m = hd.keeps(d, site, b, h, i, j) ? hd.keep_scale : 0.0f;
+                                ds[j] = p[j] * (m * ds[j] - D) * hd.scale;
                                 p[j] *= m;
                             }
                         } else {
                             #pragma omp simd
-                            for (int j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - D) * scale;
+                            for (int j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - D) * hd.scale;
                         }
                         for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                     }
-                    gemm(dv, ld, P, T, go, C, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
-                         key_causal);  // dV += P^T dO
-                    gemm(dq_all + (size_t)i0 * ld, ld, dS, T, k, ld, rows, hs, i1, false, false, false, false, bf16,
-                         nullptr, nullptr, row_causal);  // dQ = dS K
-                    gemm(dk, ld, dS, T, q, ld, i1, hs, rows, true, false, add, false, bf16, nullptr, nullptr,
-                         key_causal);  // dK += dS^T Q
+                    // dV (+)= P^T dO
+                    gemm({.c = dv, .ldc = hd.ld, .a = {P, T, true}, .b = {go, C}, .m = i1, .n = hd.hs, .k = rows,
+                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
+                    // dQ = dS K for this block's query rows
+                    gemm({.c = dq_all + (size_t)i0 * hd.ld, .ldc = hd.ld, .a = {dS, T}, .b = {k, hd.ld}, .m = rows,
+                          .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = causal.rows});
+                    // dK (+)= dS^T Q
+                    gemm({.c = dk, .ldc = hd.ld, .a = {dS, T, true}, .b = {q, hd.ld}, .m = i1, .n = hd.hs, .k = rows,
+                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
                 }
             }
     }

@@ -23,8 +23,10 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
     };
 
     // tied LM head: logits = lnf @ wte^T
-    matmul(acts.dln, dlogits, p.wte, N, C, V, false, false, false, cfg.bf16);  // dlnf = dlogits @ wte
-    matmul(g.wte, dlogits, acts.lnf, V, C, N, true, false, true, cfg.bf16);   // dwte += dlogits^T @ lnf
+    gemm({.c = acts.dln, .ldc = C, .a = {dlogits, V}, .b = {p.wte, C}, .m = N, .n = C, .k = V,
+          .bf16 = cfg.bf16});  // dlnf = dlogits wte
+    gemm({.c = g.wte, .ldc = C, .a = {dlogits, V, true}, .b = {acts.lnf, C}, .m = V, .n = C, .k = N,
+          .accumulate = true, .bf16 = cfg.bf16});  // dwte += dlogits^T lnf
     const float* x_last = cfg.num_layers > 0 ? acts.layers[cfg.num_layers - 1].res3 : acts.encoded;
     std::memset(dres, 0, NC * sizeof(float));
     layernorm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N, C);

@@ -36,7 +36,8 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
         x = a.res3;
     }
     layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, x, p.lnf_w, p.lnf_b, N, C);
-    matmul(acts.logits, acts.lnf, p.wte, N, V, C, false, true, false, cfg.bf16);  // tied head: lnf @ wte^T
+    gemm({.c = acts.logits, .ldc = V, .a = {acts.lnf, C}, .b = {p.wte, C, true}, .m = N, .n = V, .k = C,
+          .bf16 = cfg.bf16});  // tied head: logits = lnf wte^T
 }
 
 float Model::loss_only(const int32_t* targets) {

@@ -3,9 +3,15 @@
 // A packed, cache-blocked GEMM in the classic (Goto/BLIS) structure: op(B) is packed into KC x NR column
 // panels, op(A) into MR x KC row slivers, and an MR x NR register-tile micro-kernel does the FMAs. Each A
 // sliver (broadcast operand, 12 KB) stays in L1 while it runs across NCS columns of packed B (vector operand,
-// in L2): the BLIS loop order, mirrored for row-major C (measured 3-8 % faster than B panels outer). The
-// micro-kernel uses GCC vector types sized to the widest unit the build targets (AVX-512: 16 floats,
-// otherwise 8), so -march picks AVX-512 or AVX2 code at build time with one source.
+// in L2): the BLIS loop order, mirrored for row-major C. The micro-kernel uses GCC vector types sized to the
+// widest unit the build targets (AVX-512: 16 floats, otherwise 8), so -march picks AVX-512 or AVX2 code at
+// build time with one source.
+// Three strategies, gemm_impl picks one:
+//   gemm_serial        all on the calling thread (a caller inside its own parallel loop: attention's blocks)
+//   gemm_column_split  the columns split between the threads, each packing its own B (few row blocks: weight
+//                      gradients)
+//   gemm_shared_b      MC x NCB tiles of C as thread tasks over a packed B that all threads share, packed in
+//                      chunks sized for a large C
 // Each C tile belongs to one thread and is summed over K in a fixed order: results do not depend on the
 // thread count.
 #include <algorithm>
@@ -76,13 +82,16 @@ inline void prefetch_tile(float* C, int ldc, int m) {
     }
 }
 
+// The micro-kernels: tile() sums one MR x NR tile of C over kc packed k values and stores or adds it.
+// It is always inlined; tile_outlined() below is its out-of-line copy.
+
 // fp32: C[0:MR, 0:NR] += Ap[k][0:MR] * Bp[k][0:NR], k < kc.
 struct KernelF32 {
     using T = float;
     static constexpr int KSTEP = 1;  // k values per packed step
-    static constexpr int KC = 384;   // depth of a packed block: 192, 256, 384 measured, 384 fastest here
-    static void run(int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m, int n,
-                    bool add, const float* bias) {
+    static constexpr int KC = 384;   // depth of a packed block
+    [[gnu::always_inline]] static inline void tile(int kc, const float* __restrict Ap, const float* __restrict Bp,
+                                                   float* C, int ldc, int m, int n, bool add, const float* bias) {
         vf c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
         prefetch_tile(C, ldc, m);
@@ -116,9 +125,10 @@ inline uint32_t to_bf16(float x) {
 struct KernelBF16 {
     using T = uint16_t;
     static constexpr int KSTEP = 2;
-    static constexpr int KC = 768;  // same bytes per packed panel as fp32's 384 (measured faster than 384)
-    static void run(int kc, const uint16_t* __restrict Ap, const uint16_t* __restrict Bp, float* C, int ldc, int m,
-                    int n, bool add, const float* bias) {
+    static constexpr int KC = 768;  // same bytes per packed panel as fp32's 384
+    [[gnu::always_inline]] static inline void tile(int kc, const uint16_t* __restrict Ap,
+                                                   const uint16_t* __restrict Bp, float* C, int ldc, int m, int n,
+                                                   bool add, const float* bias) {
         __m512 c0[MR], c1[MR];
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
         prefetch_tile(C, ldc, m);
@@ -149,6 +159,14 @@ struct KernelBF16 : KernelF32 {  // emulation: bf16-rounded values in fp32
     static constexpr bool CONVERTS = true;
 };
 #endif
+
+// The micro-kernel as a call: what the threaded paths run per micro-tile. The serial path inlines K::tile
+// instead: its blocks (attention's) can be as short in K as one head, and there the call would show.
+template <class K>
+[[gnu::noinline]] void tile_outlined(int kc, const typename K::T* __restrict Ap, const typename K::T* __restrict Bp,
+                                     float* C, int ldc, int m, int n, bool add, const float* bias) {
+    K::tile(kc, Ap, Bp, C, ldc, m, n, add, bias);
+}
 
 template <int KSTEP>
 inline int padded_k(int kc) { return (kc + KSTEP - 1) / KSTEP * KSTEP; }
@@ -250,32 +268,43 @@ void pack_block(typename K::T* dst, const float* src, size_t ld, int kc, int w, 
     }
 }
 
-// Pack op(B)[k0:k0+kc, j0:j0+nc] into NR-wide panels.
+// One KC-deep block of the summed index: [k0, k0 + kc); kpad is kc padded to whole k steps (the packed depth).
+struct KBlock {
+    int k0, kc, kpad;
+};
 template <class K>
-void pack_B(typename K::T* Bp, const float* B, int ldb, bool trans_b, int k0, int kc, int j0, int nc) {
-    const int kpad = padded_k<K::KSTEP>(kc), panels = (nc + NR - 1) / NR;
-    for (int p = 0; p < panels; p++) {
-        const int jb = j0 + p * NR, w = std::min(NR, j0 + nc - jb);
-        typename K::T* dst = Bp + (size_t)p * kpad * NR;
-        if (trans_b)  // B is [N, K]
-            pack_block<K, false>(dst, B + (size_t)jb * ldb + k0, ldb, kc, w, NR);
-        else
-            pack_block<K, true>(dst, B + (size_t)k0 * ldb + jb, ldb, kc, w, NR);
-    }
+int k_blocks(int depth) { return (depth + K::KC - 1) / K::KC; }
+template <class K>
+KBlock k_block(int kb, int depth) {
+    const int k0 = kb * K::KC, kc = std::min(K::KC, depth - k0);
+    return {k0, kc, padded_k<K::KSTEP>(kc)};
 }
 
-// Pack op(A)[i0:i0+mc, k0:k0+kc] into MR-high slivers.
-template <class K>
-void pack_A(typename K::T* Ap, const float* A, int lda, bool trans_a, int i0, int mc, int k0, int kc) {
-    const int kpad = padded_k<K::KSTEP>(kc), slivers = (mc + MR - 1) / MR;
-    for (int s = 0; s < slivers; s++) {
-        const int ib = i0 + s * MR, h = std::min(MR, i0 + mc - ib);
-        typename K::T* dst = Ap + (size_t)s * kpad * MR;
-        if (trans_a)  // A is [K, M]
-            pack_block<K, true>(dst, A + (size_t)k0 * lda + ib, lda, kc, h, MR);
+inline int row_blocks(int m) { return (m + MC - 1) / MC; }
+inline int col_panels(int n) { return (n + NR - 1) / NR; }
+
+// Pack the block of an operand at (i0, k0), w x kc of its (non-summed index i, summed index k), into W-wide
+// strips along i. The operand is k-major (element (i, k) at X[k * ld + i]) or i-major (at X[i * ld + k]).
+template <class K, int W>
+void pack_strips(typename K::T* dst, const float* X, int ld, bool kmajor, int i0, int w, const KBlock& blk) {
+    for (int s = 0; s < (w + W - 1) / W; s++) {
+        const int ib = i0 + s * W, sw = std::min(W, i0 + w - ib);
+        typename K::T* d = dst + (size_t)s * blk.kpad * W;
+        if (kmajor)
+            pack_block<K, true>(d, X + (size_t)blk.k0 * ld + ib, ld, blk.kc, sw, W);
         else
-            pack_block<K, false>(dst, A + (size_t)ib * lda + k0, lda, kc, h, MR);
+            pack_block<K, false>(d, X + (size_t)ib * ld + blk.k0, ld, blk.kc, sw, W);
     }
+}
+// op(A)[i0:i0+mc, K block] into MR-high slivers (a transposed A is k-major).
+template <class K>
+void pack_A(typename K::T* Ap, const Operand& a, int i0, int mc, const KBlock& blk) {
+    pack_strips<K, MR>(Ap, a.data, a.ld, a.trans, i0, mc, blk);
+}
+// op(B)[K block, j0:j0+nc] into NR-wide panels (an untransposed B is k-major).
+template <class K>
+void pack_B(typename K::T* Bp, const Operand& b, int j0, int nc, const KBlock& blk) {
+    pack_strips<K, NR>(Bp, b.data, b.ld, !b.trans, j0, nc, blk);
 }
 
 // 64-byte aligned scratch that grows once and is reused (no allocation in the steady state).
@@ -299,11 +328,11 @@ struct BlockPrefetch {
     const char* base = nullptr;
     size_t ld = 0;  // bytes between rows
     int lines = 0, total = 0, next = 0;
-    // op(A)[i0:i0+mc, k0:k0+kc], A stored [K, M] if trans_a
-    void start(const float* A, int lda, bool trans_a, int i0, int mc, int k0, int kc) {
-        const int rows = trans_a ? kc : mc, width = trans_a ? mc : kc;
-        base = (const char*)(trans_a ? A + (size_t)k0 * lda + i0 : A + (size_t)i0 * lda + k0);
-        ld = (size_t)lda * sizeof(float);
+    // op(A)[i0:i0+mc, K block]
+    void start(const Operand& a, int i0, int mc, const KBlock& blk) {
+        const int rows = a.trans ? blk.kc : mc, width = a.trans ? mc : blk.kc;
+        base = (const char*)(a.trans ? a.data + (size_t)blk.k0 * a.ld + i0 : a.data + (size_t)i0 * a.ld + blk.k0);
+        ld = (size_t)a.ld * sizeof(float);
         lines = (width * (int)sizeof(float) + 63) / 64;
         total = rows * lines;
         next = 0;
@@ -314,173 +343,250 @@ struct BlockPrefetch {
     }
 };
 
-// One micro-tile under a causal structure (NONE: the whole K block): rows [i, i + m) of C, columns from j, K block
-// [k0, k0 + kc). Runs the micro-kernel over the part of the K block that can be non-zero, or nothing where the
-// tile is not wanted.
-template <class K>
-inline void causal_tile(const Causal& cz, int i, int m, int j, int k0, int kc, const typename K::T* Ap,
-                        const typename K::T* Bp, float* C, int ldc, int n, bool add, const float* bias) {
-    int kb = 0, ke = padded_k<K::KSTEP>(kc);
+// One micro-tile of C, rows [i, i + m) and columns [j, j + n), over a K block: (add false) stores or (add
+// true) adds the packed sliver Ap times the packed panel Bp. Under a causal structure, runs the micro-kernel
+// over the part of the K block that can be non-zero only, or nothing where the tile is not wanted.
+// INLINE: the micro-kernel inlined (the serial path), else called.
+template <class K, bool INLINE>
+[[gnu::always_inline]] inline void causal_tile(const Gemm& g, const KBlock& blk, int i, int m, int j, int n,
+                                               const typename K::T* Ap, const typename K::T* Bp, bool add) {
+    const Causal& cz = g.causal;
+    int kb = 0, ke = blk.kpad;
     if (cz.kind == Causal::OUT_LOWER && j > i + m - 1 + cz.diag) return;
-    if (cz.kind == Causal::A_LOWER) ke = std::clamp(padded_k<K::KSTEP>(i + m + cz.diag - k0), 0, ke);
-    if (cz.kind == Causal::A_UPPER) kb = std::clamp((i - cz.diag - k0) / K::KSTEP * K::KSTEP, 0, ke);
+    if (cz.kind == Causal::A_LOWER) ke = std::clamp(padded_k<K::KSTEP>(i + m + cz.diag - blk.k0), 0, ke);
+    if (cz.kind == Causal::A_UPPER) kb = std::clamp((i - cz.diag - blk.k0) / K::KSTEP * K::KSTEP, 0, ke);
     if (ke <= kb && add) return;  // nothing to add (a first K block still stores its zeros)
-    K::run(std::max(0, std::min(kc, ke) - kb), Ap + (size_t)kb * MR, Bp + (size_t)kb * NR, C, ldc, m, n, add, bias);
+    const int kc = std::max(0, std::min(blk.kc, ke) - kb);
+    const typename K::T *ap = Ap + (size_t)kb * MR, *bp = Bp + (size_t)kb * NR;
+    float* c = g.c + (size_t)i * g.ldc + j;
+    const float* bias = g.bias ? g.bias + j : nullptr;
+    if constexpr (INLINE)
+        K::tile(kc, ap, bp, c, g.ldc, m, n, add, bias);
+    else
+        tile_outlined<K>(kc, ap, bp, c, g.ldc, m, n, add, bias);
 }
 
-// G[i0:i0+mc, j0:j0+nc] = gelu(C[...]): the epilogue of a finished C tile, still in cache.
-inline void gelu_tile(const float* C, float* G, int ldc, int i0, int mc, int j0, int nc) {
+// C[i0:i0+mc, j0:j0+nc] (+)= a packed block of A (Ap: its MR-high slivers) times packed B panels (Bp: the
+// panel of column j0 first) over a K block, in the BLIS order: each A sliver (in L1) runs across an NCS-wide
+// slab of B panels (in L2). before_tile() runs before each micro-tile.
+template <class K, bool INLINE, class Hook>
+[[gnu::always_inline]] inline void block_product(const Gemm& g, const KBlock& blk, int i0, int mc, int j0, int nc,
+                                                 const typename K::T* Ap, const typename K::T* Bp, bool add,
+                                                 Hook&& before_tile) {
+    for (int js = 0; js < nc; js += NCS)
+        for (int ir = 0; ir < mc; ir += MR)
+            for (int jr = js; jr < std::min(nc, js + NCS); jr += NR) {
+                before_tile();
+                causal_tile<K, INLINE>(g, blk, i0 + ir, std::min(MR, mc - ir), j0 + jr, std::min(NR, nc - jr),
+                                       Ap + (size_t)(ir / MR) * blk.kpad * MR, Bp + (size_t)(jr / NR) * blk.kpad * NR,
+                                       add);
+            }
+}
+
+// gelu_out[i0:i0+mc, j0:j0+nc] = gelu(C[...]): the epilogue of a finished C tile, still in cache.
+inline void gelu_tile(const Gemm& g, int i0, int mc, int j0, int nc) {
     for (int i = i0; i < i0 + mc; i++) {
-        const float* c = C + (size_t)i * ldc + j0;
-        float* g = G + (size_t)i * ldc + j0;
+        const float* c = g.c + (size_t)i * g.ldc + j0;
+        float* out = g.gelu_out + (size_t)i * g.ldc + j0;
         #pragma omp simd
-        for (int j = 0; j < nc; j++) g[j] = gelu(c[j]);
+        for (int j = 0; j < nc; j++) out[j] = gelu(c[j]);
     }
 }
 
+// K = 0, an empty sum: C = bias (or 0), or C as it is when accumulating.
+void empty_sum(const Gemm& g) {
+    if (!g.accumulate)
+        for (int i = 0; i < g.m; i++)
+            for (int j = 0; j < g.n; j++) g.c[(size_t)i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
+    if (g.gelu_out) gelu_tile(g, 0, g.m, 0, g.n);
+}
+
+// ---- the strategies -------------------------------------------------------------------------------------
+
+// The buffers of a thread that packs the A blocks and B panels it uses itself (column_block, in both its uses).
+struct OwnPacking {
+    Scratch a, b;
+};
 template <class K>
-void gemm_impl(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K_,
-               bool trans_a, bool trans_b, bool accumulate, bool parallel, const float* bias, float* gelu_out,
-               Causal causal) {
+OwnPacking& own_packing() {
+    thread_local OwnPacking p;
+    return p;
+}
+
+// C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which packs
+// the B panels it uses itself. INLINE: see causal_tile.
+template <class K, bool INLINE>
+void column_block(const Gemm& g, int j0, int nc, int kb) {
     using T = typename K::T;
-    if (M == 0 || N == 0) return;  // empty output: nothing to write (and C may be null)
-    if (K_ == 0) {
-        if (!accumulate)
-            for (int i = 0; i < M; i++)
-                for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = bias ? bias[j] : 0.0f;
-        if (gelu_out) gelu_tile(C, gelu_out, ldc, 0, M, 0, N);
-        return;
+    const KBlock blk = k_block<K>(kb, g.k);
+    OwnPacking& own = own_packing<K>();
+    T* Bp = own.b.get<T>((size_t)col_panels(nc) * K::KC * NR);
+    T* Ap = own.a.get<T>((size_t)MC * K::KC);
+    pack_B<K>(Bp, g.b, j0, nc, blk);
+    for (int i0 = 0; i0 < g.m; i0 += MC) {
+        const int mc = std::min(MC, g.m - i0);
+        pack_A<K>(Ap, g.a, i0, mc, blk);
+        block_product<K, INLINE>(g, blk, i0, mc, j0, nc, Ap, Bp, g.accumulate || kb > 0, [] {});
+        if (g.gelu_out && kb == k_blocks<K>(g.k) - 1) gelu_tile(g, i0, mc, j0, nc);
     }
-    // op(B) is packed for a chunk of K (KC-deep blocks of NR-wide panels); then each thread task (an MC x NCB
-    // tile of C) runs over the chunk's K blocks. A large C (the LM head's logits) takes all of K in one chunk
-    // where it fits, so its tiles are read and written once while they sit in L2, not once per K block from
-    // memory. A small C stays cached anyway; there one K block at a time keeps the packed B in L2, which
-    // measures faster (weight-gradient products, 2 threads).
-    const int n_panels = (N + NR - 1) / NR, kblocks = (K_ + K::KC - 1) / K::KC;
-    const int mblocks = (M + MC - 1) / MC;
-    // C[i:i+m, j:j+n] (+)= the packed sliver times the packed panel over the K block at k0
-    auto run_tile = [&](int i, int m, int j, int k0, int kc, const T* ap, const T* bp, int n, bool add) {
-        causal_tile<K>(causal, i, m, j, k0, kc, ap, bp, C + (size_t)i * ldc + j, ldc, n, add,
-                       bias ? bias + j : nullptr);
-    };
-    // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which
-    // packs the B panels it uses itself
-    auto column_block = [&](int j0, int nc, int kb) {
-        const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
-        thread_local Scratch own_b, own_a;
-        T* Bp = own_b.get<T>((size_t)((nc + NR - 1) / NR) * K::KC * NR);
-        T* Ap = own_a.get<T>((size_t)MC * K::KC);
-        pack_B<K>(Bp, B, ldb, trans_b, k0, kc, j0, nc);
-        for (int i0 = 0; i0 < M; i0 += MC) {
-            const int mc = std::min(MC, M - i0);
-            pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-            for (int js = 0; js < nc; js += NCS)
-                for (int ir = 0; ir < mc; ir += MR)
-                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR)
-                        run_tile(i0 + ir, std::min(MR, mc - ir), j0 + jr, k0, kc, Ap + (size_t)(ir / MR) * kpad * MR,
-                                 Bp + (size_t)(jr / NR) * kpad * NR, std::min(NR, nc - jr), accumulate || kb > 0);
-            if (gelu_out && kb == kblocks - 1) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
+}
+
+// All of C on the calling thread, one K block at a time, the micro-kernel inlined.
+template <class K>
+void gemm_serial(const Gemm& g) {
+    for (int kb = 0; kb < k_blocks<K>(g.k); kb++) column_block<K, true>(g, 0, g.n, kb);
+}
+
+// The columns split between the threads, each packing only the B panels it uses, so no packed B moves
+// between cores. A thread's packed panels stay within its share of PACK_BUDGET (more, narrower column blocks
+// for a huge N). A column block is one thread's for all of K: one parallel region, no barrier between K blocks.
+template <class K>
+void gemm_column_split(const Gemm& g, int threads) {
+    const size_t panel_bytes = (size_t)K::KC * NR * sizeof(typename K::T);
+    const int max_panels = (int)std::max<size_t>(1, PACK_BUDGET / threads / panel_bytes);
+    const int cols = std::min((col_panels(g.n) + threads - 1) / threads, max_panels) * NR;
+    const int cblocks = (g.n + cols - 1) / cols, kblocks = k_blocks<K>(g.k);
+    #pragma omp parallel for schedule(static)
+    for (int cb = 0; cb < cblocks; cb++)
+        for (int kb = 0; kb < kblocks; kb++)
+            column_block<K, false>(g, cb * cols, std::min(cols, g.n - cb * cols), kb);
+}
+
+// A chunk of packed op(B) shared by all threads: K blocks [kb0, kb1) of columns [c0, c1), K block after K
+// block, `stride` elements apart.
+template <class K>
+struct PackedB {
+    typename K::T* data;
+    size_t stride;
+    int kb0, kb1, c0, c1;
+    // the packed panel of column j (a multiple of NR) in K block kb
+    typename K::T* panel(int kb, int j, int kpad) const {
+        return data + (kb - kb0) * stride + (size_t)((j - c0) / NR) * kpad * NR;
+    }
+};
+
+// A thread's packed block of op(A): its consecutive tasks share it.
+template <class K>
+struct PackedA {
+    typename K::T* data;
+    int packed_i0 = -1, packed_k0 = -1;  // the block in data
+    // op(A)[i0:i0+mc, K block], packed unless it already is
+    const typename K::T* get(const Operand& a, int i0, int mc, const KBlock& blk) {
+        if (i0 != packed_i0 || blk.k0 != packed_k0) {
+            pack_A<K>(data, a, i0, mc, blk);
+            packed_i0 = i0, packed_k0 = blk.k0;
         }
-    };
-    if (!parallel) {  // inside an outer parallel loop (attention's blocks): no OpenMP region at all
-        for (int kb = 0; kb < kblocks; kb++) column_block(0, N, kb);
-        return;
+        return data;
     }
-    const int threads = omp_get_max_threads();
-    if (threads > 1 && mblocks < 4 * threads && n_panels >= threads) {
-        // Few row blocks (a weight gradient: M = input features, K = tokens): split the columns instead,
-        // each thread packing only the B panels it uses, so no packed B moves between cores. A thread's
-        // packed panels stay within its share of PACK_BUDGET (more, narrower column blocks for a huge N).
-        const int max_panels = (int)std::max<size_t>(1, PACK_BUDGET / threads / ((size_t)K::KC * NR * sizeof(T)));
-        const int cols = std::min((n_panels + threads - 1) / threads, max_panels) * NR;
-        const int cblocks = (N + cols - 1) / cols;
-        // a column block is one thread's for all of K: one parallel region, no barrier between K blocks
-        #pragma omp parallel for schedule(static)
-        for (int cb = 0; cb < cblocks; cb++)
-            for (int kb = 0; kb < kblocks; kb++) column_block(cb * cols, std::min(cols, N - cb * cols), kb);
-        return;
+};
+
+// One thread task: C[i0:i0+mc, j0:j0+nc] over the K blocks of the packed B chunk. While a K block computes,
+// the A block this thread most likely packs next (this row block's next K block, else the next row block's
+// first) is prefetched.
+template <class K>
+void tile_task(const Gemm& g, const PackedB<K>& B, PackedA<K>& A, int i0, int mc, int j0, int nc) {
+    for (int kb = B.kb0; kb < B.kb1; kb++) {
+        const KBlock blk = k_block<K>(kb, g.k);
+        const typename K::T* Ap = A.get(g.a, i0, mc, blk);
+        BlockPrefetch next_a;
+        const int next_kb = kb + 1 < B.kb1 ? kb + 1 : B.kb0, next_i0 = kb + 1 < B.kb1 ? i0 : i0 + MC;
+        if (next_i0 < g.m) next_a.start(g.a, next_i0, std::min(MC, g.m - next_i0), k_block<K>(next_kb, g.k));
+        const int calls = ((mc + MR - 1) / MR) * col_panels(nc);
+        const int per_call = (next_a.total + calls - 1) / calls;
+        block_product<K, false>(g, blk, i0, mc, j0, nc, Ap, B.panel(kb, j0, blk.kpad), g.accumulate || kb > 0,
+                                [&] { next_a.step(per_call); });
     }
-    thread_local Scratch bscratch;
-    // A large C: chunks of K blocks and of column panels sized so their packed B fits PACK_BUDGET (all of K
-    // and all columns for the small model's LM head; column strips of a 50k vocabulary). A small C: one K
-    // block at a time, all columns.
-    const bool c_large = (size_t)M * N * sizeof(float) >= C_LARGE;
+    if (g.gelu_out && B.kb1 == k_blocks<K>(g.k)) gelu_tile(g, i0, mc, j0, nc);
+}
+
+// op(B) packed once per chunk of K blocks and column panels, shared by all threads; the thread tasks are
+// MC x NCB tiles of C, each run over the chunk's K blocks. A large C (the LM head's logits) takes all of K in
+// one chunk where it fits (column strips of a 50k vocabulary), so its tiles are read and written once while
+// they sit in L2, not once per K block from memory. A small C stays cached anyway: there one K block at a time,
+// all columns, keeps the packed B in L2.
+template <class K>
+void gemm_shared_b(const Gemm& g) {
+    using T = typename K::T;
+    const int n_panels = col_panels(g.n), kblocks = k_blocks<K>(g.k), mblocks = row_blocks(g.m);
+    const bool c_large = (size_t)g.m * g.n * sizeof(float) >= C_LARGE;
     const size_t panel_block = (size_t)K::KC * NR;  // elements of one packed panel of one K block
     const int chunk = c_large ? (int)std::clamp<size_t>(PACK_BUDGET / (panel_block * sizeof(T)), 1, kblocks) : 1;
     int strip = c_large ? (int)std::clamp<size_t>(PACK_BUDGET / (chunk * panel_block * sizeof(T)), 1, n_panels)
                         : n_panels;
     if (strip < n_panels && strip >= NCB / NR) strip -= strip % (NCB / NR);  // whole NCB-wide task columns
-    const size_t kblock_stride = (size_t)strip * panel_block;
-    T* Bp = bscratch.get<T>((size_t)chunk * kblock_stride);
+    thread_local Scratch bscratch;
+    const size_t stride = (size_t)strip * panel_block;
+    T* Bp = bscratch.get<T>((size_t)chunk * stride);
     for (int kb0 = 0; kb0 < kblocks; kb0 += chunk)
         for (int p0 = 0; p0 < n_panels; p0 += strip) {
-            const int kb1 = std::min(kblocks, kb0 + chunk), p1 = std::min(n_panels, p0 + strip);
-            const int c0 = p0 * NR, c1 = std::min(N, p1 * NR), nblocks = (c1 - c0 + NCB - 1) / NCB;
+            const int p1 = std::min(n_panels, p0 + strip);
+            const PackedB<K> B{Bp, stride, kb0, std::min(kblocks, kb0 + chunk), p0 * NR, std::min(g.n, p1 * NR)};
+            const int nblocks = (B.c1 - B.c0 + NCB - 1) / NCB;
             #pragma omp parallel
             {
                 #pragma omp for schedule(static) collapse(2)
-                for (int kb = kb0; kb < kb1; kb++)
+                for (int kb = B.kb0; kb < B.kb1; kb++)
                     for (int p = p0; p < p1; p++) {
-                        const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
-                        pack_B<K>(Bp + (kb - kb0) * kblock_stride + (size_t)(p - p0) * kpad * NR, B, ldb, trans_b, k0,
-                                  kc, p * NR, std::min(NR, N - p * NR));
+                        const KBlock blk = k_block<K>(kb, g.k);
+                        pack_B<K>(B.panel(kb, p * NR, blk.kpad), g.b, p * NR, std::min(NR, g.n - p * NR), blk);
                     }
                 thread_local Scratch ascratch;
-                T* Ap = ascratch.get<T>((size_t)MC * K::KC);
-                int packed_i0 = -1, packed_k0 = -1;  // the A block in Ap: a thread's consecutive tasks share it
+                PackedA<K> A{ascratch.get<T>((size_t)MC * K::KC)};
                 #pragma omp for schedule(static) collapse(2)
                 for (int ib = 0; ib < mblocks; ib++)
                     for (int jb = 0; jb < nblocks; jb++) {
-                        const int i0 = ib * MC, mc = std::min(MC, M - i0);
-                        const int j0 = c0 + jb * NCB, nc = std::min(NCB, c1 - j0);
-                        for (int kb = kb0; kb < kb1; kb++) {
-                            const int k0 = kb * K::KC, kc = std::min(K::KC, K_ - k0), kpad = padded_k<K::KSTEP>(kc);
-                            const bool add = accumulate || kb > 0;
-                            if (i0 != packed_i0 || k0 != packed_k0) {
-                                pack_A<K>(Ap, A, lda, trans_a, i0, mc, k0, kc);
-                                packed_i0 = i0, packed_k0 = k0;
-                            }
-                            const T* Bk = Bp + (kb - kb0) * kblock_stride;
-                            // the A block this thread most likely packs next: this row block's next K block,
-                            // else the next row block's first
-                            BlockPrefetch next_a;
-                            const int next_kb = kb + 1 < kb1 ? kb + 1 : kb0, next_i0 = kb + 1 < kb1 ? i0 : i0 + MC;
-                            if (next_i0 < M)
-                                next_a.start(A, lda, trans_a, next_i0, std::min(MC, M - next_i0), next_kb * K::KC,
-                                             std::min(K::KC, K_ - next_kb * K::KC));
-                            const int calls = ((mc + MR - 1) / MR) * ((nc + NR - 1) / NR);
-                            const int per_call = (next_a.total + calls - 1) / calls;
-                            for (int js = 0; js < nc; js += NCS)
-                                for (int ir = 0; ir < mc; ir += MR)
-                                    for (int jr = js; jr < std::min(nc, js + NCS); jr += NR) {
-                                        next_a.step(per_call);
-                                        run_tile(i0 + ir, std::min(MR, mc - ir), j0 + jr, k0, kc,
-                                                 Ap + (size_t)(ir / MR) * kpad * MR,
-                                                 Bk + (size_t)((j0 - c0 + jr) / NR) * kpad * NR, std::min(NR, nc - jr),
-                                                 add);
-                                    }
-                        }
-                        if (gelu_out && kb1 == kblocks) gelu_tile(C, gelu_out, ldc, i0, mc, j0, nc);
+                        const int i0 = ib * MC, j0 = B.c0 + jb * NCB;
+                        tile_task<K>(g, B, A, i0, std::min(MC, g.m - i0), j0, std::min(NCB, B.c1 - j0));
                     }
             }
         }
 }
 
-}  // namespace
-
-void gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N, int K, bool trans_a,
-          bool trans_b, bool accumulate, bool parallel, bool bf16, const float* bias, float* gelu_out, Causal causal) {
-    if (bf16)
-        gemm_impl<KernelBF16>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
-                              causal);
-    else
-        gemm_impl<KernelF32>(C, ldc, A, lda, B, ldb, M, N, K, trans_a, trans_b, accumulate, parallel, bias, gelu_out,
-                             causal);
+template <class K>
+void gemm_impl(const Gemm& g) {
+    if (g.m == 0 || g.n == 0) return;  // empty output: nothing to write (and C may be null)
+    if (g.k == 0) return empty_sum(g);
+    // inside an outer parallel loop (attention's blocks): no OpenMP region at all
+    if (!g.parallel) return gemm_serial<K>(g);
+    // few row blocks for the threads but enough columns (a weight gradient: M = input features, K = tokens)
+    const int threads = omp_get_max_threads();
+    if (threads > 1 && row_blocks(g.m) < 4 * threads && col_panels(g.n) >= threads)
+        return gemm_column_split<K>(g, threads);
+    gemm_shared_b<K>(g);
 }
 
-void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-            bool accumulate, bool bf16) {
-    gemm(C, N, A, trans_a ? M : K, B, trans_b ? K : N, M, N, K, trans_a, trans_b, accumulate, true, bf16);
+// dbias += the column sums of dout[N, OC]. Rows in fixed chunks (whatever the thread count), each summed in
+// order into its own partial row with contiguous full-width reads; the partials then summed in chunk order:
+// deterministic, and one streaming pass over dout.
+void bias_backward(float* dbias, const float* dout, int N, int OC) {
+    constexpr int ROWS = 128;
+    const int chunks = (N + ROWS - 1) / ROWS;
+    thread_local Scratch partial_buf;
+    float* partial = partial_buf.get<float>((size_t)chunks * OC);
+    #pragma omp parallel for schedule(static)
+    for (int c = 0; c < chunks; c++) {
+        float* acc = partial + (size_t)c * OC;
+        std::memcpy(acc, dout + (size_t)c * ROWS * OC, OC * sizeof(float));
+        for (int n = c * ROWS + 1; n < std::min(N, (c + 1) * ROWS); n++) {
+            const float* d = dout + (size_t)n * OC;
+            #pragma omp simd
+            for (int j = 0; j < OC; j++) acc[j] += d[j];
+        }
+    }
+    for (int c = 0; c < chunks; c++) {
+        const float* acc = partial + (size_t)c * OC;
+        #pragma omp simd
+        for (int j = 0; j < OC; j++) dbias[j] += acc[j];
+    }
+}
+
+}  // namespace
+
+void gemm(const Gemm& g) {
+    if (g.bf16)
+        gemm_impl<KernelBF16>(g);
+    else
+        gemm_impl<KernelF32>(g);
 }
 
 bool bf16_native() {
@@ -494,37 +600,19 @@ bool bf16_native() {
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
                     float* gelu_out) {
     // the bias is added as each output tile is first stored, GELU as it is finished: no extra passes over out
-    gemm(out, OC, inp, IC, w, OC, N, OC, IC, false, false, false, true, bf16, bias, gelu_out);
+    gemm({.c = out, .ldc = OC, .a = {inp, IC}, .b = {w, OC}, .m = N, .n = OC, .k = IC, .bf16 = bf16, .bias = bias,
+          .gelu_out = gelu_out});
 }
 
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16) {
-    if (dinp) matmul(dinp, dout, w, N, IC, OC, false, true, accumulate_dinp, bf16);  // dout[N,OC] @ w^T
-    if (dw) matmul(dw, inp, dout, IC, OC, N, true, false, true, bf16);              // inp^T @ dout
-    if (dbias && N > 0 && OC > 0) {  // (no rows: dbias gets nothing; no columns: nothing to touch)
-        // Rows in fixed chunks (whatever the thread count), each summed in order into its own partial row with
-        // contiguous full-width reads; the partials then summed in chunk order: deterministic, and one
-        // streaming pass over dout (summing 64-column strips down all rows was 3x slower).
-        constexpr int ROWS = 128;
-        const int chunks = (N + ROWS - 1) / ROWS;
-        thread_local Scratch partial_buf;
-        float* partial = partial_buf.get<float>((size_t)chunks * OC);
-        #pragma omp parallel for schedule(static)
-        for (int c = 0; c < chunks; c++) {
-            float* acc = partial + (size_t)c * OC;
-            std::memcpy(acc, dout + (size_t)c * ROWS * OC, OC * sizeof(float));
-            for (int n = c * ROWS + 1; n < std::min(N, (c + 1) * ROWS); n++) {
-                const float* d = dout + (size_t)n * OC;
-                #pragma omp simd
-                for (int j = 0; j < OC; j++) acc[j] += d[j];
-            }
-        }
-        for (int c = 0; c < chunks; c++) {
-            const float* acc = partial + (size_t)c * OC;
-            #pragma omp simd
-            for (int j = 0; j < OC; j++) dbias[j] += acc[j];
-        }
-    }
+    if (dinp)  // dinp (+)= dout w^T
+        gemm({.c = dinp, .ldc = IC, .a = {dout, OC}, .b = {w, OC, true}, .m = N, .n = IC, .k = OC,
+              .accumulate = accumulate_dinp, .bf16 = bf16});
+    if (dw)  // dw += inp^T dout
+        gemm({.c = dw, .ldc = OC, .a = {inp, IC, true}, .b = {dout, OC}, .m = IC, .n = OC, .k = N, .accumulate = true,
+              .bf16 = bf16});
+    if (dbias && N > 0 && OC > 0) bias_backward(dbias, dout, N, OC);  // (no rows or no columns: nothing to add)
 }
 
 }  // namespace cllm
