@@ -1,5 +1,5 @@
 // CLLM core: configuration, parameter/activation layouts and the kernel declarations.
-// Every part has its forward and backward side by side in its own file (see DESIGN.md).
+// Every part has its forward and backward side by side in its own file (see docs/design.md).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -21,11 +21,11 @@ struct Config {
     bool bf16 = false;        // matmul inputs in bfloat16, fp32 accumulation; weights/optimizer stay fp32
 };
 
+// ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
 
-// ---- memory ---------------------------------------------------------------------------------
-// 64-byte aligned float buffer (AVX-512 loads), zero-initialised.
+// 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp).
 struct AlignedFree { void operator()(float* p) const; };
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
 FloatBuffer alloc_floats(size_t n);
@@ -117,8 +117,9 @@ inline float gelu_sigmoid(float x) {  // sigmoid(2u); exactly 0 where exp(-2u) o
 #pragma omp declare simd
 inline float gelu(float x) { return x * gelu_sigmoid(x); }
 
-// ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
-// so the backward regenerates it instead of storing it, and results do not depend on threads.
+// ---- counter-based RNG and dropout (cllm_dropout.cpp) ----------------------------------------------
+// A mask is a pure function of (seed, site, index), so the backward regenerates it instead of storing it, and
+// results do not depend on threads.
 uint64_t mix64(uint64_t x);
 inline bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, uint32_t threshold) {
     return (uint32_t)(mix64(seed ^ mix64(site * 0x9E3779B97F4A7C15ULL + index)) >> 32) >= threshold;
@@ -203,7 +204,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
                          float scale);
 
-// ---- the model (cllm_forward.cpp, cllm_backward.cpp) --------------------------------------------
+// ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
     Config cfg;
     ParamLayout layout;
@@ -245,7 +246,7 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
                               int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
 
-int get_num_threads();
+int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);
 
 }  // namespace cllm
