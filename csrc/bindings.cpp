@@ -446,8 +446,8 @@ PYBIND11_MODULE(_core, mod) {
                 "shape mismatch");
         std::vector<float> h((size_t)N * F), hg((size_t)N * F);
         FloatArray out = empty({N, C});
-        linear_forward(h.data(), x.data(), wfc.data(), bfc.data(), N, C, F, false, hg.data());  // GELU epilogue
-        linear_forward(out.mutable_data(), hg.data(), wproj.data(), bproj.data(), N, F, C);
+        feedforward_forward(out.mutable_data(), h.data(), hg.data(), x.data(),
+                            {wfc.data(), bfc.data(), wproj.data(), bproj.data(), C, F}, N);
         return out;
     });
     k.def("feedforward_backward", [dims](FloatArray dout, FloatArray x, FloatArray wfc, FloatArray bfc, FloatArray wproj,
@@ -458,16 +458,13 @@ PYBIND11_MODULE(_core, mod) {
         require(wfc.shape(0) == C && bfc.size() == F && wproj.size() == (py::ssize_t)F * C && bproj.size() == C &&
                     dout.size() == (py::ssize_t)N * C,
                 "shape mismatch");
-        std::vector<float> h((size_t)N * F), hg((size_t)N * F), dh((size_t)N * F);
-        linear_forward(h.data(), x.data(), wfc.data(), bfc.data(), N, C, F);
-        gelu_forward(hg.data(), h.data(), h.size());
+        const FeedForward ff{wfc.data(), bfc.data(), wproj.data(), bproj.data(), C, F};
+        std::vector<float> out((size_t)N * C), h((size_t)N * F), hg((size_t)N * F), dh((size_t)N * F);
+        feedforward_forward(out.data(), h.data(), hg.data(), x.data(), ff, N);
         FloatArray dx = empty({N, C}), dwfc = empty({C, F}), dbfc = empty({F}), dwp = empty({F, C}), dbp = empty({C});
         for (FloatArray* a : {&dwfc, &dbfc, &dwp, &dbp}) std::fill(a->mutable_data(), a->mutable_data() + a->size(), 0.0f);
-        linear_backward(dh.data(), dwp.mutable_data(), dbp.mutable_data(), dout.data(), hg.data(), wproj.data(), N, F, C,
-                        false);
-        gelu_backward(dh.data(), dh.data(), h.data(), dh.size());
-        linear_backward(dx.mutable_data(), dwfc.mutable_data(), dbfc.mutable_data(), dh.data(), x.data(), wfc.data(), N,
-                        C, F, false);
+        feedforward_backward(dx.mutable_data(), {dwfc.mutable_data(), dbfc.mutable_data(), dwp.mutable_data(), dbp.mutable_data()},
+                             dout.data(), x.data(), h.data(), hg.data(), dh.data(), ff, N);
         return py::make_tuple(dx, dwfc, dbfc, dwp, dbp);
     });
     k.def("cross_entropy_forward", [dims](FloatArray logits, IntArray targets) {

@@ -22,9 +22,9 @@ struct Config {
 };
 
 // ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
+// ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
-
 // 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp).
 struct AlignedFree { void operator()(float* p) const; };
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
@@ -120,6 +120,7 @@ inline float gelu(float x) { return x * gelu_sigmoid(x); }
 // ---- counter-based RNG and dropout (cllm_dropout.cpp) ----------------------------------------------
 // A mask is a pure function of (seed, site, index), so the backward regenerates it instead of storing it, and
 // results do not depend on threads.
+// results do not depend on threads.
 uint64_t mix64(uint64_t x);
 inline bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, uint32_t threshold) {
     return (uint32_t)(mix64(seed ^ mix64(site * 0x9E3779B97F4A7C15ULL + index)) >> 32) >= threshold;
@@ -190,9 +191,24 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16 = false);
 // The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
-
+// cllm_feedforward.cpp: GELU (tanh approximation) and the block's MLP, c_fc -> GELU -> c_proj.
 // cllm_feedforward.cpp: GELU (tanh approximation) and the two-layer MLP built on linear_*.
 void gelu_forward(float* out, const float* inp, size_t n);
+struct FeedForward {  // the MLP's weights: c_fc [C,F] + [F], c_proj [F,C] + [C]
+    const float *fc_w, *fc_b, *proj_w, *proj_b;
+    int C, F;
+    bool bf16 = false;
+};
+struct FeedForwardGrads {  // accumulated into (+=)
+    float *fc_w, *fc_b, *proj_w, *proj_b;
+};
+// out[N,C] = c_proj(gelu(c_fc(inp))). Keeps the pre-activation fch [N,F] for the backward; gelu_out [N,F]
+// receives GELU's output (from c_fc's GEMM epilogue).
+void feedforward_forward(float* out, float* fch, float* gelu_out, const float* inp, const FeedForward& ff, int N);
+// dinp[N,C] = the input's gradient (written, not added), g += the weight gradients. GELU is recomputed from fch into
+// gelu_scratch [N,F]; dfch [N,F] is scratch. dinp may alias dout (dout is read before dinp is written).
+void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
+                          const float* fch, float* gelu_scratch, float* dfch, const FeedForward& ff, int N);
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
 
 // cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
@@ -203,7 +219,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
 // Both at once: losses and dlogits in one pass over the logits (in place).
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
                          float scale);
-
+// ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
     Config cfg;
@@ -217,6 +233,8 @@ struct Model {
     uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
 
     Model(const Config& c, uint64_t seed);
+    FeedForward mlp(int layer) const;  // layer's MLP weights as the feed-forward kernels take them
+    FeedForwardGrads mlp_grads(int layer) const;
     const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
     Dropout step_dropout() const;
     // Forward through every layer, keeping the activations; logits land in acts.logits.
@@ -245,7 +263,7 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 // all_logits (optional) receives the logits each new token was sampled from.
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
                               int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
-
+int get_num_threads();  // cllm_model.cpp
 int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);
 

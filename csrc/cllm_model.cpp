@@ -75,6 +75,16 @@ Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(c) {
     }
 }
 
+FeedForward Model::mlp(int layer) const {
+    const LayerTensors& w = p.layers[layer];
+    return {w.fc_w, w.fc_b, w.fcproj_w, w.fcproj_b, cfg.embedding_dim, cfg.ff_dim, cfg.bf16};
+}
+
+FeedForwardGrads Model::mlp_grads(int layer) const {
+    const LayerTensors& w = g.layers[layer];
+    return {w.fc_w, w.fc_b, w.fcproj_w, w.fcproj_b};
+}
+
 void Model::zero_grad() { std::memset(grads.get(), 0, layout.total * sizeof(float)); }
 
 int get_num_threads() { return omp_get_max_threads(); }
