@@ -22,9 +22,9 @@ struct Config {
 };
 
 // ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
-// ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
+
 // 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp).
 struct AlignedFree { void operator()(float* p) const; };
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
@@ -83,7 +83,7 @@ struct Activations {
 // Floats of the arena for a (B, T) step (what allocate reserves), without allocating.
 size_t activation_floats(const Config& c, int B, int T);
 
-// ---- vectorisable transcendental functions ------------------------------------------------------
+// ---- vectorisable helpers ------------------------------------------------------------------------
 // Plain arithmetic (no libm call), so `omp simd` loops over them become AVX-512/AVX2 code.
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, scale by 2^n.
 // Relative error about 2e-7 over the float range; exp(x) = 0 below -87.3 (covers -inf).
@@ -106,6 +106,13 @@ inline float fast_exp(float x) {
     const float scale = __builtin_bit_cast(float, bits);
     return x != x ? x : (x < lo ? 0.0f : p * scale);  // NaN in, NaN out
 }
+// a . b over n floats (decode's one-row products)
+inline float dot(const float* a, const float* b, int n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 // GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
 // x * sigmoid(2u) = x / (1 + exp(-2u)), the same function with one exp and one division.
@@ -119,7 +126,6 @@ inline float gelu(float x) { return x * gelu_sigmoid(x); }
 
 // ---- counter-based RNG and dropout (cllm_dropout.cpp) ----------------------------------------------
 // A mask is a pure function of (seed, site, index), so the backward regenerates it instead of storing it, and
-// results do not depend on threads.
 // results do not depend on threads.
 uint64_t mix64(uint64_t x);
 inline bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, uint32_t threshold) {
@@ -167,6 +173,9 @@ bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emula
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
                     bool bf16 = false, float* gelu_out = nullptr);
+// linear_forward's path for one fp32 row (decode): no packing, which for one row costs as much as the product.
+void linear_forward_row(float* out, const float* inp, const float* w, const float* bias, int IC, int OC,
+                        float* gelu_out = nullptr);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
@@ -191,9 +200,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16 = false);
 // The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
+// Decode: the query of row t of qkv [t+1, 3C] (one sequence, the training layout) against rows 0..t; out [C].
+void attention_decode(float* out, const float* qkv, int t, int C, int H);
+
 // cllm_feedforward.cpp: GELU (tanh approximation) and the block's MLP, c_fc -> GELU -> c_proj.
-// cllm_feedforward.cpp: GELU (tanh approximation) and the two-layer MLP built on linear_*.
 void gelu_forward(float* out, const float* inp, size_t n);
+void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
 struct FeedForward {  // the MLP's weights: c_fc [C,F] + [F], c_proj [F,C] + [C]
     const float *fc_w, *fc_b, *proj_w, *proj_b;
     int C, F;
@@ -209,7 +221,6 @@ void feedforward_forward(float* out, float* fch, float* gelu_out, const float* i
 // gelu_scratch [N,F]; dfch [N,F] is scratch. dinp may alias dout (dout is read before dinp is written).
 void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
                           const float* fch, float* gelu_scratch, float* dfch, const FeedForward& ff, int N);
-void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
 
 // cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
 // dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
@@ -219,7 +230,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
 // Both at once: losses and dlogits in one pass over the logits (in place).
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
                          float scale);
-// ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
+
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
     Config cfg;
@@ -233,9 +244,9 @@ struct Model {
     uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
 
     Model(const Config& c, uint64_t seed);
+    const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
     FeedForward mlp(int layer) const;  // layer's MLP weights as the feed-forward kernels take them
     FeedForwardGrads mlp_grads(int layer) const;
-    const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
     Dropout step_dropout() const;
     // Forward through every layer, keeping the activations; logits land in acts.logits.
     void forward(const int32_t* tokens, int B, int T, const Dropout& d);
@@ -263,7 +274,7 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 // all_logits (optional) receives the logits each new token was sampled from.
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
                               int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
-int get_num_threads();  // cllm_model.cpp
+
 int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);
 
