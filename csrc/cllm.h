@@ -1,5 +1,5 @@
 // CLLM core: configuration, parameter/activation layouts and the kernel declarations.
-// Every part has its forward and backward side by side in its own file (see DESIGN.md).
+// Every part has its forward and backward side by side in its own file (see docs/design.md).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -21,11 +21,11 @@ struct Config {
     bool bf16 = false;        // matmul inputs in bfloat16, fp32 accumulation; weights/optimizer stay fp32
 };
 
+// ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
 
-// ---- memory ---------------------------------------------------------------------------------
-// 64-byte aligned float buffer (AVX-512 loads), zero-initialised.
+// 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp).
 struct AlignedFree { void operator()(float* p) const; };
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
 FloatBuffer alloc_floats(size_t n);
@@ -83,7 +83,7 @@ struct Activations {
 // Floats of the arena for a (B, T) step (what allocate reserves), without allocating.
 size_t activation_floats(const Config& c, int B, int T);
 
-// ---- vectorisable transcendental functions ------------------------------------------------------
+// ---- vectorisable helpers ------------------------------------------------------------------------
 // Plain arithmetic (no libm call), so `omp simd` loops over them become AVX-512/AVX2 code.
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, scale by 2^n.
 // Relative error about 2e-7 over the float range; exp(x) = 0 below -87.3 (covers -inf).
@@ -106,6 +106,13 @@ inline float fast_exp(float x) {
     const float scale = __builtin_bit_cast(float, bits);
     return x != x ? x : (x < lo ? 0.0f : p * scale);  // NaN in, NaN out
 }
+// a . b over n floats (decode's one-row products)
+inline float dot(const float* a, const float* b, int n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 // GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
 // x * sigmoid(2u) = x / (1 + exp(-2u)), the same function with one exp and one division.
@@ -117,8 +124,9 @@ inline float gelu_sigmoid(float x) {  // sigmoid(2u); exactly 0 where exp(-2u) o
 #pragma omp declare simd
 inline float gelu(float x) { return x * gelu_sigmoid(x); }
 
-// ---- counter-based RNG for dropout: a mask is a pure function of (seed, site, index) -----------
-// so the backward regenerates it instead of storing it, and results do not depend on threads.
+// ---- counter-based RNG and dropout (cllm_dropout.cpp) ----------------------------------------------
+// A mask is a pure function of (seed, site, index), so the backward regenerates it instead of storing it, and
+// results do not depend on threads.
 uint64_t mix64(uint64_t x);
 inline bool dropout_keep(uint64_t seed, uint64_t site, uint64_t index, uint32_t threshold) {
     return (uint32_t)(mix64(seed ^ mix64(site * 0x9E3779B97F4A7C15ULL + index)) >> 32) >= threshold;
@@ -138,6 +146,8 @@ struct Dropout {
 void dropout_forward(float* x, size_t n, const Dropout& d, uint64_t site);
 void dropout_backward(float* dx, size_t n, const Dropout& d, uint64_t site);
 void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
+// Floats of all the masks of a [B, T] step (what Model.dropout_masks returns), saturating at SIZE_MAX.
+size_t dropout_mask_floats(const Config& c, int B, int T);
 
 // ---- kernels (one file each) -------------------------------------------------------------------
 // cllm_matmul.cpp: the GEMM, and the linear layer built on it.
@@ -175,6 +185,9 @@ bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emula
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
                     bool bf16 = false, float* gelu_out = nullptr);
+// linear_forward's path for one fp32 row (decode): no packing, which for one row costs as much as the product.
+void linear_forward_row(float* out, const float* inp, const float* w, const float* bias, int IC, int OC,
+                        float* gelu_out = nullptr);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
@@ -199,10 +212,27 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16 = false);
 // The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
+// Decode: the query of row t of qkv [t+1, 3C] (one sequence, the training layout) against rows 0..t; out [C].
+void attention_decode(float* out, const float* qkv, int t, int C, int H);
 
-// cllm_feedforward.cpp: GELU (tanh approximation) and the two-layer MLP built on linear_*.
+// cllm_feedforward.cpp: GELU (tanh approximation) and the block's MLP, c_fc -> GELU -> c_proj.
 void gelu_forward(float* out, const float* inp, size_t n);
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
+struct FeedForward {  // the MLP's weights: c_fc [C,F] + [F], c_proj [F,C] + [C]
+    const float *fc_w, *fc_b, *proj_w, *proj_b;
+    int C, F;
+    bool bf16 = false;
+};
+struct FeedForwardGrads {  // accumulated into (+=)
+    float *fc_w, *fc_b, *proj_w, *proj_b;
+};
+// out[N,C] = c_proj(gelu(c_fc(inp))). Keeps the pre-activation fch [N,F] for the backward; gelu_out [N,F]
+// receives GELU's output (from c_fc's GEMM epilogue).
+void feedforward_forward(float* out, float* fch, float* gelu_out, const float* inp, const FeedForward& ff, int N);
+// dinp[N,C] = the input's gradient (written, not added), g += the weight gradients. GELU is recomputed from fch into
+// gelu_scratch [N,F]; dfch [N,F] is scratch. dinp may alias dout (dout is read before dinp is written).
+void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
+                          const float* fch, float* gelu_scratch, float* dfch, const FeedForward& ff, int N);
 
 // cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
 // dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
@@ -213,7 +243,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
                          float scale);
 
-// ---- the model (cllm_forward.cpp, cllm_backward.cpp) --------------------------------------------
+// ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
     Config cfg;
     ParamLayout layout;
@@ -227,6 +257,8 @@ struct Model {
 
     Model(const Config& c, uint64_t seed);
     const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
+    FeedForward mlp(int layer) const;  // layer's MLP weights as the feed-forward kernels take them
+    FeedForwardGrads mlp_grads(int layer) const;
     Dropout step_dropout() const;
     // Forward through every layer, keeping the activations; logits land in acts.logits.
     void forward(const int32_t* tokens, int B, int T, const Dropout& d);
@@ -259,7 +291,7 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int 
 // return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX instead of wrapping around.
 size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits);
 
-int get_num_threads();
+int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);
 
 }  // namespace cllm

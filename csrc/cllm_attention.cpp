@@ -196,4 +196,48 @@ void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, u
                 }
 }
 
+namespace {
+// s[0:n] = softmax(s * scale) in place; returns the log-sum-exp of the scaled scores. attention_forward's row
+// arithmetic, so that a cached decode and a full forward agree.
+float softmax_row(float* s, int n, float scale) {
+    float mx = -INFINITY;
+    #pragma omp simd reduction(max : mx)
+    for (int j = 0; j < n; j++) mx = std::max(mx, s[j] * scale);
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+        s[j] = fast_exp(s[j] * scale - mx);
+        sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int j = 0; j < n; j++) s[j] *= inv;
+    return mx + std::log(sum);
+}
+}  // namespace
+
+void attention_decode(float* out, const float* qkv, int t, int C, int H) {
+    const int hs = C / H, ld = 3 * C;
+    const float scale = 1.0f / std::sqrt((float)hs);
+    #pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        thread_local std::vector<float> scores;  // grows with the context, amortised
+        if (scores.size() < (size_t)t + 1) scores.resize((size_t)t + 1);
+        float* s = scores.data();
+        const float* q = qkv + (size_t)t * ld + h * hs;
+        const float* k = qkv + C + h * hs;
+        const float* v = k + C;
+        for (int j = 0; j <= t; j++) s[j] = dot(q, k + (size_t)j * ld, hs);
+        softmax_row(s, t + 1, scale);
+        float* o = out + h * hs;
+        std::fill(o, o + hs, 0.0f);
+        for (int j = 0; j <= t; j++) {
+            const float p = s[j];
+            const float* vj = v + (size_t)j * ld;
+            #pragma omp simd
+            for (int i = 0; i < hs; i++) o[i] += p * vj[i];
+        }
+    }
+}
+
 }  // namespace cllm

@@ -8,7 +8,7 @@ namespace cllm {
 
 void Model::backward(const int32_t* tokens, const Dropout& d) {
     const int B = acts.B, T = acts.T;
-    const int C = cfg.embedding_dim, F = cfg.ff_dim, V = cfg.vocab_size, H = cfg.num_heads;
+    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads;
     const int N = B * T;
     const size_t NC = (size_t)N * C;
     const float* dlogits = acts.logits;
@@ -39,11 +39,8 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
 
         // res3 = res2 + drop(fcproj(gelu(fc(ln2(res2))))): dres flows to res2 unchanged, plus the MLP branch
         const float* dmlp = branch_grad(dres, site_mlp_resid(l));
-        gelu_forward(acts.gelu_out, a.fch, (size_t)N * F);  // recompute the GELU output
-        linear_backward(acts.dfch, gw.fcproj_w, gw.fcproj_b, dmlp, acts.gelu_out, w.fcproj_w, N, F, C, false, cfg.bf16);
-        gelu_backward(acts.dfch, acts.dfch, a.fch, (size_t)N * F);
         layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);  // recompute
-        linear_backward(acts.dln, gw.fc_w, gw.fc_b, acts.dfch, acts.ln_out, w.fc_w, N, C, F, false, cfg.bf16);
+        feedforward_backward(acts.dln, mlp_grads(l), dmlp, acts.ln_out, a.fch, acts.gelu_out, acts.dfch, mlp(l), N);
         layernorm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
 
         // res2 = x_in + drop(attproj(attn(qkv(ln1(x_in)))))

@@ -1,16 +1,13 @@
 // The whole-model training forward: every layer in order, keeping the activations the backward needs.
 //   x = drop(wte[tokens] + pos); per block: x += drop(attn(ln_1(x))); x += drop(mlp(ln_2(x)));
 //   logits = ln_f(x) @ wte^T
-#include <cmath>
-#include <cstring>
-
 #include "cllm.h"
 
 namespace cllm {
 
 void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
     if (acts.B != B || acts.T != T) acts.allocate(cfg, B, T);
-    const int C = cfg.embedding_dim, F = cfg.ff_dim, V = cfg.vocab_size, H = cfg.num_heads;
+    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads;
     const int N = B * T;
     const size_t NC = (size_t)N * C;
 
@@ -28,8 +25,7 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res2[i] += x[i];
         layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
-        linear_forward(a.fch, acts.ln_out, w.fc_w, w.fc_b, N, C, F, cfg.bf16, acts.gelu_out);  // + GELU
-        linear_forward(a.res3, acts.gelu_out, w.fcproj_w, w.fcproj_b, N, F, C, cfg.bf16);
+        feedforward_forward(a.res3, a.fch, acts.gelu_out, acts.ln_out, mlp(l), N);
         dropout_forward(a.res3, NC, d, site_mlp_resid(l));
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res3[i] += a.res2[i];

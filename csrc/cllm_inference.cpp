@@ -1,5 +1,6 @@
-// KV-cached generation and sampling. The prompt is prefilled with the training forward (one batched pass),
-// its keys/values copied into the cache; each new token then costs one row through every layer.
+// KV-cached generation and sampling. The prompt is prefilled with the training forward (one batched pass) and
+// its qkv rows become the cache; each new token then runs one row through every layer on the training kernels
+// (linear_forward takes its one-row path), its qkv row appended to the cache.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,80 +14,52 @@ namespace cllm {
 
 namespace {
 
-inline float dot(const float* a, const float* b, int n) {
-    float s = 0.0f;
-    #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * 3 * c.embedding_dim; }
+size_t scratch_floats(const Config& c) { return 4 * (size_t)c.embedding_dim + 2 * (size_t)c.ff_dim; }
 
-// out[OC] = x[IC] @ w[IC,OC] + b, columns split across threads
-void row_linear(float* out, const float* x, const float* w, const float* b, int IC, int OC) {
-    #pragma omp parallel for schedule(static)
-    for (int j0 = 0; j0 < OC; j0 += 64) {
-        int j1 = std::min(OC, j0 + 64);
-        float acc[64];
-        for (int j = j0; j < j1; j++) acc[j - j0] = b ? b[j] : 0.0f;
-        for (int i = 0; i < IC; i++) {
-            const float xi = x[i];
-            const float* wr = w + (size_t)i * OC;
-            #pragma omp simd
-            for (int j = j0; j < j1; j++) acc[j - j0] += xi * wr[j];
-        }
-        std::memcpy(out + j0, acc, (j1 - j0) * sizeof(float));
-    }
-}
-
+// Per layer the qkv rows of the context [max_seq_len, 3C], the training layout, and one token's scratch.
 struct Cache {
     int len = 0;
-    std::vector<std::vector<float>> k, v;  // per layer [max_seq_len, C]
+    std::vector<FloatBuffer> qkv;
+    FloatBuffer x, ln, att, proj, fch, gelu;  // scratch_floats(c) in all
+    explicit Cache(const Config& c) {
+        for (int l = 0; l < c.num_layers; l++) qkv.push_back(alloc_floats(cache_floats_per_layer(c)));
+        for (FloatBuffer* b : {&x, &ln, &att, &proj}) *b = alloc_floats(c.embedding_dim);
+        for (FloatBuffer* b : {&fch, &gelu}) *b = alloc_floats(c.ff_dim);
+    }
 };
 
-size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * c.embedding_dim; }  // of k or v
+void add_inplace(float* x, const float* y, int n) {
+    #pragma omp simd
+    for (int i = 0; i < n; i++) x[i] += y[i];
+}
 
-// Append one token at position cache.len; logits [V] of the next token.
+// Append one token at position cache.len; logits [V] of the next token. Runs in fp32 whatever the model's
+// precision (one row is bound by reading the weights, not by the products).
 void decode_step(Model& m, Cache& cache, int32_t token, float* logits) {
     const Config& c = m.cfg;
-    const int C = c.embedding_dim, F = c.ff_dim, H = c.num_heads, hs = C / H, t = cache.len;
-    std::vector<float> x(C), ln(C), qkv(3 * C), att(C), h(F), tmp(C), scores(t + 1);
+    const int C = c.embedding_dim, t = cache.len;
+    float *x = cache.x.get(), *ln = cache.ln.get(), *att = cache.att.get(), *proj = cache.proj.get();
     float mean, rstd;
-    const float* pos = m.positions() + (size_t)t * C;
-    for (int i = 0; i < C; i++) x[i] = m.p.wte[(size_t)token * C + i] + pos[i];
-    const float scale = 1.0f / std::sqrt((float)hs);
+    embedding_forward(x, &token, m.p.wte, m.positions() + (size_t)t * C, 1, 1, C);
     for (int l = 0; l < c.num_layers; l++) {
         const LayerTensors& w = m.p.layers[l];
-        layernorm_forward(ln.data(), &mean, &rstd, x.data(), w.ln1_w, w.ln1_b, 1, C);
-        row_linear(qkv.data(), ln.data(), w.qkv_w, w.qkv_b, C, 3 * C);
-        std::memcpy(cache.k[l].data() + (size_t)t * C, qkv.data() + C, C * sizeof(float));
-        std::memcpy(cache.v[l].data() + (size_t)t * C, qkv.data() + 2 * C, C * sizeof(float));
-        for (int hh = 0; hh < H; hh++) {
-            const float* q = qkv.data() + hh * hs;
-            float mx = -INFINITY;
-            for (int j = 0; j <= t; j++) {
-                scores[j] = dot(q, cache.k[l].data() + (size_t)j * C + hh * hs, hs) * scale;
-                mx = std::max(mx, scores[j]);
-            }
-            float sum = 0.0f;
-            for (int j = 0; j <= t; j++) sum += (scores[j] = std::exp(scores[j] - mx));
-            float* o = att.data() + hh * hs;
-            std::fill(o, o + hs, 0.0f);
-            for (int j = 0; j <= t; j++) {
-                const float pj = scores[j] / sum;
-                const float* vj = cache.v[l].data() + (size_t)j * C + hh * hs;
-                for (int i = 0; i < hs; i++) o[i] += pj * vj[i];
-            }
-        }
-        row_linear(tmp.data(), att.data(), w.attproj_w, w.attproj_b, C, C);
-        for (int i = 0; i < C; i++) x[i] += tmp[i];
-        layernorm_forward(ln.data(), &mean, &rstd, x.data(), w.ln2_w, w.ln2_b, 1, C);
-        row_linear(h.data(), ln.data(), w.fc_w, w.fc_b, C, F);
-        gelu_forward(h.data(), h.data(), F);
-        row_linear(tmp.data(), h.data(), w.fcproj_w, w.fcproj_b, F, C);
-        for (int i = 0; i < C; i++) x[i] += tmp[i];
+        float* qkv = cache.qkv[l].get();
+        layernorm_forward(ln, &mean, &rstd, x, w.ln1_w, w.ln1_b, 1, C);
+        linear_forward(qkv + (size_t)t * 3 * C, ln, w.qkv_w, w.qkv_b, 1, C, 3 * C);
+        attention_decode(att, qkv, t, C, c.num_heads);
+        linear_forward(proj, att, w.attproj_w, w.attproj_b, 1, C, C);
+        add_inplace(x, proj, C);
+        layernorm_forward(ln, &mean, &rstd, x, w.ln2_w, w.ln2_b, 1, C);
+        FeedForward ff = m.mlp(l);
+        ff.bf16 = false;
+        feedforward_forward(proj, cache.fch.get(), cache.gelu.get(), ln, ff, 1);
+        add_inplace(x, proj, C);
     }
-    layernorm_forward(ln.data(), &mean, &rstd, x.data(), m.p.lnf_w, m.p.lnf_b, 1, C);
+    layernorm_forward(ln, &mean, &rstd, x, m.p.lnf_w, m.p.lnf_b, 1, C);
+    // tied head, one row: the training forward's GEMM would pack all of wte for it
     #pragma omp parallel for schedule(static)
-    for (int v = 0; v < c.vocab_size; v++) logits[v] = dot(m.p.wte + (size_t)v * C, ln.data(), C);
+    for (int v = 0; v < c.vocab_size; v++) logits[v] = dot(m.p.wte + (size_t)v * C, ln, C);
     cache.len++;
 }
 
@@ -94,13 +67,8 @@ void decode_step(Model& m, Cache& cache, int32_t token, float* logits) {
 void prefill(Model& m, Cache& cache, const std::vector<int32_t>& ctx, float* logits) {
     const int T = (int)ctx.size(), C = m.cfg.embedding_dim, V = m.cfg.vocab_size;
     m.forward(ctx.data(), 1, T, Dropout{});
-    for (int l = 0; l < m.cfg.num_layers; l++) {
-        const float* qkv = m.acts.layers[l].qkv;
-        for (int t = 0; t < T; t++) {
-            std::memcpy(cache.k[l].data() + (size_t)t * C, qkv + (size_t)t * 3 * C + C, C * sizeof(float));
-            std::memcpy(cache.v[l].data() + (size_t)t * C, qkv + (size_t)t * 3 * C + 2 * C, C * sizeof(float));
-        }
-    }
+    for (int l = 0; l < m.cfg.num_layers; l++)
+        std::memcpy(cache.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * 3 * C * sizeof(float));
     std::memcpy(logits, m.acts.logits + (size_t)(T - 1) * V, V * sizeof(float));
     cache.len = T;
 }
@@ -147,9 +115,7 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int 
     if ((int)prompt.size() > Tmax)
         throw std::invalid_argument("prompt length " + std::to_string(prompt.size()) + " exceeds max_seq_len " +
                                     std::to_string(Tmax));
-    Cache cache;
-    cache.k.assign(m.cfg.num_layers, std::vector<float>(cache_floats_per_layer(m.cfg)));
-    cache.v.assign(m.cfg.num_layers, std::vector<float>(cache_floats_per_layer(m.cfg)));
+    Cache cache(m.cfg);
     std::vector<int32_t> ctx = prompt, out;
     std::vector<float> logits(V);
     prefill(m, cache, ctx, logits.data());
@@ -172,7 +138,8 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int 
 
 size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits) {
     using u128 = unsigned __int128;
-    const u128 total = (u128)2 * c.num_layers * cache_floats_per_layer(c) + activation_floats(c, 1, c.max_seq_len) +
+    const u128 total = (u128)c.num_layers * cache_floats_per_layer(c) + scratch_floats(c) +
+                       activation_floats(c, 1, c.max_seq_len) +
                        (return_logits ? (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
     return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
 }

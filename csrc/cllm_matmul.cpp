@@ -599,6 +599,7 @@ bool bf16_native() {
 
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
                     float* gelu_out) {
+    if (N == 1 && !bf16) return linear_forward_row(out, inp, w, bias, IC, OC, gelu_out);
     // the bias is added as each output tile is first stored, GELU as it is finished: no extra passes over out
     gemm({.c = out, .ldc = OC, .a = {inp, IC}, .b = {w, OC}, .m = N, .n = OC, .k = IC, .bf16 = bf16, .bias = bias,
           .gelu_out = gelu_out});
@@ -613,6 +614,28 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
         gemm({.c = dw, .ldc = OC, .a = {inp, IC, true}, .b = {dout, OC}, .m = IC, .n = OC, .k = N, .accumulate = true,
               .bf16 = bf16});
     if (dbias && N > 0 && OC > 0) bias_backward(dbias, dout, N, OC);  // (no rows or no columns: nothing to add)
+}
+
+// Columns in 64-wide strips across threads, each summed over the inputs in order in registers.
+void linear_forward_row(float* out, const float* inp, const float* w, const float* bias, int IC, int OC,
+                        float* gelu_out) {
+    #pragma omp parallel for schedule(static)
+    for (int j0 = 0; j0 < OC; j0 += 64) {
+        const int j1 = std::min(OC, j0 + 64);
+        float acc[64];
+        for (int j = j0; j < j1; j++) acc[j - j0] = bias ? bias[j] : 0.0f;
+        for (int i = 0; i < IC; i++) {
+            const float xi = inp[i];
+            const float* wr = w + (size_t)i * OC;
+            #pragma omp simd
+            for (int j = j0; j < j1; j++) acc[j - j0] += xi * wr[j];
+        }
+        std::memcpy(out + j0, acc, (j1 - j0) * sizeof(float));
+        if (gelu_out) {
+            #pragma omp simd
+            for (int j = j0; j < j1; j++) gelu_out[j] = gelu(acc[j - j0]);
+        }
+    }
 }
 
 }  // namespace cllm

@@ -1,0 +1,237 @@
+// _core.kernels: each part's forward and backward on float32 NumPy arrays, for the oracle tests and benchmarks.
+// Shapes are checked and outputs allocated with the GIL held; the kernel itself runs without it.
+#include <vector>
+
+#include "bindings.h"
+#include "cllm.h"
+
+namespace cllm_py {
+
+using namespace cllm;
+
+namespace {
+
+void dims(const FloatArray& a, int nd, const char* what) {
+    if (a.ndim() != nd) throw py::value_error(std::string(what) + " must be " + std::to_string(nd) + "-D");
+}
+
+FloatArray like(const FloatArray& x) { return FloatArray(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim())); }
+
+// qkv [B, T, 3C] with C % H == 0
+void qkv_dims(const FloatArray& qkv, int H, int& B, int& T, int& C) {
+    dims(qkv, 3, "qkv");
+    B = qkv.shape(0), T = qkv.shape(1), C = qkv.shape(2) / 3;
+    require(qkv.shape(2) % 3 == 0 && H > 0 && C % H == 0, "qkv last dim must be 3C with C % H == 0");
+}
+
+// logits [N, V] and targets [N] in [0, V)
+void logits_dims(const FloatArray& logits, const IntArray& targets, int& N, int& V) {
+    dims(logits, 2, "logits");
+    N = logits.shape(0), V = logits.shape(1);
+    require(targets.ndim() == 1 && targets.shape(0) == N, "targets must be [N]");
+    for (int i = 0; i < N; i++) require(targets.data()[i] >= 0 && targets.data()[i] < V, "target out of range");
+}
+
+FloatArray sinusoidal(int P, int C) {
+    require(P > 0 && C > 0, "P and C must be positive");
+    FloatArray out = empty({P, C});
+    float* o = out.mutable_data();
+    nogil([&] { sinusoidal_table(o, P, C); });
+    return out;
+}
+
+FloatArray embedding_fwd(IntArray tokens, FloatArray wte, FloatArray pos) {
+    dims(wte, 2, "wte");
+    dims(pos, 2, "pos");
+    require(tokens.ndim() == 2, "tokens must be 2-D");
+    const int B = tokens.shape(0), T = tokens.shape(1), C = wte.shape(1);
+    require(pos.shape(1) == C && pos.shape(0) >= T, "pos must be [P>=T, C]");
+    check_tokens(tokens, "tokens", wte.shape(0), pos.shape(0));
+    FloatArray out = empty({B, T, C});
+    float* o = out.mutable_data();
+    nogil([&] { embedding_forward(o, tokens.data(), wte.data(), pos.data(), B, T, C); });
+    return out;
+}
+
+py::tuple embedding_bwd(FloatArray dout, IntArray tokens, int V, int P) {
+    dims(dout, 3, "dout");
+    const int B = dout.shape(0), T = dout.shape(1), C = dout.shape(2);
+    require(tokens.ndim() == 2 && tokens.shape(0) == B && tokens.shape(1) == T, "tokens must be [B,T]");
+    check_tokens(tokens, "tokens", V, P);
+    FloatArray dwte = zeros({V, C}), dpos = zeros({P, C});
+    float *dw = dwte.mutable_data(), *dp = dpos.mutable_data();
+    nogil([&] { embedding_backward(dw, dp, dout.data(), tokens.data(), B, T, C); });
+    return py::make_tuple(dwte, dpos);
+}
+
+py::tuple layernorm_fwd(FloatArray x, FloatArray w, FloatArray b) {
+    dims(x, 2, "x");
+    const int N = x.shape(0), C = x.shape(1);
+    require(w.size() == C && b.size() == C, "w and b must have C elements");
+    FloatArray out = empty({N, C}), mean = empty({N}), rstd = empty({N});
+    float *o = out.mutable_data(), *m = mean.mutable_data(), *r = rstd.mutable_data();
+    nogil([&] { layernorm_forward(o, m, r, x.data(), w.data(), b.data(), N, C); });
+    return py::make_tuple(out, mean, rstd);
+}
+
+py::tuple layernorm_bwd(FloatArray dout, FloatArray x, FloatArray w, FloatArray mean, FloatArray rstd) {
+    dims(x, 2, "x");
+    const int N = x.shape(0), C = x.shape(1);
+    require(dout.size() == (py::ssize_t)N * C && w.size() == C && mean.size() == N && rstd.size() == N,
+            "shape mismatch");
+    FloatArray dx = zeros({N, C}), dw = zeros({C}), db = zeros({C});
+    float *dxp = dx.mutable_data(), *dwp = dw.mutable_data(), *dbp = db.mutable_data();
+    nogil([&] {
+        layernorm_backward(dxp, dwp, dbp, dout.data(), x.data(), w.data(), mean.data(), rstd.data(), N, C);
+    });
+    return py::make_tuple(dx, dw, db);
+}
+
+FloatArray linear_fwd(FloatArray x, FloatArray w, FloatArray b) {
+    dims(x, 2, "x");
+    dims(w, 2, "w");
+    const int N = x.shape(0), IC = x.shape(1), OC = w.shape(1);
+    require(w.shape(0) == IC && b.size() == OC, "shape mismatch");
+    FloatArray out = empty({N, OC});
+    float* o = out.mutable_data();
+    nogil([&] { linear_forward(o, x.data(), w.data(), b.data(), N, IC, OC); });
+    return out;
+}
+
+py::tuple linear_bwd(FloatArray dout, FloatArray x, FloatArray w) {
+    dims(x, 2, "x");
+    dims(w, 2, "w");
+    const int N = x.shape(0), IC = x.shape(1), OC = w.shape(1);
+    require(w.shape(0) == IC && dout.size() == (py::ssize_t)N * OC, "shape mismatch");
+    FloatArray dx = empty({N, IC}), dw = zeros({IC, OC}), db = zeros({OC});
+    float *dxp = dx.mutable_data(), *dwp = dw.mutable_data(), *dbp = db.mutable_data();
+    nogil([&] { linear_backward(dxp, dwp, dbp, dout.data(), x.data(), w.data(), N, IC, OC, false); });
+    return py::make_tuple(dx, dw, db);
+}
+
+FloatArray gelu_fwd(FloatArray x) {
+    FloatArray out = like(x);
+    float* o = out.mutable_data();
+    nogil([&] { gelu_forward(o, x.data(), x.size()); });
+    return out;
+}
+
+FloatArray gelu_bwd(FloatArray dout, FloatArray x) {
+    require(dout.size() == x.size(), "shape mismatch");
+    FloatArray out = like(x);
+    float* o = out.mutable_data();
+    nogil([&] { gelu_backward(o, dout.data(), x.data(), x.size()); });
+    return out;
+}
+
+py::tuple attention_fwd(FloatArray qkv, int H) {
+    int B, T, C;
+    qkv_dims(qkv, H, B, T, C);
+    FloatArray out = empty({B, T, C}), lse = empty({B, H, T});
+    float *o = out.mutable_data(), *l = lse.mutable_data();
+    nogil([&] { attention_forward(o, l, qkv.data(), B, T, C, H, Dropout{}, 0); });
+    return py::make_tuple(out, lse);
+}
+
+FloatArray attention_bwd(FloatArray dout, FloatArray qkv, FloatArray out, FloatArray lse, int H) {
+    int B, T, C;
+    qkv_dims(qkv, H, B, T, C);
+    require(dout.size() == (py::ssize_t)B * T * C && out.size() == dout.size() && lse.size() == (py::ssize_t)B * H * T,
+            "shape mismatch");
+    FloatArray dqkv = empty({B, T, 3 * C});
+    float* d = dqkv.mutable_data();
+    nogil([&] { attention_backward(d, dout.data(), qkv.data(), out.data(), lse.data(), B, T, C, H, Dropout{}, 0); });
+    return dqkv;
+}
+
+// The MLP's weights from x [N, C], w_fc [C, F], b_fc [F], w_proj [F, C], b_proj [C]
+FeedForward mlp_args(const FloatArray& x, const FloatArray& wfc, const FloatArray& bfc, const FloatArray& wproj,
+                     const FloatArray& bproj) {
+    dims(x, 2, "x");
+    dims(wfc, 2, "w_fc");
+    const int C = x.shape(1), F = wfc.shape(1);
+    require(wfc.shape(0) == C && bfc.size() == F && wproj.size() == (py::ssize_t)F * C && bproj.size() == C,
+            "shape mismatch");
+    return {wfc.data(), bfc.data(), wproj.data(), bproj.data(), C, F};
+}
+
+FloatArray feedforward_fwd(FloatArray x, FloatArray wfc, FloatArray bfc, FloatArray wproj, FloatArray bproj) {
+    const FeedForward ff = mlp_args(x, wfc, bfc, wproj, bproj);
+    const int N = x.shape(0);
+    FloatArray out = empty({N, ff.C});
+    float* o = out.mutable_data();
+    nogil([&] {
+        std::vector<float> fch((size_t)N * ff.F), act((size_t)N * ff.F);
+        feedforward_forward(o, fch.data(), act.data(), x.data(), ff, N);
+    });
+    return out;
+}
+
+py::tuple feedforward_bwd(FloatArray dout, FloatArray x, FloatArray wfc, FloatArray bfc, FloatArray wproj,
+                          FloatArray bproj) {
+    const FeedForward ff = mlp_args(x, wfc, bfc, wproj, bproj);
+    const int N = x.shape(0), C = ff.C, F = ff.F;
+    require(dout.size() == (py::ssize_t)N * C, "shape mismatch");
+    FloatArray dx = empty({N, C}), dwfc = zeros({C, F}), dbfc = zeros({F}), dwp = zeros({F, C}), dbp = zeros({C});
+    float* dxp = dx.mutable_data();
+    const FeedForwardGrads g{dwfc.mutable_data(), dbfc.mutable_data(), dwp.mutable_data(), dbp.mutable_data()};
+    nogil([&] {
+        std::vector<float> out((size_t)N * C), fch((size_t)N * F), act((size_t)N * F), dfch((size_t)N * F);
+        feedforward_forward(out.data(), fch.data(), act.data(), x.data(), ff, N);
+        feedforward_backward(dxp, g, dout.data(), x.data(), fch.data(), act.data(), dfch.data(), ff, N);
+    });
+    return py::make_tuple(dx, dwfc, dbfc, dwp, dbp);
+}
+
+FloatArray cross_entropy_fwd(FloatArray logits, IntArray targets) {
+    int N, V;
+    logits_dims(logits, targets, N, V);
+    FloatArray out = empty({N});
+    float* o = out.mutable_data();
+    nogil([&] { cross_entropy_forward(o, logits.data(), targets.data(), N, V); });
+    return out;
+}
+
+FloatArray cross_entropy_bwd(FloatArray logits, IntArray targets, float scale) {
+    int N, V;
+    logits_dims(logits, targets, N, V);
+    FloatArray out = empty({N, V});
+    float* o = out.mutable_data();
+    nogil([&] { cross_entropy_backward(o, logits.data(), targets.data(), N, V, scale); });
+    return out;
+}
+
+}  // namespace
+
+// C = op(a) op(b), op the transpose where asked
+FloatArray matmul_kernel(FloatArray a, FloatArray b, bool trans_a, bool trans_b, bool bf16) {
+    dims(a, 2, "a");
+    dims(b, 2, "b");
+    const int M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+    const int N = trans_b ? b.shape(0) : b.shape(1), Kb = trans_b ? b.shape(1) : b.shape(0);
+    require(K == Kb, "inner dimensions differ");
+    FloatArray out = empty({M, N});
+    float* c = out.mutable_data();
+    nogil([&] {
+        gemm({.c = c, .ldc = N, .a = {a.data(), (int)a.shape(1), trans_a}, .b = {b.data(), (int)b.shape(1), trans_b},
+              .m = M, .n = N, .k = K, .bf16 = bf16});
+    });
+    return out;
+}
+
+void bind_kernels(py::module_& mod) {
+    py::module_ k = mod.def_submodule("kernels", "Single kernels on float32 NumPy arrays");
+    // each part's forward and backward
+    k.def("sinusoidal_table", &sinusoidal);
+    k.def("embedding_forward", &embedding_fwd).def("embedding_backward", &embedding_bwd);
+    k.def("layernorm_forward", &layernorm_fwd).def("layernorm_backward", &layernorm_bwd);
+    k.def("linear_forward", &linear_fwd).def("linear_backward", &linear_bwd);
+    k.def("matmul", &matmul_kernel, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+          py::arg("bf16") = false);
+    k.def("gelu_forward", &gelu_fwd).def("gelu_backward", &gelu_bwd);
+    k.def("attention_forward", &attention_fwd).def("attention_backward", &attention_bwd);
+    k.def("feedforward_forward", &feedforward_fwd).def("feedforward_backward", &feedforward_bwd);
+    k.def("cross_entropy_forward", &cross_entropy_fwd).def("cross_entropy_backward", &cross_entropy_bwd);
+}
+
+}  // namespace cllm_py
