@@ -68,6 +68,24 @@ Rows& block_scratch(int T) {
 }
 }  // namespace
 
+// s[0:n] = softmax(s * scale) in place; returns the log-sum-exp of the scaled scores. One row arithmetic for the
+// training forward and the cached decode, so that the two agree.
+static inline float softmax_row(float* s, int n, float scale) {
+    float mx = -INFINITY;
+    #pragma omp simd reduction(max : mx)
+    for (int j = 0; j < n; j++) mx = std::max(mx, s[j] * scale);
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+        s[j] = fast_exp(s[j] * scale - mx);
+        sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int j = 0; j < n; j++) s[j] *= inv;
+    return mx + std::log(sum);
+}
+
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
                        uint64_t site, bool bf16) {
     const Heads hd(T, C, H, d);
@@ -89,23 +107,11 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
-                        float mx = -INFINITY;
-                        #pragma omp simd reduction(max : mx)
-                        for (int j = 0; j <= i; j++) mx = std::max(mx, s[j] * hd.scale);
-                        float sum = 0.0f;
-                        #pragma omp simd reduction(+ : sum)
-                        for (int j = 0; j <= i; j++) {
-                            s[j] = fast_exp(s[j] * hd.scale - mx);
-                            sum += s[j];
-                        }
-                        const float inv = 1.0f / sum;
-                        #pragma omp simd
-                        for (int j = 0; j <= i; j++) s[j] *= inv;
+                        lse[((size_t)b * H + h) * T + i] = softmax_row(s, i + 1, hd.scale);
                         if (d.active())
                             for (int j = 0; j <= i; j++)
                                 s[j] = hd.keeps(d, site, b, h, i, j) ? s[j] * hd.keep_scale : 0.0f;
                         for (int j = i + 1; j < i1; j++) s[j] = 0.0f;  // causal mask
-                        lse[((size_t)b * H + h) * T + i] = mx + std::log(sum);
                     }
                     // O = P V, P zero right of the diagonal
                     gemm({.c = out + ((size_t)b * T + i0) * C + h * hd.hs, .ldc = C, .a = {S, T}, .b = {v, hd.ld},
@@ -196,25 +202,6 @@ void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, u
                 }
 }
 
-namespace {
-// s[0:n] = softmax(s * scale) in place; returns the log-sum-exp of the scaled scores. attention_forward's row
-// arithmetic, so that a cached decode and a full forward agree.
-float softmax_row(float* s, int n, float scale) {
-    float mx = -INFINITY;
-    #pragma omp simd reduction(max : mx)
-    for (int j = 0; j < n; j++) mx = std::max(mx, s[j] * scale);
-    float sum = 0.0f;
-    #pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < n; j++) {
-        s[j] = fast_exp(s[j] * scale - mx);
-        sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    #pragma omp simd
-    for (int j = 0; j < n; j++) s[j] *= inv;
-    return mx + std::log(sum);
-}
-}  // namespace
 
 void attention_decode(float* out, const float* qkv, int t, int C, int H) {
     const int hs = C / H, ld = 3 * C;
