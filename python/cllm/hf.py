@@ -147,19 +147,19 @@ def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
     expected = parameter_shapes(config)
     weights, where, head = {}, {}, None
     for file in _weight_files(path):
-        for hf_name, arr in safetensors_io.read_float32(file).items():
-            name = cllm_name(hf_name)
+        for stored, arr in safetensors_io.read_float32(file).items():
+            name = cllm_name(stored)
             if name.endswith(_BUFFERS):
                 continue
             if name == "lm_head.weight":
                 head = (file, arr)
                 continue
             if name not in expected:
-                raise HFFormatError(f"{file}: unexpected tensor {hf_name} for a GPT-2 of this config")
+                raise HFFormatError(f"{file}: unexpected tensor {stored} for a GPT-2 of this config")
             if name in weights:
-                raise HFFormatError(f"{file}: tensor {hf_name} appears twice (also in {where[name]})")
+                raise HFFormatError(f"{file}: tensor {stored} appears twice (also in {where[name]})")
             if tuple(arr.shape) != tuple(expected[name]):
-                raise HFFormatError(f"{file}: tensor {hf_name} has shape {list(arr.shape)}, config.json needs "
+                raise HFFormatError(f"{file}: tensor {stored} has shape {list(arr.shape)}, config.json needs "
                                     f"{list(expected[name])}")
             weights[name], where[name] = arr, file
     missing = [n for n in expected if n not in weights]
