@@ -103,3 +103,28 @@ def test_gguf_loads_in_transformers(tmp_path):
     err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
     print(f"GGUF in transformers vs CLLM logits: {err:.2e} (tol 1e-4)")
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_gguf_runs_in_llama_cpp(tmp_path, tokenizer):
+    """llama.cpp itself (the llama-cpp-python package, which CI builds from source) loads the file, tokenizes
+    text to CLLM's ids and computes CLLM's logits. Tolerance 1e-3: llama.cpp's CPU GELU reads a float16 table."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (CI installs it)")
+    if tokenizer == "bpe":
+        model, tok = from_hf(FIXTURE)
+    else:
+        tok = ByteTokenizer()
+        model = cllm.Model(cllm.ModelConfig(vocab_size=256, max_seq_len=64, embedding_dim=32, num_layers=2,
+                                            num_heads=4, ff_dim=128), seed=1)
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=model.config.max_seq_len,
+                          n_threads=2, type_k=0, type_v=0)  # float32 KV cache
+    text = "def greet(name):\n    return name  # héllo"
+    ids = tok.encode(text).tolist()
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = model.forward(np.array([ids]))[0]
+    err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    print(f"llama.cpp vs CLLM logits ({tokenizer}): {err:.2e} (tol 1e-3)")
+    assert err < 1e-3
