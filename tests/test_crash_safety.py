@@ -23,7 +23,9 @@ import pytest
 import cllm
 from cllm.checkpoint import EXP_AVG_SQ, load_checkpoint, read_metadata
 from cllm.data import prepare
-from cllm.trainer import TrainConfig, Trainer, read_metrics
+from cllm.run_files import read_metrics
+from cllm.train_config import TrainConfig
+from cllm.trainer import Trainer
 
 FLAGS = ["--max-seq-len", "16", "--embedding-dim", "32", "--num-layers", "1", "--num-heads", "4", "--ff-dim", "64",
          "--batch-size", "4", "--eval-interval", "7", "--eval-batches", "2", "--warmup-steps", "3", "--no-progress",

@@ -19,6 +19,7 @@ from cllm.data import (
     read_corpus,
     write_tokens,
 )
+from cllm.errors import CLLMError
 from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def _patch(path, offset, fmt, value):
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         load_tokens(tmp_path / "nope.bin")
-    with pytest.raises(ValueError, match="nope.bin"):  # also a ValueError
+    with pytest.raises(CLLMError, match="nope.bin"):  # also a CLLMError
         load_tokens(tmp_path / "nope.bin")
 
 

@@ -21,9 +21,12 @@ import pytest
 
 from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
-from cllm.distributed import (DEFAULT_CHECK_INTERVAL, MPISetupError, _divergence_message, auto_communicator,
+from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
                               launched_world_size, mpirun_command)
-from cllm.trainer import SingleProcess, TrainConfig, Trainer, read_metrics
+from cllm.errors import MPISetupError
+from cllm.run_files import read_metrics
+from cllm.train_config import TrainConfig
+from cllm.trainer import Trainer
 
 JOB_TIMEOUT = 60  # seconds: no job here may take longer; a hang fails the test instead of blocking the suite
 STEPS = 20
@@ -202,7 +205,7 @@ FAULT_SCRIPT = textwrap.dedent("""
                      ["--no-" + k.replace("_", "-")] if v is False else ["--" + k.replace("_", "-"), str(v)]
         sys.exit(main(["train"] + flags))
     else:  # a user's script: an uncaught exception
-        cllm.trainer.Trainer(cllm.trainer.TrainConfig(**settings), comm=auto_communicator()).fit()
+        cllm.trainer.Trainer(cllm.TrainConfig(**settings), comm=auto_communicator()).fit()
 """)
 
 

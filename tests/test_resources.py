@@ -24,7 +24,9 @@ from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from cllm.data import prepare
 from cllm.model import InsufficientMemoryError, activation_count, available_memory, memory_estimate, parameter_count
 from cllm.tokenizer import ByteTokenizer
-from cllm.trainer import TrainConfig, Trainer, read_metrics
+from cllm.run_files import read_metrics
+from cllm.train_config import TrainConfig
+from cllm.trainer import Trainer
 
 TINY = dict(max_seq_len=16, embedding_dim=32, num_layers=1, num_heads=4, ff_dim=64, batch_size=4, max_time=None,
             warmup_steps=2, eval_interval=4, eval_batches=2, progress=False, sample_tokens=0, log_interval=1,

@@ -1,9 +1,14 @@
 """CLLM: a small, fast CPU training engine for decoder-only transformers."""
 from . import _core
 from . import kernels  # the core's kernels behind argument checks (see kernels.py)
+from .checkpoint import Checkpoint, export_weights, load_checkpoint, save_checkpoint
 from .config import ModelConfig
+from .distributed import SingleProcess
+from .errors import CLLMError, InsufficientMemoryError, MissingFileError, MPISetupError, ReplicaDivergenceError
 from .model import Model
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
+from .schedule import lr_at
+from .train_config import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -33,13 +38,9 @@ def _bound_threads_from_environment() -> None:
 
 _bound_threads_from_environment()
 
+from .trainer import Trainer, sample_text  # noqa: E402  (it imports set_num_threads / get_num_threads from here)
 
-__all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "kernels",
-           "set_num_threads", "get_num_threads", "__version__"]
-
-from .schedule import lr_at  # noqa: E402
-from .checkpoint import Checkpoint, export_weights, load_checkpoint, save_checkpoint  # noqa: E402
-from .trainer import SingleProcess, TrainConfig, Trainer, sample_text  # noqa: E402
-
-__all__ += ["lr_at", "Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights", "TrainConfig", "Trainer",
-            "SingleProcess", "sample_text"]
+__all__ = ["ModelConfig", "Model", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "kernels", "set_num_threads",
+           "get_num_threads", "lr_at", "Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights",
+           "TrainConfig", "Trainer", "SingleProcess", "sample_text", "CLLMError", "MissingFileError",
+           "InsufficientMemoryError", "MPISetupError", "ReplicaDivergenceError", "__version__"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -31,8 +30,10 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 
 from .config import ModelConfig
-from .model import InsufficientMemoryError, Model, parameter_shapes
-from .tokenizer import MissingFileError, Tokenizer, tokenizer_from_json
+from .errors import InsufficientMemoryError, MissingFileError
+from .files import atomic_write
+from .model import Model, parameter_shapes
+from .tokenizer import Tokenizer, tokenizer_from_json
 
 FORMAT = "cllm-checkpoint"
 FORMAT_VERSION = "1"
@@ -61,19 +62,6 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_payload(f, data: bytes) -> None:
     """Write `data` to the open temporary file (a separate function so tests can simulate a crash here)."""
     view = memoryview(data)
@@ -83,27 +71,8 @@ def _write_payload(f, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise MissingFileError(2, "checkpoint directory does not exist", str(directory))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_payload(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # e.g. ENOSPC: name the file
-            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror}", str(path)) from e
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, lambda f: _write_payload(f, data), what="checkpoint",
+                 missing_dir="checkpoint directory does not exist")
 
 
 def _check_finite(arrays: Dict[str, np.ndarray], what: str, path) -> None:
@@ -231,38 +200,17 @@ def _state_int(path: Path, state: dict, key: str, what: str) -> int:
 def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpoint:
     """Read a checkpoint written by save_checkpoint.
 
-    Raises FileNotFoundError (also a ValueError) if the file is missing, and ValueError naming the file if it
+    Raises MissingFileError (a FileNotFoundError) if the file is missing, and ValueError naming the file if it
     is truncated, corrupt, not a CLLM checkpoint, of another format version, missing tensors or holding tensors
     of the wrong shape for its config, or (unless allow_nonfinite=True) holding NaN/Inf weights."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.exists():
         raise MissingFileError(2, "checkpoint not found", str(path))
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint is not a regular file")
     header = _read_header(path)
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: not a CLLM checkpoint (safetensors metadata format is {found!r}, "
-                         f"expected {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
-                         f"(this CLLM reads version {FORMAT_VERSION})")
-    try:
-        config = ModelConfig.from_dict(_meta_json(path, meta, "config"))
-    except (TypeError, ValueError) as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: invalid model config in checkpoint: {e}") from None
-    try:
-        tokenizer = tokenizer_from_json(meta.get("tokenizer", ""))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: invalid tokenizer in checkpoint: {e}") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{path}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
-                         f"vocab_size {config.vocab_size}")
+    meta = _checkpoint_metadata(path, header)
+    config, tokenizer = _config_and_tokenizer(path, meta)
     trainer_state = _meta_json(path, meta, "trainer_state") if "trainer_state" in meta else {}
     model_state = _meta_json(path, meta, "model_state") if "model_state" in meta else {}
     opt_meta = _meta_json(path, meta, "optimizer") if "optimizer" in meta else None
@@ -274,48 +222,8 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
     dropout_step = _state_int(path, model_state, "dropout_step", "model_state")
     opt_step = _state_int(path, opt_meta, "step", "optimizer") if opt_meta is not None else 0
 
-    # the header must hold every tensor of this config with its shape before anything is allocated
-    expected = parameter_shapes(config)
-    names = [k for k in header if k != "__metadata__"]
-    groups = {"": {}, EXP_AVG: {}, EXP_AVG_SQ: {}}
-    for k in names:
-        prefix = EXP_AVG_SQ if k.startswith(EXP_AVG_SQ) else EXP_AVG if k.startswith(EXP_AVG) else ""
-        groups[prefix][k[len(prefix):]] = k
-    for prefix, group in groups.items():
-        if prefix and not groups[EXP_AVG] and not groups[EXP_AVG_SQ] and opt_meta is None:
-            continue  # saved without an optimizer
-        what = f"tensor {prefix}" if prefix else "weight "
-        missing = [n for n in expected if n not in group]
-        extra = [n for n in group if n not in expected]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ValueError(f"{path}: checkpoint is missing {what}{', '.join(missing[:3])}{more}")
-        if extra:
-            raise ValueError(f"{path}: checkpoint has unexpected tensor {prefix}{extra[0]} for this config")
-        for n, key in group.items():
-            info = header[key]
-            shape = info.get("shape")
-            shape = tuple(shape) if isinstance(shape, list) else shape
-            if shape != expected[n]:
-                raise ValueError(f"{path}: tensor {key} has shape {list(shape) if isinstance(shape, tuple) else shape!r}, "
-                                 f"the config needs {list(expected[n])}")
-            if info.get("dtype") != "F32":
-                raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')}, expected F32")
-
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="np") as f:
-            for k in names:
-                tensors[k] = f.get_tensor(k)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: corrupt safetensors checkpoint: {e}") from None
-    if not allow_nonfinite:
-        for k, a in tensors.items():
-            if not np.isfinite(a).all():
-                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-                raise ValueError(f"{path}: checkpoint holds non-finite values ({bad} NaN/Inf in {k}); "
-                                 f"pass allow_nonfinite=True to load it anyway")
-
+    groups = _tensor_groups(path, header, config, saved_optimizer=opt_meta is not None)
+    tensors = _read_tensors(path, [k for k in header if k != "__metadata__"], allow_nonfinite)
     try:
         model = Model(config, seed=seed)
     except InsufficientMemoryError as e:
@@ -332,6 +240,88 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
         optimizer_state["exp_avg_sq"] = {n: tensors[k] for n, k in groups[EXP_AVG_SQ].items()}
     return Checkpoint(model=model, optimizer_state=optimizer_state, tokenizer=tokenizer,
                       trainer_state=trainer_state, config=config, path=path, metadata=dict(meta))
+
+
+def _checkpoint_metadata(path: Path, header: dict) -> dict:
+    """The header's metadata, checked to be a CLLM checkpoint's of this format version."""
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a CLLM checkpoint (safetensors metadata format is {found!r}, "
+                         f"expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
+                         f"(this CLLM reads version {FORMAT_VERSION})")
+    return meta
+
+
+def _config_and_tokenizer(path: Path, meta: dict):
+    """(ModelConfig, Tokenizer) of the metadata, the tokenizer's ids within the model's vocabulary."""
+    try:
+        config = ModelConfig.from_dict(_meta_json(path, meta, "config"))
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: invalid model config in checkpoint: {e}") from None
+    try:
+        tokenizer = tokenizer_from_json(meta.get("tokenizer", ""))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid tokenizer in checkpoint: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"vocab_size {config.vocab_size}")
+    return config, tokenizer
+
+
+def _tensor_groups(path: Path, header: dict, config: ModelConfig, saved_optimizer: bool) -> Dict[str, Dict[str, str]]:
+    """{prefix ("" for the weights, EXP_AVG, EXP_AVG_SQ): {parameter name: tensor name}}, checked before anything
+    is allocated: the header must hold every tensor of this config, with its shape, as float32."""
+    expected = parameter_shapes(config)
+    groups = {"": {}, EXP_AVG: {}, EXP_AVG_SQ: {}}
+    for k in header:
+        if k != "__metadata__":
+            prefix = EXP_AVG_SQ if k.startswith(EXP_AVG_SQ) else EXP_AVG if k.startswith(EXP_AVG) else ""
+            groups[prefix][k[len(prefix):]] = k
+    for prefix, group in groups.items():
+        if prefix and not groups[EXP_AVG] and not groups[EXP_AVG_SQ] and not saved_optimizer:
+            continue  # saved without an optimizer
+        what = f"tensor {prefix}" if prefix else "weight "
+        missing = [n for n in expected if n not in group]
+        extra = [n for n in group if n not in expected]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"{path}: checkpoint is missing {what}{', '.join(missing[:3])}{more}")
+        if extra:
+            raise ValueError(f"{path}: checkpoint has unexpected tensor {prefix}{extra[0]} for this config")
+        for n, key in group.items():
+            info = header[key]
+            shape = info.get("shape")
+            shape = tuple(shape) if isinstance(shape, list) else shape
+            if shape != expected[n]:
+                shown = list(shape) if isinstance(shape, tuple) else repr(shape)
+                raise ValueError(f"{path}: tensor {key} has shape {shown}, the config needs {list(expected[n])}")
+            if info.get("dtype") != "F32":
+                raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')}, expected F32")
+    return groups
+
+
+def _read_tensors(path: Path, names, allow_nonfinite: bool) -> Dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for k in names:
+                tensors[k] = f.get_tensor(k)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt safetensors checkpoint: {e}") from None
+    if not allow_nonfinite:
+        for k, a in tensors.items():
+            if not np.isfinite(a).all():
+                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+                raise ValueError(f"{path}: checkpoint holds non-finite values ({bad} NaN/Inf in {k}); "
+                                 f"pass allow_nonfinite=True to load it anyway")
+    return tensors
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `cllm` command line: train, sample, prepare (and room for more, e.g. bench).
+"""The `cllm` command line: train, sample, prepare, bench.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
@@ -6,7 +6,7 @@
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
 
-User errors (a bad file, a bad value) print one line to stderr and exit with status 2.
+User errors (a bad file, a bad value: USER_ERRORS) print one line to stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -16,17 +16,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-# name -> (help, add_arguments(parser), run(args) -> exit status). Other modules may add commands with
-# register_command (the kernel benchmarks add "bench" this way).
+from .errors import USER_ERRORS, CLLMError
+
+# name -> (help, add_arguments(parser), run(args) -> exit status), in the order `cllm --help` lists them
 COMMANDS: Dict[str, tuple] = {}
 
 
 def register_command(name: str, help: str, add_arguments: Callable, run: Callable) -> None:
     COMMANDS[name] = (help, add_arguments, run)
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +47,7 @@ def _opt(convert, what):
 # train
 # ----------------------------------------------------------------------------------------------------
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML or JSON file (flags override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -82,12 +79,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args) -> int:
     from .checkpoint import read_metadata
-    from .trainer import TrainConfig, Trainer, read_config_file
+    from .train_config import TrainConfig, read_config_file
+    from .trainer import Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
     from_file = read_config_file(args.config) if args.config else {}
-    from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
     settings = {**from_file, **flags}
     source = args.config or "command line"
     if settings.get("resume"):
@@ -95,10 +92,10 @@ def _run_train(args) -> int:
         out_dir = settings.get("out_dir", TrainConfig.out_dir)
         last = Path(out_dir) / "last.safetensors"
         if not last.is_file():
-            raise UserError(f"cannot resume: {last} does not exist (train without --resume first)")
+            raise CLLMError(f"cannot resume: {last} does not exist (train without --resume first)")
         saved = read_metadata(last).get("trainer_state", {}).get("train_config", {})
         if not isinstance(saved, dict):
-            raise UserError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
+            raise CLLMError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
         saved = {k: v for k, v in saved.items() if k in fields}
         settings = {**saved, **settings}
     config = TrainConfig.from_dict(settings, source=source)
@@ -137,10 +134,10 @@ def _run_sample(args) -> int:
         candidates = [path / "best.safetensors", path / "last.safetensors"]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise UserError(f"{path}: no best.safetensors or last.safetensors in this directory")
+            raise CLLMError(f"{path}: no best.safetensors or last.safetensors in this directory")
         path = found[0]
     if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
+        raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
     if args.threads:
         set_num_threads(args.threads)
     ckpt = load_checkpoint(path)
@@ -218,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = COMMANDS[args.command][2]
     try:
         return int(run(args) or 0)
-    except (UserError, ValueError, OSError) as e:  # MissingFileError is both an OSError and a ValueError
+    except USER_ERRORS as e:
         print(f"cllm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Data-parallel training across processes over MPI (mpi4py).
+"""The trainer's communicators: SingleProcess (one process), and data-parallel training across processes over
+MPI (mpi4py).
 
     $ mpirun -n 2 cllm train --threads 1 ...            # the command line picks MPI up by itself
     >>> from cllm.distributed import auto_communicator
@@ -33,8 +34,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MPICommunicator", "ReplicaDivergenceError", "MPISetupError", "auto_communicator", "abort_on_error",
-           "launched_world_size", "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
+from .errors import USER_ERRORS, MPISetupError, ReplicaDivergenceError
+
+__all__ = ["SingleProcess", "MPICommunicator", "auto_communicator", "abort_on_error", "launched_world_size",
+           "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
 
 #: steps between two comparisons of the replicas' parameters (also compared at the end of training)
 DEFAULT_CHECK_INTERVAL = 100
@@ -50,17 +53,8 @@ _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LO
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 
-class ReplicaDivergenceError(RuntimeError):
-    """The ranks' copies of the model are no longer equal (raised on every rank alike)."""
-
-
-class MPISetupError(RuntimeError, ValueError):
-    """MPI cannot be used as launched (mpi4py missing, or linked against another MPI than the launcher's).
-    A ValueError too, so that the command line reports it as one line."""
-
-
 # errors whose message says it all: no traceback when they end a job
-_SELF_EXPLAINING = (ValueError, OSError, ReplicaDivergenceError, KeyboardInterrupt)
+_SELF_EXPLAINING = USER_ERRORS + (KeyboardInterrupt,)
 
 
 def launched_world_size() -> int:
@@ -85,10 +79,31 @@ def _import_mpi(why: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the communicator
+# the communicators
 # ----------------------------------------------------------------------------------------------------
+class SingleProcess:
+    """The communicator of a one-process run: every collective is the identity.
+
+    A data-parallel communicator (e.g. MPICommunicator) provides the same members: `rank`, `world_size`,
+    `allreduce_mean_(buf)` averaging a float32 array across ranks in place (the flat gradient buffer),
+    `allreduce_mean(x)` averaging a float (losses) and `barrier()`; optionally `check_replicas(model, step,
+    final=False)`, which the trainer calls after every step and at the end."""
+
+    rank = 0
+    world_size = 1
+
+    def allreduce_mean_(self, buf: np.ndarray) -> None:
+        pass
+
+    def allreduce_mean(self, value: float) -> float:
+        return float(value)
+
+    def barrier(self) -> None:
+        pass
+
+
 class MPICommunicator:
-    """The trainer's communicator (see `cllm.trainer.SingleProcess`) over an MPI communicator.
+    """The trainer's communicator (see `SingleProcess`) over an MPI communicator.
 
     `comm`: an mpi4py communicator (default MPI.COMM_WORLD). `check_interval`: compare a checksum of the
     parameters across ranks every this many steps and at the end (0 or None: never). `excepthook`: make an
@@ -261,10 +276,8 @@ def _check_interval_from_env() -> int:
 
 def auto_communicator(check_interval: Optional[int] = None):
     """MPICommunicator when this process was launched by MPI with more than one process, otherwise the
-    trainer's SingleProcess (mpi4py is not imported then). `check_interval` (default: the environment
+    SingleProcess (mpi4py is not imported then). `check_interval` (default: the environment
     variable CLLM_REPLICA_CHECK_INTERVAL, else 100) is passed to MPICommunicator."""
-    from .trainer import SingleProcess
-
     size = launched_world_size()
     if size in (0, 1):
         return SingleProcess()

@@ -2,7 +2,8 @@
 
 Each is a CLLMError and also the standard exception of its kind (a missing file is a FileNotFoundError, too
 little memory a MemoryError), so callers can catch either. Bad argument values raise the standard ValueError /
-TypeError. The command line prints any of these as one line (cli.main).
+TypeError. The command line prints any of USER_ERRORS as one line (cli.main), and a data-parallel rank failing
+with one of them shows no traceback (distributed.py).
 """
 from __future__ import annotations
 
@@ -26,3 +27,8 @@ class MPISetupError(CLLMError, RuntimeError):
 
 class ReplicaDivergenceError(CLLMError, RuntimeError):
     """The ranks' copies of the model are no longer equal (raised on every rank alike)."""
+
+
+# what a user can fix, with a message that says it all: a CLLMError, a bad argument value or type, a file that
+# cannot be read or written
+USER_ERRORS = (CLLMError, ValueError, TypeError, OSError)

@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+
+from .errors import MissingFileError
+from .files import atomic_write
 
 __all__ = [
     "Tokenizer",
@@ -37,22 +39,12 @@ __all__ = [
     "BPETokenizer",
     "tokenizer_from_json",
     "load_tokenizer",
-    "MissingFileError",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _MIN_BPE_VOCAB = 257
-
-
-class MissingFileError(FileNotFoundError, ValueError):
-    """A required input file does not exist.
-
-    It is both a :class:`FileNotFoundError` and a :class:`ValueError`, so code
-    that handles either (for example a command-line front end that reports
-    every ``ValueError`` as a user error) sees it.
-    """
 
 
 def _utf8(text: str) -> bytes:
@@ -88,28 +80,6 @@ def _as_id_array(ids, vocab_size: int) -> np.ndarray:
         bad = lo if lo < 0 else hi
         raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
     return arr.astype(np.int64, copy=False)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise MissingFileError(2, "directory to save the tokenizer in not found", str(directory))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class Tokenizer:
@@ -154,7 +124,9 @@ class Tokenizer:
 
     def save(self, path: PathLike) -> None:
         """Write :meth:`to_json` to ``path`` atomically."""
-        _write_text_atomic(Path(path), self.to_json())
+        data = self.to_json().encode("utf-8")
+        atomic_write(path, lambda f: f.write(data), what="tokenizer",
+                     missing_dir="directory to save the tokenizer in not found")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -431,7 +403,8 @@ def _check_hf_tokenizer(tok) -> None:
         raise ValueError("BPE tokenizer is not lossless: decoding its encoding does not give the text back")
 
 
-_LOSSLESS_PROBE = ("".join(chr(i) for i in range(1, 256)) + " def f(x):\n    return x * 2  # note\n\n\tclass A: pass\r\n"
+_LOSSLESS_PROBE = ("".join(chr(i) for i in range(1, 256))
+                   + " def f(x):\n    return x * 2  # note\n\n\tclass A: pass\r\n"
                    "  héllo wörld ✓ 日本語 🙂 \u200b x")
 
 

@@ -36,8 +36,9 @@ with atheris.instrument_imports(include=["cllm"]):
     from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from cllm.data import load_tokens, write_tokens
     from cllm.model import InsufficientMemoryError
-    from cllm.tokenizer import BPETokenizer, ByteTokenizer, MissingFileError, load_tokenizer
-    from cllm.trainer import TrainConfig
+    from cllm.errors import MissingFileError
+    from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+    from cllm.train_config import TrainConfig
 
 CLEAN = (ValueError, TypeError, FileNotFoundError, MissingFileError, MemoryError, InsufficientMemoryError)
 SAMPLE_TEXT = "def f(x):\n    return x * 2  # héllo wörld ✓\n\n\tclass A: pass\r\n"

@@ -1,0 +1,65 @@
+"""Writing a file so that a crash never leaves a partial one under its name: the one way CLLM writes its files
+(checkpoints, tokenizers, a run's JSON files).
+
+    atomic_write(path, lambda f: f.write(data), what="checkpoint", missing_dir="checkpoint directory does not exist")
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+from .errors import MissingFileError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], *, what: str, missing_dir: str) -> Path:
+    """Write `path` through a temporary file (".<name>.<random>.tmp") in the same directory: `write(f)` fills
+    the file (opened in binary mode), which is then flushed, fsynced, made readable by all (0644) and renamed over
+    `path`; last, the directory is fsynced. At any moment the name holds the old file or the new one, whole;
+    the temporary file is removed on any error.
+
+    Errors: a missing directory is a MissingFileError with the message `missing_dir`; a write error that names
+    no file (e.g. ENOSPC) is re-raised as an OSError naming `path` ("cannot write the <what>: ...")."""
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise MissingFileError(2, missing_dir, str(directory))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, f"cannot write the {what}: {e.strerror}", str(path)) from e
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (skipped where directories cannot be opened, e.g. Windows: the
+    rename itself is still atomic)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["atomic_write"]

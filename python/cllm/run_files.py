@@ -1,0 +1,240 @@
+"""A training run's files besides its checkpoints, and its terminal: the run directory, its prepared data
+(data/, with prepare.json recording how it was prepared), metrics.jsonl, loss.png; the messages and progress bar
+it prints, and Ctrl-C asking it to stop.
+
+metrics.jsonl holds one JSON object per logged step, appended and flushed as the run goes; a resumed run first
+cuts it back to its checkpoint's step (`truncate_metrics`) so that it never holds a step twice. loss.png plots
+it (`plot_losses`). Only rank 0 of a data-parallel run writes these files or prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from .data import prepare
+from .files import atomic_write
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as indented JSON in `path`, written atomically."""
+    text = json.dumps(obj, indent=1).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text), what="file", missing_dir="directory not found")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run directory and its prepared data
+# ----------------------------------------------------------------------------------------------------
+def open_run_dir(out_dir: Path) -> None:
+    """Create the run directory and make sure that files can be written in it (an unusable directory is an
+    error now, not at the first checkpoint); remove the temporary files of checkpoint writes that a crash cut
+    short (never valid)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"run directory is not usable: {e.strerror}", str(out_dir)) from None
+    for stale in out_dir.glob(".*.safetensors.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def is_prepared_data(path: Path) -> bool:
+    """Whether `path` is a directory of prepared token files (train.bin and val.bin)."""
+    return path.is_dir() and (path / "train.bin").is_file() and (path / "val.bin").is_file()
+
+
+def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer: str, *, val_fraction: float,
+                      seed: int, max_bytes: Optional[int], say: Callable[[str], None]) -> None:
+    """Prepare `inputs` (None: the Python standard library) into data_dir (see data.prepare), unless its
+    prepare.json records this very preparation and its files are all there."""
+    spec = {
+        "inputs": None if inputs is None else [os.path.abspath(p) for p in inputs],
+        "tokenizer": tokenizer, "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes,
+    }
+    if inputs is None:
+        import sysconfig
+        spec["stdlib"] = sysconfig.get_paths()["stdlib"]
+    stamp = data_dir / "prepare.json"
+    try:
+        cached = json.loads(stamp.read_text())["spec"] == spec
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = False
+    if cached and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
+        say(f"using prepared data in {data_dir}")
+        return
+    say(f"preparing data in {data_dir} ...")
+    summary = prepare(None if inputs is None else list(inputs), data_dir, tokenizer, val_fraction=val_fraction,
+                      seed=seed, max_bytes=max_bytes)
+    write_json_atomic(stamp, {"spec": spec, "summary": summary})
+    say(f"  {summary['files']} files, {summary['bytes']:,} bytes -> {summary['train_tokens']:,} train / "
+        f"{summary['val_tokens']:,} val tokens ({summary['tokenizer']}, vocab {summary['vocab_size']})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ----------------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl open for appending: `append(record)` writes one JSON line and flushes it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path) -> List[dict]:
+    """The records of a metrics.jsonl file."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    text = "".join(kept).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text), what="file", missing_dir="run directory not found")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss.png
+# ----------------------------------------------------------------------------------------------------
+def plot_losses(metrics_path, png_path) -> Optional[str]:
+    """Train (averaged over each log interval) and validation loss curves from metrics.jsonl into a PNG;
+    None, with a warning, when there is nothing to read or no matplotlib."""
+    try:
+        records = read_metrics(metrics_path)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except (OSError, ValueError, ImportError) as e:
+        warnings.warn(f"no loss plot: {e}", RuntimeWarning)
+        return None
+    train = [(r["step"], r.get("train_loss_avg") or r.get("train_loss")) for r in records
+             if (r.get("train_loss_avg") or r.get("train_loss")) is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1.0)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(True, alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(png_path))
+    return str(png_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the terminal: messages, the progress bar, Ctrl-C
+# ----------------------------------------------------------------------------------------------------
+class Console:
+    """What a run prints: messages on stdout and, while `progress_bar` is active, a tqdm bar on stderr (the
+    messages then go through the bar, which stays below them). Prints nothing unless `enabled` (rank 0)."""
+
+    def __init__(self, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self._bar = None
+
+    def say(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def progress_bar(self, total: int, initial: int):
+        """A bar of `total` steps starting at `initial`, when progress was asked for and tqdm is installed."""
+        self._bar = _tqdm(total, initial) if self.progress else None
+        try:
+            yield self
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def logged_step(self, step: int, loss: float, lr: float, norm: float, tokens_per_sec: float) -> None:
+        """A logged step: the bar's figures, or a line without a bar."""
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        else:
+            self.say(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {tokens_per_sec:,.0f} tok/s")
+
+    def advance(self) -> None:
+        """One more step done."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+
+class InterruptFlag:
+    """While active, the first Ctrl-C only asks the loop to stop after the current step (so that the last
+    checkpoint is consistent); a second one interrupts at once."""
+
+    def __init__(self):
+        self._set = False
+        self._old = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _handler(self, signum, frame):
+        self._set = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+        print("\ninterrupt: stopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _tqdm(total: int, initial: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+__all__ = ["open_run_dir", "is_prepared_data", "prepare_data_once", "MetricsLog", "read_metrics", "truncate_metrics",
+           "plot_losses", "write_json_atomic", "Console", "InterruptFlag"]

@@ -1,0 +1,265 @@
+"""The settings of a training run: the TrainConfig schema (every field with its default, help text and kind),
+the checks of their types and ranges, and reading them from a TOML or JSON file.
+
+    TrainConfig(max_steps=1000, lr=1e-3)                  # unknown names and bad values: ValueError / TypeError
+    TrainConfig.from_file("run.toml", out_dir="runs/x")   # keyword arguments override the file
+
+A field's metadata ("help", "kind", "choices") is what the command line builds its flags from (cli.py): one
+source for the setting, its default, its help and its check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .config import POS_ENCODINGS, ModelConfig
+from .errors import MissingFileError
+from .model import MAX_THREADS, PRECISIONS
+from .schedule import SCHEDULES, check_schedule
+
+
+def _f(default, help: str, kind: str, choices=None):
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run, with defaults that train a small byte-level model on the Python
+    standard library in under three minutes on two cores. Read one from TOML/JSON with `from_file`."""
+
+    # data
+    data: Optional[Tuple[str, ...]] = _f(None, "a prepared data dir (train.bin, val.bin, tokenizer.json) or text "
+                                               "files/dirs to prepare; none: the Python stdlib .py files", "paths")
+    out_dir: str = _f("runs/cllm", "run directory: checkpoints, metrics.jsonl, loss.png, prepared data", "str")
+    tokenizer: str = _f("byte", "tokenizer used when preparing data", "choice", ("byte", "bpe"))
+    bpe_vocab_size: int = _f(1024, "vocabulary size of a BPE tokenizer", "int")
+    val_fraction: float = _f(0.05, "fraction of the corpus held out for validation when preparing", "float")
+    max_data_bytes: Optional[int] = _f(None, "use only this many bytes of the corpus when preparing", "opt_int")
+    # model
+    max_seq_len: int = _f(128, "context length T (tokens per training sequence)", "int")
+    embedding_dim: int = _f(128, "embedding dimension C", "int")
+    num_layers: int = _f(4, "transformer blocks L", "int")
+    num_heads: int = _f(4, "attention heads H", "int")
+    ff_dim: Optional[int] = _f(None, "feed-forward hidden size (none: 4 * embedding_dim)", "opt_int")
+    dropout: float = _f(0.0, "dropout probability", "float")
+    pos_encoding: str = _f("learned", "positional encoding", "choice", POS_ENCODINGS)
+    precision: str = _f("fp32", "matmul precision: fp32, or bf16 (bfloat16 inputs, fp32 accumulation, fp32 "
+                                "weights and optimizer)", "choice", PRECISIONS)
+    # optimisation
+    batch_size: int = _f(16, "sequences per micro-batch (per rank)", "int")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", "int")
+    max_steps: int = _f(1500, "stop after this many optimizer steps", "int")
+    max_time: Optional[float] = _f(165.0, "stop after this many seconds of this session (none: no limit)",
+                                   "opt_float")
+    lr: float = _f(3e-3, "peak learning rate", "float")
+    min_lr: float = _f(3e-4, "learning rate at the end of the decay", "float")
+    warmup_steps: int = _f(50, "linear warmup steps (capped at the schedule horizon)", "int")
+    schedule: str = _f("cosine", "decay after warmup", "choice", SCHEDULES)
+    decay_steps: Optional[int] = _f(None, "step at which the lr reaches min_lr (none: max_steps)", "opt_int")
+    weight_decay: float = _f(0.1, "AdamW weight decay (2-D weights only)", "float")
+    betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas", "betas")
+    eps: float = _f(1e-8, "AdamW epsilon", "float")
+    grad_clip: Optional[float] = _f(1.0, "clip the global gradient norm to this (none or 0: off)", "opt_float")
+    on_nonfinite: str = _f("skip", "on a NaN/Inf loss or gradient: skip the step, or stop the run", "choice",
+                           ("skip", "stop"))
+    # evaluation and early stopping
+    eval_interval: int = _f(100, "evaluate on the validation set every this many steps", "int")
+    eval_batches: int = _f(16, "validation batches averaged per evaluation", "int")
+    patience: Optional[int] = _f(None, "stop after this many evaluations without improvement (none: off)",
+                                 "opt_int")
+    min_delta: float = _f(0.0, "an evaluation improves if it beats the best by more than this", "float")
+    # checkpoints, logs, misc
+    checkpoint_interval: int = _f(500, "write last.safetensors every this many steps (and at the end)", "int")
+    resume: bool = _f(False, "continue exactly from out_dir/last.safetensors", "bool")
+    log_interval: int = _f(10, "append to metrics.jsonl every this many steps", "int")
+    progress: bool = _f(True, "show a progress bar (otherwise print log lines)", "bool")
+    seed: int = _f(0, "seed of the model init, dropout and batch sampling", "int")
+    threads: Optional[int] = _f(None, "CPU threads of the kernels (none: OpenMP default)", "opt_int")
+    sample_tokens: int = _f(300, "tokens of the sample printed at the end (0: none)", "int")
+    prompt: str = _f("def ", "prompt of the final sample", "str")
+    sample_temperature: float = _f(0.8, "temperature of the final sample (0: greedy)", "float")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, getattr(self, f.name), f.metadata["kind"], f.metadata["choices"])
+            object.__setattr__(self, f.name, value)
+        _check_ranges(self)
+
+    # -- conversions --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["data"] = None if self.data is None else list(self.data)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a table of settings, got {type(d).__name__}")
+        d = _field_names(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        """Read settings from a .toml or .json file (flat keys named like the fields); `overrides` win.
+        Errors: MissingFileError, or ValueError/TypeError naming the file."""
+        settings = {**read_config_file(path), **overrides}
+        try:
+            return cls.from_dict(settings, source=str(path))
+        except (TypeError, ValueError) as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise (ValueError if isinstance(e, ValueError) else TypeError)(f"{path}: {e}") from None
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=int(vocab_size), max_seq_len=self.max_seq_len,
+                           embedding_dim=self.embedding_dim, num_layers=self.num_layers, num_heads=self.num_heads,
+                           ff_dim=self.ff_dim or 4 * self.embedding_dim, dropout=self.dropout,
+                           pos_encoding=self.pos_encoding)
+
+    @property
+    def schedule_horizon(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else self.max_steps
+
+    def changes_breaking_resume(self, old: dict) -> List[str]:
+        """The settings in which this config differs from `old` (the to_dict() of the run's config) such that a
+        resumed run will not match an uninterrupted one. (batch_size, grad_accum and the number of ranks may
+        change if their product, the global batch, does not: the loader refuses anything else; the same rows
+        then give the same step up to round-off.)"""
+        changed = [k for k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps", "weight_decay",
+                               "grad_clip", "seed")
+                   if k in old and old[k] != getattr(self, k)]
+        if old.get("decay_steps") is None and self.decay_steps is None and old.get("max_steps") != self.max_steps:
+            changed.append("max_steps (the schedule's horizon; set decay_steps to keep it)")
+        return changed
+
+
+def read_config_file(path) -> dict:
+    """The settings table of a TOML (.toml) or JSON (.json) file, keys spelled like the fields ("max-steps" is
+    max_steps); MissingFileError, or ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(2, "config file not found", str(path))
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            d = json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python < 3.11
+                import tomli as tomllib
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"{path}: unknown config file type {suffix!r} (use .toml or .json)")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: config file is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot parse config: nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: cannot parse config: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: config must be a table/object of settings, got {type(d).__name__}")
+    return _field_names(d)
+
+
+def _field_names(settings: dict) -> dict:
+    """The settings with their keys spelled like TrainConfig's fields ("max-steps" -> "max_steps")."""
+    return {str(k).replace("-", "_"): v for k, v in settings.items()}
+
+
+def _coerce(name: str, value, kind: str, choices):
+    """Check a setting's type, converting the harmless cases (int -> float, list -> tuple)."""
+    def bad(expected):
+        return ValueError(f"{name} must be {expected}, got {value!r}")
+
+    if kind in ("opt_int", "opt_float") and value is None:
+        return None
+    if kind in ("int", "opt_int"):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("an int" + (" or none" if kind == "opt_int" else ""))
+        return int(value)
+    if kind in ("float", "opt_float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise bad("a number" + (" or none" if kind == "opt_float" else ""))
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return value
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad("true or false")
+        return bool(value)
+    if kind in ("str", "choice"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if kind == "paths":
+        if value is None:
+            return None
+        if isinstance(value, (str, os.PathLike)):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or \
+                not all(isinstance(v, (str, os.PathLike)) for v in value):
+            raise bad("a path, a list of paths, or none")
+        return tuple(os.fspath(v) for v in value)
+    if kind == "betas":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise bad("two numbers")
+        return tuple(_coerce(name, v, "float", None) for v in value)
+    raise AssertionError(kind)
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    for name in ("bpe_vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "batch_size",
+                 "grad_accum", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
+        need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
+    for name in ("ff_dim", "threads", "patience", "max_data_bytes"):
+        v = getattr(c, name)
+        need(v is None or v > 0, f"{name} must be positive or none, got {v}")
+    need(c.threads is None or c.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS}, got {c.threads}")
+    need(c.bpe_vocab_size >= 257, f"bpe_vocab_size must be at least 257, got {c.bpe_vocab_size}")
+    need(0.0 < c.val_fraction <= 0.5, f"val_fraction must be in (0, 0.5], got {c.val_fraction}")
+    need(c.embedding_dim % c.num_heads == 0,
+         f"embedding_dim {c.embedding_dim} is not divisible by num_heads {c.num_heads}")
+    need(0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}")
+    need(c.max_time is None or c.max_time >= 0, f"max_time must be non-negative or none, got {c.max_time}")
+    need(c.grad_clip is None or c.grad_clip >= 0, f"grad_clip must be non-negative or none, got {c.grad_clip}")
+    need(c.decay_steps is None or c.decay_steps > 0, f"decay_steps must be positive or none, got {c.decay_steps}")
+    need(c.warmup_steps >= 0, f"warmup_steps must be non-negative, got {c.warmup_steps}")
+    check_schedule(lr=c.lr, min_lr=c.min_lr, warmup_steps=min(c.warmup_steps, c.schedule_horizon),
+                   max_steps=c.schedule_horizon, kind=c.schedule)
+    need(all(0.0 <= b < 1.0 for b in c.betas), f"betas must be in [0, 1), got {list(c.betas)}")
+    need(c.eps > 0, f"eps must be positive, got {c.eps}")
+    need(c.weight_decay >= 0, f"weight_decay must be non-negative, got {c.weight_decay}")
+    need(c.min_delta >= 0, f"min_delta must be non-negative, got {c.min_delta}")
+    need(c.seed >= 0, f"seed must be non-negative, got {c.seed}")
+    need(c.sample_tokens >= 0, f"sample_tokens must be non-negative, got {c.sample_tokens}")
+    need(c.sample_temperature >= 0, f"sample_temperature must be non-negative, got {c.sample_temperature}")
+
+
+__all__ = ["TrainConfig", "read_config_file"]
