@@ -26,7 +26,9 @@ import subprocess
 import sys
 import time
 
-SMALL = dict(V=8192, T=256, C=384, L=6, H=6)
+from bench_common import CONFIGS, machine_busy_seconds, model_config, wait_for_idle
+
+SMALL = CONFIGS["small"]
 
 
 def worker(args) -> int:
@@ -37,9 +39,7 @@ def worker(args) -> int:
 
     cllm.set_num_threads(args.threads)
     comm = auto_communicator()
-    cfg = cllm.ModelConfig(vocab_size=SMALL["V"], max_seq_len=SMALL["T"], embedding_dim=SMALL["C"],
-                           num_layers=SMALL["L"], num_heads=SMALL["H"], ff_dim=4 * SMALL["C"])
-    model = cllm.Model(cfg, seed=0)
+    model = cllm.Model(model_config("small"), seed=0)
     opt = cllm.AdamW(model, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     rng = np.random.default_rng(1000 + comm.rank)
     B, T = args.batch, SMALL["T"]
@@ -71,33 +71,11 @@ def worker(args) -> int:
     return 0
 
 
-def _busy_cpu_seconds():
-    """CPU-seconds all processes of the machine spent busy so far (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _children_cpu_seconds() -> float:
     import resource
 
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.3) -> None:
-    """Wait (at most max_wait_s) until other processes keep fewer than `threshold` cores busy."""
-    deadline = time.monotonic() + max_wait_s
-    while time.monotonic() < deadline:
-        b0 = _busy_cpu_seconds()
-        time.sleep(1.0)
-        b1 = _busy_cpu_seconds()
-        if b0 is None or b1 - b0 < threshold:
-            return
 
 
 def run(ranks: int, threads: int, args) -> dict:
@@ -111,9 +89,9 @@ def run(ranks: int, threads: int, args) -> dict:
     cmd += [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--batch",
             str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    t0, busy0, own0 = time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds()
+    t0, busy0, own0 = time.perf_counter(), machine_busy_seconds(), _children_cpu_seconds()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    wall, busy1, own1 = time.perf_counter() - t0, _busy_cpu_seconds(), _children_cpu_seconds()
+    wall, busy1, own1 = time.perf_counter() - t0, machine_busy_seconds(), _children_cpu_seconds()
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[len("RESULT "):])

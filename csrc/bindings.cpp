@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -77,6 +78,15 @@ void require(bool ok, const std::string& msg) {
     if (!ok) throw py::value_error(msg);
 }
 
+// Floats of the dictionary dropout_masks(B, T) returns: [B,T,C] for the embedding, and per layer [B,H,T,T] for the
+// attention probabilities and two [B,T,C] residual masks. Saturates at SIZE_MAX instead of wrapping around.
+size_t dropout_mask_floats(const Config& c, int B, int T) {
+    using u128 = unsigned __int128;
+    const u128 BT = (u128)std::max(0, B) * std::max(0, T), C = c.embedding_dim, H = c.num_heads;
+    const u128 total = BT * C + (u128)c.num_layers * (BT * H * std::max(0, T) + 2 * BT * C);
+    return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -115,6 +125,10 @@ PYBIND11_MODULE(_core, mod) {
             "[(name, shape, offset, size, decay)] in buffer order");
     mod.def("activation_floats", &activation_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the activation arena of a [B, T] training step");
+    mod.def("generation_floats", &generation_floats, py::arg("config"), py::arg("max_new_tokens"),
+            py::arg("return_logits"), "floats generate() allocates (KV cache, prefill arena, returned logits)");
+    mod.def("dropout_mask_floats", &dropout_mask_floats, py::arg("config"), py::arg("B"), py::arg("T"),
+            "floats of the masks Model.dropout_masks(B, T) returns");
 
     py::class_<PyModel>(mod, "Model")
         .def(py::init<const Config&, uint64_t>(), py::arg("config"), py::arg("seed"))

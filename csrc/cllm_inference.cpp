@@ -42,6 +42,8 @@ struct Cache {
     std::vector<std::vector<float>> k, v;  // per layer [max_seq_len, C]
 };
 
+size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * c.embedding_dim; }  // of k or v
+
 // Append one token at position cache.len; logits [V] of the next token.
 void decode_step(Model& m, Cache& cache, int32_t token, float* logits) {
     const Config& c = m.cfg;
@@ -140,14 +142,14 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
                               int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits) {
-    const int Tmax = m.cfg.max_seq_len, V = m.cfg.vocab_size, C = m.cfg.embedding_dim;
+    const int Tmax = m.cfg.max_seq_len, V = m.cfg.vocab_size;
     if (prompt.empty()) throw std::invalid_argument("prompt is empty");
     if ((int)prompt.size() > Tmax)
         throw std::invalid_argument("prompt length " + std::to_string(prompt.size()) + " exceeds max_seq_len " +
                                     std::to_string(Tmax));
     Cache cache;
-    cache.k.assign(m.cfg.num_layers, std::vector<float>((size_t)Tmax * C));
-    cache.v.assign(m.cfg.num_layers, std::vector<float>((size_t)Tmax * C));
+    cache.k.assign(m.cfg.num_layers, std::vector<float>(cache_floats_per_layer(m.cfg)));
+    cache.v.assign(m.cfg.num_layers, std::vector<float>(cache_floats_per_layer(m.cfg)));
     std::vector<int32_t> ctx = prompt, out;
     std::vector<float> logits(V);
     prefill(m, cache, ctx, logits.data());
@@ -166,6 +168,13 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int 
         }
     }
     return out;
+}
+
+size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits) {
+    using u128 = unsigned __int128;
+    const u128 total = (u128)2 * c.num_layers * cache_floats_per_layer(c) + activation_floats(c, 1, c.max_seq_len) +
+                       (return_logits ? (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
+    return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
 
 }  // namespace cllm

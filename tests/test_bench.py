@@ -2,15 +2,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from cllm import bench
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
 
 
 def test_rounds_keep_each_engines_median_run(tmp_path):
     out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, "-m", "cllm.bench", "--configs", "tiny", "--threads", "1", "--engines",
+    proc = subprocess.run([sys.executable, str(BENCH), "--configs", "tiny", "--threads", "1", "--engines",
                            "cllm", "--steps", "1", "--warmup", "0", "--rounds", "3", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -22,12 +23,14 @@ def test_rounds_keep_each_engines_median_run(tmp_path):
     assert r["tokens_per_s"] == rounds[1] > 0  # the median run
     assert r["engine"] == "cllm" and r["config"] == "tiny" and r["threads"] == 1
     assert r["first_loss"] > 0 and r["peak_rss_mb"] > 0
-    report = bench.markdown_report(data)
-    assert "| tiny | 1 | cllm |" in report and "All rounds" in report
+    report = subprocess.run([sys.executable, str(BENCH), "--report", str(out)], capture_output=True, text=True,
+                            timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "| tiny | 1 | cllm |" in report.stdout and "All rounds" in report.stdout
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--steps", "0"], ["--configs", "huge"], ["--threads", "0"]])
 def test_bad_options_are_one_line_errors(argv):
-    proc = subprocess.run([sys.executable, "-m", "cllm.bench", *argv], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and proc.stderr.strip()

@@ -36,8 +36,7 @@ from hypothesis import strategies as st
 import cllm
 from cllm.checkpoint import EXP_AVG, EXP_AVG_SQ, load_checkpoint, read_metadata, save_checkpoint
 from cllm.data import HEADER_SIZE, MAGIC, load_tokens, write_tokens
-from cllm.errors import MissingFileError
-from cllm.model import InsufficientMemoryError
+from cllm.errors import InsufficientMemoryError, MissingFileError
 from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, tokenizer_from_json
 from cllm.train_config import TrainConfig
 

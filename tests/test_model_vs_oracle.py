@@ -169,8 +169,8 @@ def test_accumulation_equals_concatenated_batch(cllm, helpers, errs, rng, kw, B,
 
 @pytest.mark.parametrize("kw,B,T", [CONFIGS[0], CONFIGS[1]])
 def test_every_parameter_matters(cllm, helpers, errs, rng, kw, B, T):
-    """Regression test for the original project's constant loss: every tensor gets a nonzero gradient and
-    perturbing any single tensor changes the loss (by what the oracle says it should)."""
+    """No tensor is dead weight (a constant loss would go unnoticed otherwise): every tensor gets a nonzero
+    gradient and perturbing any single tensor changes the loss (by what the oracle says it should)."""
     model, ocfg = make_model(cllm, helpers, rng, kw)
     x, y = batch(rng, ocfg.vocab_size, B, T)
     base = model.forward_backward(x, y)

@@ -147,8 +147,8 @@ def test_clip_grad_norm(cllm, helpers, errs, rng, factor):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opt_name", ["AdamW", "SGD"])
 def test_training_reduces_loss(cllm, helpers, rng, opt_name):
-    """End-to-end sanity (regression for the original's constant loss): a few steps on one batch must
-    drive its loss well down."""
+    """End-to-end sanity: a few steps on one batch must drive its loss well down (a model whose loss stays
+    constant, e.g. with a parameter that no gradient reaches, fails here)."""
     model, x, y = setup(cllm, helpers, rng)
     opt = cllm.AdamW(model, lr=1e-2, weight_decay=0.0) if opt_name == "AdamW" else cllm.SGD(model, lr=0.5, momentum=0.9)
     first = model.loss(x, y)

@@ -25,10 +25,21 @@ def ok(B=2, T=4):
     (dict(embedding_dim=2.5), TypeError, "embedding_dim must be an int"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(pos_encoding="rotary"), ValueError, "pos_encoding"),
-], ids=["heads-divide", "vocab0", "layers-neg", "seq0", "ff0", "float-dim", "dropout1", "posenc"])
+    (dict(vocab_size=2**31), ValueError, "vocab_size 2,147,483,648 is too large"),
+    (dict(embedding_dim=2**30, num_heads=1), ValueError, "embedding_dim 1,073,741,824 is too large"),
+    (dict(num_heads=True), TypeError, "num_heads must be an int"),
+], ids=["heads-divide", "vocab0", "layers-neg", "seq0", "ff0", "float-dim", "dropout1", "posenc", "vocab-int32",
+        "qkv-int32", "bool"])
 def test_bad_config(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         cllm.ModelConfig(**kwargs)
+
+
+def test_config_stores_plain_python_numbers():
+    """NumPy ints and floats are taken and stored as Python ones (so the config serialises as JSON)."""
+    cfg = cllm.ModelConfig(vocab_size=np.int64(50), max_seq_len=np.int32(8), dropout=np.float32(0.5))
+    assert type(cfg.vocab_size) is int and type(cfg.max_seq_len) is int and type(cfg.dropout) is float
+    assert cfg == cllm.ModelConfig(vocab_size=50, max_seq_len=8, dropout=0.5)
 
 
 def test_token_out_of_range_names_row_and_position(model):

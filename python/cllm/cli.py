@@ -1,4 +1,4 @@
-"""The `cllm` command line: train, sample, prepare, bench.
+"""The `cllm` command line: train, sample, prepare.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
@@ -208,10 +208,6 @@ register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokeni
                  _run_prepare)
 register_command("export", "write a model as a Hugging Face directory or a GGUF file", _export_arguments,
                  _run_export)
-
-from . import bench as _bench  # noqa: E402  (stdlib-only at import; torch only inside the benchmark children)
-
-register_command("bench", _bench.HELP, _bench.add_arguments, _bench.run)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,12 +4,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .checks import INT32_MAX, check_float, check_int
+
 POS_ENCODINGS = ("learned", "sinusoidal")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a GPT-2-style model (mirrors the original CLLMConfig)."""
+    """Shape of a GPT-2-style model: vocabulary, context length, width, depth, heads, feed-forward width, dropout
+    probability and position encoding ("learned": a trained wpe table, "sinusoidal": a fixed one). Checked on
+    construction, sizes within the core's 32-bit ints (ints stored as Python ints, dropout as a float)."""
 
     vocab_size: int = 256
     max_seq_len: int = 128
@@ -22,18 +26,16 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "ff_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            value = check_int(name, getattr(self, name), lo=1)
+            if value > INT32_MAX:  # the core's sizes are 32-bit ints
+                raise ValueError(f"{name} {value:,} is too large (at most {INT32_MAX:,})")
+            object.__setattr__(self, name, value)
+        if 3 * self.embedding_dim > INT32_MAX:  # the width of the qkv projection
+            raise ValueError(f"embedding_dim {self.embedding_dim:,} is too large (at most {INT32_MAX // 3:,})")
         if self.embedding_dim % self.num_heads != 0:
             raise ValueError(
                 f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise TypeError(f"dropout must be a float, got {type(self.dropout).__name__}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "dropout", check_float("dropout", self.dropout, 0, 1, hi_open=True))
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
 

@@ -1,7 +1,8 @@
 """Single kernels on float32 NumPy arrays (the C++ core's `_core.kernels`), behind a check of their arguments.
 
-Every function takes and returns what `cllm._core.kernels` does. Before the call, the arguments are checked so
-that bad input ends in a clear TypeError / ValueError / MemoryError instead of a silent cast or a crash:
+Every function takes and returns what `cllm._core.kernels` does. Before the call, the arguments are checked (with
+the helpers of cllm.checks) so that bad input ends in a clear TypeError / ValueError / MemoryError instead of a
+silent cast or a crash:
 
 - float arrays must hold real numbers (bool, int or float dtypes are converted to float32; complex, object,
   string, ... arrays are refused, never silently cast),
@@ -17,7 +18,8 @@ from typing import Callable, Dict
 import numpy as np
 
 from . import _core
-from .model import _INT32_MAX, check_memory
+from .checks import INT32_MAX, INT32_MIN, as_int32_tokens, check_flag, check_float, check_int, real_array, token_array
+from .system import check_memory
 
 _raw = _core.kernels
 _F32, _I32 = np.dtype(np.float32), np.dtype(np.int32)
@@ -65,64 +67,19 @@ _OUTPUT_FLOATS: Dict[str, Callable[..., int]] = {
 }
 
 
-def _real_array(fname: str, what: str, value) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"kernels.{fname}: {what} must be an array of real numbers, got dtype {arr.dtype}")
-    for d in arr.shape:
-        if d > _INT32_MAX:
-            raise ValueError(f"kernels.{fname}: {what} has shape {arr.shape}; every dimension must be at most "
-                             f"{_INT32_MAX:,}")
-    return arr
-
-
-def _float_array(fname: str, what: str, value) -> np.ndarray:
-    return _real_array(fname, what, value)
-
-
-def _token_array(fname: str, what: str, value) -> np.ndarray:
-    arr = _real_array(fname, what, value)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"kernels.{fname}: {what} must be an integer array of token ids, got dtype {arr.dtype}")
-    return arr
-
-
-def _to_float32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
+def _as_float32(name: str, arr: np.ndarray) -> np.ndarray:
     return arr if arr.dtype == _F32 and arr.flags.c_contiguous else np.asarray(arr, dtype=np.float32, order="C")
 
 
-def _to_int32(fname: str, what: str, arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == _I32 and arr.flags.c_contiguous:
-        return arr
-    if arr.size and arr.dtype != _I32:
-        lo, hi = arr.min(), arr.max()
-        if lo < -_INT32_MAX - 1 or hi > _INT32_MAX:
-            raise ValueError(f"kernels.{fname}: token id {lo if lo < 0 else hi} in {what} is out of the int32 range")
-    return np.asarray(arr, dtype=np.int32, order="C")
-
-
-def _int(fname: str, what: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"kernels.{fname}: {what} must be an int, got {type(value).__name__}")
-    if not -_INT32_MAX - 1 <= value <= _INT32_MAX:
-        raise ValueError(f"kernels.{fname}: {what} = {value} does not fit a 32-bit int")
-    return int(value)
-
-
-def _flag(fname: str, what: str, value) -> bool:
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"kernels.{fname}: {what} must be True or False, got {value!r}")
-
-
-def _scalar(fname: str, what: str, value) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"kernels.{fname}: {what} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-_CHECK = {"f": _float_array, "t": _token_array, "i": _int, "b": _flag, "x": _scalar}
-_CONVERT = {"f": _to_float32, "t": _to_int32}
+# argument kind -> (check, conversion just before the call); `name` is "kernels.<function>: <argument>"
+_CHECK = {
+    "f": real_array,
+    "t": token_array,
+    "i": lambda name, v: check_int(name, v, INT32_MIN, INT32_MAX),
+    "b": check_flag,
+    "x": lambda name, v: check_float(name, v, finite=False),
+}
+_CONVERT = {"f": _as_float32, "t": as_int32_tokens}
 
 
 def _wrap(fname: str, spec: str) -> Callable:
@@ -136,9 +93,9 @@ def _wrap(fname: str, spec: str) -> Callable:
             # let the core produce its own "incompatible function arguments" TypeError
             return raw(*args, **kwargs)
         kinds = dict(zip(names, spec))
-        args = [_CHECK[kind](fname, f"argument {i + 1}", a) for i, (kind, a) in enumerate(zip(spec, args))]
+        args = [_CHECK[kind](f"kernels.{fname}: argument {i + 1}", a) for i, (kind, a) in enumerate(zip(spec, args))]
         for k, v in kwargs.items():
-            kwargs[k] = _CHECK[kinds[k]](fname, k, v)
+            kwargs[k] = _CHECK[kinds[k]](f"kernels.{fname}: {k}", v)
         # memory for the float32/int32 copies and the outputs, checked before any of them is made
         arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
         copies = sum(a.size for a in arrays if not ((a.dtype == _F32 or a.dtype == _I32) and a.flags.c_contiguous))
@@ -149,9 +106,10 @@ def _wrap(fname: str, spec: str) -> Callable:
         if copies + max(out, 0) > 0:
             check_memory(4 * (copies + max(out, 0)), f"kernels.{fname} ({copies + max(out, 0):,} floats of "
                                                      f"conversions and outputs)")
-        args = [_CONVERT[k](fname, f"argument {i + 1}", a) if k in _CONVERT else a
+        args = [_CONVERT[k](f"kernels.{fname}: argument {i + 1}", a) if k in _CONVERT else a
                 for i, (k, a) in enumerate(zip(spec, args))]
-        kwargs = {k: _CONVERT[kinds[k]](fname, k, v) if kinds[k] in _CONVERT else v for k, v in kwargs.items()}
+        kwargs = {k: _CONVERT[kinds[k]](f"kernels.{fname}: {k}", v) if kinds[k] in _CONVERT else v
+                  for k, v in kwargs.items()}
         return raw(*args, **kwargs)
 
     kernel.__doc__ = raw.__doc__

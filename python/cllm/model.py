@@ -1,121 +1,20 @@
-"""The model: a thin Python face over the C++ core. Parameters and gradients are NumPy views into the
-core's flat buffers (no copies): writing into a view changes the model."""
+"""The model: a thin Python face over the C++ core, and the core's answers about a config's sizes (parameter
+layout, activation arena, memory needed) without building a model. Parameters and gradients are NumPy views into
+the core's flat buffers (no copies): writing into a view changes the model."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 
 from . import _core
+from .checks import INT32_MAX, UINT64_MAX, as_int32_tokens, check_float, check_int, token_array
 from .config import ModelConfig
+from .system import check_memory
 
 # "bf16": matmul inputs rounded to bfloat16 with fp32 accumulation (AVX-512 BF16 where available);
 # parameters, gradients and optimizer state stay fp32.
 PRECISIONS = ("fp32", "bf16")
-
-_INT32_MAX = 2**31 - 1  # the core counts sizes (B*T, dimensions, token ids) in 32-bit ints
-# OpenMP teams much larger than the machine fail to start: libgomp exits ("Thread creation failed") or the process
-# crashes, so the thread count is bounded.
-MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))
-
-
-def check_num_threads(n) -> int:
-    """The number of kernel threads, checked: an int in [1, MAX_THREADS]."""
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"number of threads must be in [1, {MAX_THREADS}], got {n}")
-    return int(n)
-
-
-# ----------------------------------------------------------------------------------------------------
-# memory: refuse, with a clear error, what cannot fit instead of letting the OOM killer end the process
-# ----------------------------------------------------------------------------------------------------
-class InsufficientMemoryError(MemoryError, ValueError):
-    """Raised *before* an allocation that would not fit in the memory available to this process.
-
-    Both a MemoryError and a ValueError (so a command line that reports ValueErrors as user errors reports
-    it in one line). Set the environment variable CLLM_MEMORY_CHECK=0 to skip the check."""
-
-
-def _read_int(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-        return None if text == "max" else int(text)
-    except (OSError, ValueError):
-        return None
-
-
-def _cgroup_room() -> Optional[int]:
-    """Bytes left under this process's cgroup memory limit (v2 or v1), None when there is no limit."""
-    for limit_f, usage_f, stat_f, inactive in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-             "inactive_file"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-             "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file")):
-        limit, usage = _read_int(limit_f), _read_int(usage_f)
-        if limit is None or usage is None or limit >= 1 << 60:
-            continue
-        reclaimable = 0  # page cache the kernel drops before it reaches the limit
-        try:
-            with open(stat_f) as f:
-                for line in f:
-                    k, _, v = line.partition(" ")
-                    if k == inactive:
-                        reclaimable = int(v)
-        except (OSError, ValueError):
-            pass
-        return max(0, limit - max(0, usage - reclaimable))
-    return None
-
-
-def available_memory() -> Optional[int]:
-    """Bytes this process can still allocate without swapping out the machine or meeting the OOM killer:
-    MemAvailable + SwapFree (Linux /proc/meminfo, else sysconf), capped by a cgroup limit; None if unknown."""
-    avail = None
-    try:
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                parts = v.split()
-                if parts and parts[0].isdigit():
-                    info[k] = int(parts[0]) * 1024
-        if "MemAvailable" in info:
-            avail = info["MemAvailable"] + info.get("SwapFree", 0)
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            avail = None
-    room = _cgroup_room()
-    if room is not None:
-        avail = room if avail is None else min(avail, room)
-    return avail
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:,.1f} {unit}"
-    return f"{nbytes:,} bytes"
-
-
-_CHECK_FROM_BYTES = 16 << 20  # smaller allocations are not checked (reading /proc costs ~0.1 ms)
-
-
-def check_memory(nbytes: int, what: str) -> None:
-    """Raise InsufficientMemoryError if `nbytes` (16 MiB or more) more bytes cannot fit in the memory available."""
-    if nbytes < _CHECK_FROM_BYTES or os.environ.get("CLLM_MEMORY_CHECK", "1").strip() == "0":
-        return
-    avail = available_memory()
-    if avail is not None and nbytes > avail:
-        raise InsufficientMemoryError(f"{what} needs {_size(nbytes)} of memory, but only {_size(avail)} is "
-                                      f"available")
 
 
 def core_config(config: ModelConfig, precision: str = "fp32") -> "_core.Config":
@@ -129,11 +28,14 @@ def core_config(config: ModelConfig, precision: str = "fp32") -> "_core.Config":
     return c
 
 
+def _tensor_dicts(layout: "_core.ParamLayout") -> list:
+    return [dict(name=n, shape=tuple(s), offset=o, size=z, decay=d) for n, s, o, z, d in layout.tensors]
+
+
 def parameter_layout(config: ModelConfig) -> list:
     """The core's parameter layout of a model of this config (no allocation): one dict per tensor with
     name, shape, offset and size (in floats) and decay (whether weight decay applies), in buffer order."""
-    return [dict(name=n, shape=tuple(s), offset=o, size=z, decay=d)
-            for n, s, o, z, d in _core.ParamLayout(core_config(config)).tensors]
+    return _tensor_dicts(_core.ParamLayout(core_config(config)))
 
 
 def parameter_shapes(config: ModelConfig) -> dict:
@@ -163,62 +65,6 @@ def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[
     return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
 
 
-def _token_array(a, what: str, max_seq_len: Optional[int] = None) -> np.ndarray:
-    """Checks dtype, rank and shape at the boundary, before reading or copying any value (so that a huge
-    broadcast array fails at once)."""
-    arr = np.asarray(a)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{what} must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must be 2-D [batch, time], got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{what} is empty (shape {arr.shape})")
-    if max_seq_len is not None and arr.shape[1] > max_seq_len:
-        raise ValueError(f"sequence length {arr.shape[1]} exceeds max_seq_len {max_seq_len}")
-    if arr.shape[0] * arr.shape[1] > _INT32_MAX:
-        raise ValueError(f"{what} has {arr.shape[0] * arr.shape[1]:,} tokens, more than one call can take "
-                         f"({_INT32_MAX:,})")
-    return arr
-
-
-def _needs_copy(arr: np.ndarray) -> bool:
-    return not (arr.dtype == np.int32 and arr.flags.c_contiguous)
-
-
-def _int32_tokens(arr: np.ndarray, what: str) -> np.ndarray:
-    """A C-contiguous int32 copy (or the array itself); per-token range checks happen in the core with
-    row/position."""
-    if arr.dtype != np.int32:
-        info = np.iinfo(np.int32)
-        lo, hi = arr.min(), arr.max()
-        if lo < info.min or hi > info.max:
-            bad = lo if lo < info.min else hi
-            raise ValueError(f"token id {bad} out of range in {what}")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-def _int_arg(name: str, value, minimum: int = 0, maximum: int = _INT32_MAX) -> int:
-    """An integer argument (integral floats accepted) in [minimum, maximum]; TypeError/ValueError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if isinstance(value, (float, np.floating)):
-        if not (np.isfinite(value) and float(value).is_integer()):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-        value = int(value)
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return int(value)
-
-
-def _float_arg(name: str, value) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 class Model:
     """A GPT-2-style decoder-only transformer whose kernels run in C++.
 
@@ -232,30 +78,21 @@ class Model:
     def __init__(self, config: ModelConfig, seed: int = 0, precision: str = "fp32"):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a cllm.ModelConfig, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = check_int("seed", seed, 0, UINT64_MAX)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name in ("vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "ff_dim"):
-            if getattr(config, name) > _INT32_MAX:
-                raise ValueError(f"{name} {getattr(config, name):,} is too large (at most {_INT32_MAX:,})")
-        if 3 * config.embedding_dim > _INT32_MAX:
-            raise ValueError(f"embedding_dim {config.embedding_dim:,} is too large (at most {_INT32_MAX // 3:,})")
-        if seed > 0xFFFFFFFFFFFFFFFF:
-            raise ValueError(f"seed must be below 2**64, got {seed}")
         # parameters + gradients, before the core allocates (and zero-fills) them
         check_memory(8 * parameter_count(config), f"a model of {parameter_count(config, padded=False):,} "
                                                   f"parameters (weights and gradients)")
         self.config = config
-        self.seed = int(seed)
+        self.seed = seed
         self.precision = precision
         self._arena_shape = None  # the (B, T) the core's activation arena is sized for
-        self._core = _core.Model(core_config(config, precision), int(seed))
+        self._core = _core.Model(core_config(config, precision), seed)
         self._params = self._core.param_views()
         self._grads = self._core.grad_views()
         self.layout = self._core.layout  # the core's ParamLayout: names, shapes, offsets, decay
-        self.tensor_info = [dict(name=n, shape=tuple(s), offset=o, size=z, decay=d)
-                            for n, s, o, z, d in self.layout.tensors]
+        self.tensor_info = _tensor_dicts(self.layout)
 
     # -- buffers ------------------------------------------------------------------------------
     def parameters(self) -> dict:
@@ -300,17 +137,31 @@ class Model:
             view[...] = src
 
     # -- compute ------------------------------------------------------------------------------
+    def _tokens(self, a, name: str) -> np.ndarray:
+        """A [batch, time] integer array, checked: dtype, rank and shape, before any value is read or copied (so
+        that a huge broadcast array fails at once)."""
+        arr = token_array(name, a)
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [batch, time], got shape {arr.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {arr.shape})")
+        if arr.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {arr.shape[1]} exceeds max_seq_len {self.config.max_seq_len}")
+        if arr.size > INT32_MAX:
+            raise ValueError(f"{name} has {arr.size:,} tokens, more than one call can take ({INT32_MAX:,})")
+        return arr
+
     def _batch(self, x, y=None, out_per_token: int = 0):
         """(x, y) as int32 token arrays, after checking their shapes and that the activations (and the
         conversions and the output) fit in memory."""
-        x = _token_array(x, "inputs", self.config.max_seq_len)
+        x = self._tokens(x, "inputs")
         if y is not None:
-            y = _token_array(y, "targets", self.config.max_seq_len)
+            y = self._tokens(y, "targets")
             if x.shape != y.shape:
                 raise ValueError(f"inputs shape {x.shape} and targets shape {y.shape} differ")
-        copies = sum(a.size for a in (x, y) if a is not None and _needs_copy(a))
+        copies = sum(a.size for a in (x, y) if a is not None and not (a.dtype == np.int32 and a.flags.c_contiguous))
         self._reserve(*x.shape, extra_floats=copies + out_per_token * x.size)
-        return _int32_tokens(x, "inputs"), None if y is None else _int32_tokens(y, "targets")
+        return as_int32_tokens("inputs", x), None if y is None else as_int32_tokens("targets", y)
 
     def _reserve(self, B: int, T: int, extra_floats: int = 0) -> None:
         """Check that the activation arena for a new (B, T) (and `extra_floats` of output) fits in memory,
@@ -330,7 +181,7 @@ class Model:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
         Gradients are zeroed first unless accumulate=True (gradient accumulation)."""
-        grad_scale = _float_arg("grad_scale", grad_scale)
+        grad_scale = check_float("grad_scale", grad_scale)
         x, y = self._batch(x, y)
         loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale)
         self._arena_shape = x.shape
@@ -348,10 +199,9 @@ class Model:
 
     def dropout_masks(self, B: int, T: int) -> dict:
         """The dropout masks (values 0 or 1/(1-p)) the next forward_backward with this B, T will use."""
-        B = _int_arg("B", B, 1)
-        T = _int_arg("T", T, 1, self.config.max_seq_len)
-        c = self.config
-        check_memory(4 * B * T * (c.num_layers * (c.num_heads * T + 2 * c.embedding_dim) + c.embedding_dim),
+        B = check_int("B", B, 1, INT32_MAX, integral_float=True)
+        T = check_int("T", T, 1, self.config.max_seq_len, integral_float=True)
+        check_memory(4 * _core.dropout_mask_floats(core_config(self.config), B, T),
                      f"dropout masks for {B} x {T} tokens")
         return self._core.dropout_masks(B, T)
 
@@ -368,7 +218,7 @@ class Model:
 
     @dropout_step.setter
     def dropout_step(self, value: int) -> None:
-        self._core.dropout_step = _int_arg("dropout_step", value, 0, 0xFFFFFFFFFFFFFFFF)
+        self._core.dropout_step = check_int("dropout_step", value, 0, UINT64_MAX, integral_float=True)
 
     @property
     def dropout_stream(self) -> int:
@@ -379,7 +229,7 @@ class Model:
 
     @dropout_stream.setter
     def dropout_stream(self, value: int) -> None:
-        self._core.dropout_stream = _int_arg("dropout_stream", value, 0, 0xFFFFFFFFFFFFFFFF)
+        self._core.dropout_stream = check_int("dropout_stream", value, 0, UINT64_MAX, integral_float=True)
 
     def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
                   seed: int = 0, return_logits: bool = False):
@@ -391,35 +241,24 @@ class Model:
         p = np.asarray(prompt)
         if p.size == 0:
             raise ValueError("prompt is empty: give at least one token")
-        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
-            raise ValueError(f"prompt must be a 1-D integer array of token ids, got shape {p.shape} dtype {p.dtype}")
+        p = token_array("prompt", p)
+        if p.ndim != 1:
+            raise ValueError(f"prompt must be a 1-D integer array of token ids, got shape {p.shape}")
         if p.size > self.config.max_seq_len:
             raise ValueError(f"prompt length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
-        max_new_tokens = _int_arg("max_new_tokens", max_new_tokens)
-        temperature = _float_arg("temperature", temperature)
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        if top_k is not None:
-            top_k = min(_int_arg("top_k", top_k, 1, 1 << 64), self.config.vocab_size)  # k >= V keeps all
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
+        temperature = check_float("temperature", temperature, lo=0)
+        if top_k is not None:  # k >= V keeps all
+            top_k = min(check_int("top_k", top_k, 1, 1 << 64, integral_float=True), self.config.vocab_size)
         if top_p is not None:
-            top_p = _float_arg("top_p", top_p)
-            if not 0.0 < top_p <= 1.0:
-                raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-            if not (isinstance(seed, (float, np.floating)) and np.isfinite(seed) and float(seed).is_integer()):
-                raise TypeError(f"seed must be an int, got {seed!r}")
-        c = self.config
-        check_memory(4 * (2 * c.num_layers * c.max_seq_len * c.embedding_dim
-                          + activation_count(c, 1, c.max_seq_len)
-                          + (max_new_tokens * c.vocab_size if return_logits else 0)),
+            top_p = check_float("top_p", top_p, 0, 1, lo_open=True)
+        seed = check_int("seed", seed, integral_float=True) & UINT64_MAX
+        return_logits = bool(return_logits)
+        check_memory(4 * _core.generation_floats(core_config(self.config), max_new_tokens, return_logits),
                      f"generating {max_new_tokens:,} tokens")
         self._arena_shape = None  # generation re-sizes the arena
-        if p.min() < 0 or p.max() >= self.config.vocab_size:
-            bad = int(p.min()) if p.min() < 0 else int(p.max())
-            pos = int(np.nonzero(p == bad)[0][0])
-            raise ValueError(f"token id {bad} out of range for vocab_size {self.config.vocab_size} (prompt position {pos})")
-        return self._core.generate(np.ascontiguousarray(p, dtype=np.int32), int(max_new_tokens), float(temperature),
-                                   int(top_k or 0), float(top_p or 1.0), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(return_logits))
+        return self._core.generate(as_int32_tokens("prompt", p), max_new_tokens, temperature, top_k or 0,
+                                   1.0 if top_p is None else top_p, seed, return_logits)
 
     def __repr__(self) -> str:
         return f"cllm.Model({self.config}, parameters={self.num_parameters:,}, precision={self.precision!r})"

@@ -1,11 +1,10 @@
 """Optimizers over the model's flat buffers (the maths is in C++): AdamW, SGD, global-norm clipping."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _core
+from .checks import check_float
 from .model import Model
 
 
@@ -24,16 +23,13 @@ class AdamW:
     def __init__(self, model: Model, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1):
         _check_model(model)
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite non-negative number, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
         self.model = model
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
+        self.lr = check_float("lr", lr, lo=0)
+        if not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        self.betas = tuple(check_float(f"betas[{i}]", b, 0, 1, hi_open=True) for i, b in enumerate(betas))
+        self.eps = check_float("eps", eps, lo=0, lo_open=True, finite=False)
+        self.weight_decay = check_float("weight_decay", weight_decay, lo=0, finite=False)
         n = model.layout.total
         self.exp_avg = np.zeros(n, dtype=np.float32)
         self.exp_avg_sq = np.zeros(n, dtype=np.float32)
@@ -68,14 +64,13 @@ class SGD:
     def __init__(self, model: Model, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False):
         _check_model(model)
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite non-negative number, got {lr}")
-        if not momentum >= 0:
-            raise ValueError(f"momentum must be non-negative, got {momentum}")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov momentum requires momentum > 0")
         self.model = model
-        self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
+        self.lr = check_float("lr", lr, lo=0)
+        self.momentum = check_float("momentum", momentum, lo=0, finite=False)
+        self.weight_decay = check_float("weight_decay", weight_decay, finite=False)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov momentum requires momentum > 0")
         self.momentum_buffer = np.zeros(model.layout.total, dtype=np.float32)
         self.step_count = 0
 
@@ -95,8 +90,7 @@ def grad_norm(model: Model) -> float:
 def clip_grad_norm(model: Model, max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
     _check_model(model)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    max_norm = check_float("max_norm", max_norm, lo=0, lo_open=True, finite=False)
     norm = float(_core.grad_norm(model.flat_gradients()))
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:

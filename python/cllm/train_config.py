@@ -21,7 +21,8 @@ import numpy as np
 
 from .config import POS_ENCODINGS, ModelConfig
 from .errors import MissingFileError
-from .model import MAX_THREADS, PRECISIONS
+from .model import PRECISIONS
+from .system import MAX_THREADS
 from .schedule import SCHEDULES, check_schedule
 
 

@@ -26,16 +26,16 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import get_num_threads, set_num_threads
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
 from .errors import MissingFileError
-from .model import Model, check_memory, memory_estimate, parameter_count
+from .model import Model, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .run_files import (Console, InterruptFlag, MetricsLog, is_prepared_data, open_run_dir, plot_losses,
                         prepare_data_once, truncate_metrics)
 from .schedule import lr_at
+from .system import check_memory, get_num_threads, set_num_threads
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
 

@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["cllm"]):
     import cllm
     from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from cllm.data import load_tokens, write_tokens
-    from cllm.model import InsufficientMemoryError
+    from cllm.errors import InsufficientMemoryError
     from cllm.errors import MissingFileError
     from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
     from cllm.train_config import TrainConfig
