@@ -66,6 +66,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind == "paths":
             p.add_argument(flag, nargs="+", metavar="PATH", **kw)
+        elif kind == "opt_path":
+            p.add_argument(flag, type=_opt(str, "path"), metavar="PATH", **kw)
         elif kind == "betas":
             p.add_argument(flag, nargs=2, type=float, metavar=("BETA1", "BETA2"), **kw)
         elif kind in ("choice", "str"):
@@ -149,7 +151,9 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="text files or directories (none: the Python standard library's .py files)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, "
                                                               "tokenizer.json")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="tokenizer (default: byte)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                   help="byte, bpe (trained on the corpus), or an existing tokenizer: a tokenizer.json or a Hugging "
+                        "Face directory; documents are then separated by its end-of-text token (default: byte)")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default: 1024)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="validation fraction (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
@@ -160,7 +164,11 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 def _run_prepare(args) -> int:
     from .data import prepare
 
-    spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
+    if args.tokenizer in ("byte", "bpe"):
+        spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
+    else:
+        from .hf_tokenizer import load_any_tokenizer
+        spec = load_any_tokenizer(args.tokenizer)
     s = prepare(args.inputs or None, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
                 max_bytes=args.max_bytes)
     print(f"{s['files']} files, {s['bytes']:,} bytes -> {s['train_tokens']:,} train and {s['val_tokens']:,} "

@@ -86,6 +86,24 @@ def tokenizer_from_hf(path: PathLike) -> BPETokenizer:
         raise ValueError(f"{file}: {e}") from None
 
 
+def load_any_tokenizer(path: PathLike) -> Tokenizer:
+    """A tokenizer from a file or directory: CLLM's tokenizer.json (as `cllm prepare` writes it), a Hugging Face
+    tokenizer.json, or an HF directory (tokenizer.json, or vocab.json + merges.txt)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not path.exists():
+        raise MissingFileError(2, "tokenizer file or directory not found", str(path))
+    if file.is_file():
+        try:
+            spec = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file}: not valid JSON: {e}") from None
+        if isinstance(spec, dict) and spec.get("type") in ("byte", "bpe"):  # CLLM's own format
+            from .tokenizer import load_tokenizer
+            return load_tokenizer(file)
+    return tokenizer_from_hf(path)
+
+
 def _byte_level_bpe(tokenizer: Tokenizer):
     """The HF tokenizer equal to a CLLM tokenizer: the BPE's own, or for bytes a merge-free byte-level BPE."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
