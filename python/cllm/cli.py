@@ -66,6 +66,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind == "paths":
             p.add_argument(flag, nargs="+", metavar="PATH", **kw)
+        elif kind == "opt_path":
+            p.add_argument(flag, type=_opt(str, "path"), metavar="PATH", **kw)
         elif kind == "betas":
             p.add_argument(flag, nargs=2, type=float, metavar=("BETA1", "BETA2"), **kw)
         elif kind in ("choice", "str"):
@@ -126,22 +128,15 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_sample(args) -> int:
     from . import set_num_threads
-    from .checkpoint import load_checkpoint
+    from .pretrained import load_pretrained
     from .trainer import sample_text
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        candidates = [path / "best.safetensors", path / "last.safetensors"]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise CLLMError(f"{path}: no best.safetensors or last.safetensors in this directory")
-        path = found[0]
     if args.max_new_tokens < 0:
         raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
     if args.threads:
         set_num_threads(args.threads)
-    ckpt = load_checkpoint(path)
-    text = sample_text(ckpt.model, ckpt.tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+    model, tokenizer = load_pretrained(args.checkpoint)
+    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     sys.stdout.write(args.prompt + text + "\n")
     sys.stdout.flush()
@@ -156,7 +151,9 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="text files or directories (none: the Python standard library's .py files)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, "
                                                               "tokenizer.json")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="tokenizer (default: byte)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                   help="byte, bpe (trained on the corpus), or an existing tokenizer: a tokenizer.json or a Hugging "
+                        "Face directory; documents are then separated by its end-of-text token (default: byte)")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default: 1024)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="validation fraction (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
@@ -167,7 +164,11 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 def _run_prepare(args) -> int:
     from .data import prepare
 
-    spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
+    if args.tokenizer in ("byte", "bpe"):
+        spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
+    else:
+        from .hf_tokenizer import load_any_tokenizer
+        spec = load_any_tokenizer(args.tokenizer)
     s = prepare(args.inputs or None, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
                 max_bytes=args.max_bytes)
     print(f"{s['files']} files, {s['bytes']:,} bytes -> {s['train_tokens']:,} train and {s['val_tokens']:,} "
@@ -175,10 +176,46 @@ def _run_prepare(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint file, a run directory (its best, else last, checkpoint) or an HF directory")
+    p.add_argument("--format", required=True, choices=("hf", "gguf"),
+                   help="hf: a Hugging Face transformers directory; gguf: a llama.cpp file")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf) or file (gguf)")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32",
+                   help="gguf: weights in float32 or float16 (default: f32)")
+
+
+def _run_export(args) -> int:
+    from .pretrained import load_pretrained
+
+    out = Path(args.out)
+    if args.format == "hf" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLLMError(f"{out}: exists and is not an empty directory (the export would mix with its files)")
+    if args.format == "gguf" and out.is_dir():
+        raise CLLMError(f"{out}: is a directory; give the .gguf file to write")
+    if args.format == "hf" and args.dtype != "f32":
+        raise CLLMError("--dtype applies to --format gguf only (Hugging Face exports are float32)")
+    model, tokenizer = load_pretrained(args.checkpoint)
+    if args.format == "hf":
+        from .hf import export_hf
+        written = export_hf(model, tokenizer, out)
+    else:
+        from .gguf_export import export_gguf
+        written = export_gguf(model, tokenizer, out, dtype=args.dtype)
+    print(f"wrote {written} ({args.format}, {model.num_parameters:,} parameters, vocab {tokenizer.vocab_size})")
+    return 0
+
+
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)
 register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
+register_command("export", "write a model as a Hugging Face directory or a GGUF file", _export_arguments,
+                 _run_export)
 
 
 # ----------------------------------------------------------------------------------------------------

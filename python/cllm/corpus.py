@@ -185,11 +185,13 @@ def _resolve_tokenizer(tokenizer) -> Tuple[Optional[Tokenizer], Optional[int]]:
 
 
 def _join(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """Encode documents and join them with the separator's tokens."""
+    """Encode documents and join them with the tokenizer's end-of-text token, or without one the separator's
+    tokens."""
     if not texts:
         return np.zeros(0, dtype=np.int32)
     encoded = tokenizer.encode_batch(list(texts))
-    sep = tokenizer.encode(_DOC_SEPARATOR).astype(np.int32)
+    eos = tokenizer.eos_id
+    sep = np.array([eos], np.int32) if eos is not None else tokenizer.encode(_DOC_SEPARATOR).astype(np.int32)
     parts: List[np.ndarray] = []
     for i, ids in enumerate(encoded):
         if i:

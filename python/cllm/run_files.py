@@ -9,6 +9,7 @@ it (`plot_losses`). Only rank 0 of a data-parallel run writes these files or pri
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -52,13 +53,15 @@ def is_prepared_data(path: Path) -> bool:
     return path.is_dir() and (path / "train.bin").is_file() and (path / "val.bin").is_file()
 
 
-def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer: str, *, val_fraction: float,
+def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer, *, val_fraction: float,
                       seed: int, max_bytes: Optional[int], say: Callable[[str], None]) -> None:
     """Prepare `inputs` (None: the Python standard library) into data_dir (see data.prepare), unless its
     prepare.json records this very preparation and its files are all there."""
     spec = {
         "inputs": None if inputs is None else [os.path.abspath(p) for p in inputs],
-        "tokenizer": tokenizer, "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes,
+        "tokenizer": tokenizer if isinstance(tokenizer, str) else
+        "sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
+        "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes,
     }
     if inputs is None:
         import sysconfig

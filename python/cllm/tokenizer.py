@@ -26,7 +26,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -108,6 +108,19 @@ class Tokenizer:
     def to_json(self) -> str:
         """Serialise to a JSON string readable by :func:`tokenizer_from_json`."""
         raise NotImplementedError
+
+    #: role ("bos", "eos", "pad", "unk") -> the special token's text; empty for tokenizers without any
+    special_tokens: Dict[str, str] = {}
+
+    @property
+    def special_ids(self) -> Dict[str, int]:
+        """role -> token id of the special tokens (e.g. {"eos": 50256} for GPT-2's tokenizer)."""
+        return {}
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        """The end-of-text token's id, or None."""
+        return self.special_ids.get("eos")
 
     def save(self, path: PathLike) -> None:
         """Write :meth:`to_json` to ``path`` atomically."""
@@ -194,10 +207,15 @@ class BPETokenizer(Tokenizer):
     #: places, see :func:`_chunk_text`) and encoded in parallel
     chunk_chars: int = 1 << 16
 
-    def __init__(self, hf_tokenizer) -> None:
+    def __init__(self, hf_tokenizer, special_tokens: Optional[Dict[str, str]] = None) -> None:
         _check_hf_tokenizer(hf_tokenizer)
         self._tok = hf_tokenizer
         self._vocab_size = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))
+        self.special_tokens = _check_special_tokens(hf_tokenizer, special_tokens or {})
+
+    @property
+    def special_ids(self) -> Dict[str, int]:
+        return {role: self._tok.token_to_id(text) for role, text in self.special_tokens.items()}
 
     @classmethod
     def train(
@@ -292,12 +310,31 @@ class BPETokenizer(Tokenizer):
         return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 
     def to_json(self) -> str:
-        return json.dumps({"type": "bpe", "tokenizer": self._tok.to_str()})
+        spec = {"type": "bpe", "tokenizer": self._tok.to_str()}
+        if self.special_tokens:
+            spec["special_tokens"] = self.special_tokens
+        return json.dumps(spec)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, BPETokenizer) and self._tok.to_str() == other._tok.to_str()
+        return (isinstance(other, BPETokenizer) and self._tok.to_str() == other._tok.to_str()
+                and self.special_tokens == other.special_tokens)
 
     __hash__ = None  # mutable wrapper around a foreign object: not hashable
+
+
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+
+
+def _check_special_tokens(tok, special_tokens) -> Dict[str, str]:
+    """role -> token text, each role known and each token in the vocabulary."""
+    if not isinstance(special_tokens, dict):
+        raise ValueError(f"special_tokens must be a mapping role -> token, got {type(special_tokens).__name__}")
+    for role, text in special_tokens.items():
+        if role not in SPECIAL_ROLES:
+            raise ValueError(f"unknown special token role {role!r} (expected one of {', '.join(SPECIAL_ROLES)})")
+        if not isinstance(text, str) or tok.token_to_id(text) is None:
+            raise ValueError(f"special token {role}={text!r} is not in the tokenizer's vocabulary")
+    return dict(special_tokens)
 
 
 def _read_training_item(item) -> str:
@@ -399,7 +436,7 @@ def tokenizer_from_json(s: str) -> Tokenizer:
             raise
         except BaseException as e:  # the Rust side raises a plain Exception, or a PanicException (BaseException)
             raise ValueError(f"BPE tokenizer JSON could not be parsed by 'tokenizers': {e}") from None
-        return BPETokenizer(hf_tok)
+        return BPETokenizer(hf_tok, spec.get("special_tokens") or {})
     raise ValueError(f"unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")
 
 

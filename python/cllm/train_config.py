@@ -44,6 +44,10 @@ class TrainConfig:
     val_fraction: float = _f(0.05, "fraction of the corpus held out for validation when preparing", "float")
     max_data_bytes: Optional[int] = _f(None, "use only this many bytes of the corpus when preparing", "opt_int")
     # model
+    init_from: Optional[str] = _f(None, "start from a pretrained model and its tokenizer: a CLLM checkpoint or run "
+                                        "dir, or a Hugging Face GPT-2 dir; its shape replaces the model settings "
+                                        "(max_seq_len may be shorter) and the data is encoded with its tokenizer",
+                                  "opt_path")
     max_seq_len: int = _f(128, "context length T (tokens per training sequence)", "int")
     embedding_dim: int = _f(128, "embedding dimension C", "int")
     num_layers: int = _f(4, "transformer blocks L", "int")
@@ -190,7 +194,7 @@ def _coerce(name: str, value, kind: str, choices):
     def bad(expected):
         return ValueError(f"{name} must be {expected}, got {value!r}")
 
-    if kind in ("opt_int", "opt_float") and value is None:
+    if kind in ("opt_int", "opt_float", "opt_path") and value is None:
         return None
     if kind in ("int", "opt_int"):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -215,6 +219,10 @@ def _coerce(name: str, value, kind: str, choices):
         if choices is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
+    if kind == "opt_path":
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise bad("a path or none")
+        return os.fspath(value)
     if kind == "paths":
         if value is None:
             return None

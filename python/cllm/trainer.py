@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
 from .errors import MissingFileError
@@ -36,6 +37,7 @@ from .run_files import (Console, InterruptFlag, MetricsLog, is_prepared_data, op
                         prepare_data_once, truncate_metrics)
 from .schedule import lr_at
 from .system import check_memory, get_num_threads, set_num_threads
+from .pretrained import load_pretrained
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
 
@@ -130,19 +132,26 @@ class Trainer:
         if self.main:
             open_run_dir(self.out_dir)
         self.comm.barrier()
-        data_dir = self._data_dir()
+        init = load_pretrained(c.init_from) if c.init_from else None  # (model, tokenizer)
+        data_dir = self._data_dir(init[1] if init else None)
         self.tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+        if init and self.tokenizer != init[1]:
+            raise ValueError(f"{data_dir}: its tokenizer.json is not the tokenizer of {c.init_from} (prepare the data "
+                             f"with --tokenizer {c.init_from}, or give the text files)")
         train = load_tokens(data_dir / "train.bin")
         val = load_tokens(data_dir / "val.bin")
         if train.vocab_size != self.tokenizer.vocab_size or val.vocab_size != self.tokenizer.vocab_size:
             raise ValueError(f"{data_dir}: token files (vocab {train.vocab_size}/{val.vocab_size}) do not match "
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
-        self.model_config = c.model_config(self.tokenizer.vocab_size)
+        self.model_config = self._model_config(init[0].config if init else None)
         # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
+        if init:
+            self.model.load_parameters(init[0].parameters())
+            del init
         self.model.dropout_stream = self.comm.rank  # each rank's rows get their own dropout masks
         self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
@@ -174,15 +183,30 @@ class Trainer:
             for old in (self.best_path, self.metrics_path):  # a fresh run must not mix with an old one
                 old.unlink(missing_ok=True)
 
-    def _data_dir(self) -> Path:
+    def _model_config(self, pretrained: Optional[ModelConfig]) -> ModelConfig:
+        """The model's shape: from the settings, or from the pretrained model (with this run's dropout)."""
+        c = self.config
+        if pretrained is None:
+            return c.model_config(self.tokenizer.vocab_size)
+        if c.max_seq_len > pretrained.max_seq_len:
+            raise ValueError(f"max_seq_len {c.max_seq_len} exceeds the context of {c.init_from} "
+                             f"({pretrained.max_seq_len} positions)")
+        if self.tokenizer.vocab_size > pretrained.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
+                             f"vocab_size {pretrained.vocab_size} of {c.init_from}")
+        return pretrained.replace(dropout=c.dropout)
+
+    def _data_dir(self, tokenizer: Optional[Tokenizer]) -> Path:
         """The directory holding train.bin, val.bin and tokenizer.json: config.data if it is one, else
-        out_dir/data, where rank 0 prepares config.data (or the stdlib) unless it already did."""
+        out_dir/data, where rank 0 prepares config.data (or the stdlib) unless it already did, with
+        `tokenizer` (a pretrained model's) or the one the settings name."""
         c = self.config
         if c.data is not None and len(c.data) == 1 and is_prepared_data(Path(c.data[0])):
             return Path(c.data[0])
         data_dir = self.out_dir / "data"
         if self.main:
-            tokenizer = "byte" if c.tokenizer == "byte" else f"bpe:{c.bpe_vocab_size}"
+            if tokenizer is None:
+                tokenizer = "byte" if c.tokenizer == "byte" else f"bpe:{c.bpe_vocab_size}"
             prepare_data_once(data_dir, c.data, tokenizer, val_fraction=c.val_fraction, seed=PREPARED_DATA_SEED,
                               max_bytes=c.max_data_bytes, say=self.console.say)
         self.comm.barrier()
@@ -326,12 +350,21 @@ class Trainer:
         self.console.say(f"model: {self.model.num_parameters:,} parameters {self.model_config}; "
                          f"{self.tokens_per_step:,} tokens per step")
         s = _Session(start_step=self.step)
+        if self.config.init_from and self.step == 0:
+            self._evaluate_start(s)
         try:
             with s.interrupt, self.console.progress_bar(total=self.config.max_steps, initial=self.step):
                 yield s
         except BaseException:
             self._close_metrics()
             raise
+
+    def _evaluate_start(self, s: _Session) -> None:
+        """A pretrained start: the model's validation loss before any step (step 0 of metrics.jsonl)."""
+        val = self.evaluate()
+        self.last_val_loss, s.last_eval_step = _num(val), 0
+        self._log({"step": 0, "val_loss": _num(val), "init_from": str(self.config.init_from)})
+        self.console.say(f"step 0: val loss {val:.4f} ({self.config.init_from})")
 
     def _elapsed(self, s: _Session) -> float:
         """Seconds of training of this run, earlier sessions included."""

@@ -1,0 +1,220 @@
+"""Hugging Face GPT-2 in and out.
+
+`from_hf(path)` reads a directory saved by transformers (`GPT2LMHeadModel.save_pretrained`): config.json, the
+weights from model.safetensors or a sharded model.safetensors.index.json, the tokenizer from tokenizer.json or
+vocab.json + merges.txt. Every config field that changes the model's maths is honoured or refused with an error
+naming it. `export_hf(model, tokenizer, path)` writes a directory transformers' AutoModelForCausalLM and
+AutoTokenizer load as they are.
+
+CLLM's parameter names are GPT-2's state-dict names without the "transformer." prefix, linear weights [in, out]
+as in GPT-2's Conv1D, so weights move across unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from . import safetensors_io
+from .config import ModelConfig
+from .errors import CLLMError, MissingFileError
+from .model import Model, parameter_shapes
+
+PathLike = Union[str, "os.PathLike[str]"]
+PREFIX = "transformer."
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved; not weights
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation CLLM computes
+_LAYER_NORM_EPS = 1e-5
+
+
+class HFFormatError(CLLMError, ValueError):
+    """A Hugging Face directory CLLM cannot read as the model it describes (names the file and the field)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MissingFileError(2, "file not found", str(path))
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise HFFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def config_from_hf(hf: dict, source: PathLike = "config.json") -> ModelConfig:
+    """The ModelConfig of a transformers GPT2Config (as a dict); HFFormatError naming a field CLLM cannot honour."""
+    def field(name, default=None, *aliases):
+        for key in (name,) + aliases:
+            if key in hf and hf[key] is not None:
+                return hf[key]
+        if default is None:
+            raise HFFormatError(f"{source}: field {name!r} is missing")
+        return default
+
+    def refuse(name, value, why):
+        raise HFFormatError(f"{source}: {name} = {value!r} is not supported: {why}")
+
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        refuse("model_type", model_type, "CLLM imports GPT-2 models (model_type 'gpt2')")
+    act = field("activation_function", "gelu_new")
+    if act not in _TANH_GELUS:
+        refuse("activation_function", act, f"CLLM's GELU is the tanh approximation ({', '.join(_TANH_GELUS)})")
+    eps = float(field("layer_norm_epsilon", _LAYER_NORM_EPS))
+    if not math.isclose(eps, _LAYER_NORM_EPS, rel_tol=1e-6):
+        refuse("layer_norm_epsilon", eps, f"CLLM's LayerNorm uses {_LAYER_NORM_EPS}")
+    for name, wanted, why in (("scale_attn_weights", True, "CLLM scales attention scores by 1/sqrt(head_dim)"),
+                              ("scale_attn_by_inverse_layer_idx", False, "CLLM does not scale scores by layer"),
+                              ("add_cross_attention", False, "CLLM is decoder-only"),
+                              ("tie_word_embeddings", True, "CLLM's LM head is tied to wte")):
+        if bool(hf.get(name, wanted)) != wanted:
+            refuse(name, hf.get(name), why)
+    # reorder_and_upcast_attn computes the scores in float32 in another order: CLLM computes them in float32.
+    C = int(field("n_embd", None, "hidden_size"))
+    n_inner = hf.get("n_inner")
+    drops = {float(hf.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    try:
+        return ModelConfig(vocab_size=int(field("vocab_size")), max_seq_len=int(field("n_positions", None, "n_ctx")),
+                           embedding_dim=C, num_layers=int(field("n_layer", None, "num_hidden_layers")),
+                           num_heads=int(field("n_head", None, "num_attention_heads")),
+                           ff_dim=int(n_inner) if n_inner is not None else 4 * C,
+                           dropout=max(drops), pos_encoding="learned")
+    except (TypeError, ValueError) as e:
+        raise HFFormatError(f"{source}: {e}") from None
+
+
+def config_to_hf(config: ModelConfig, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+    """transformers' GPT2Config (as a dict) of a CLLM model."""
+    p = float(config.dropout)
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.max_seq_len, "n_embd": config.embedding_dim, "n_layer": config.num_layers,
+            "n_head": config.num_heads, "n_inner": config.ff_dim, "activation_function": "gelu_new",
+            "layer_norm_epsilon": _LAYER_NORM_EPS, "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
+            "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------
+def _weight_files(path: Path):
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFFormatError(f"{index}: field 'weight_map' is missing or empty")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            shard = path / str(name)
+            if Path(str(name)).name != str(name):
+                raise HFFormatError(f"{index}: shard name {name!r} is not a file name in the directory")
+            files.append(shard)
+        return files
+    for pickle in ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack"):
+        if (path / pickle).exists():
+            raise HFFormatError(
+                f"{path / pickle}: CLLM reads only safetensors weights (a pickle can run code when loaded); "
+                f"convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+                f".save_pretrained(DIR, safe_serialization=True)")
+    raise MissingFileError(2, "no model.safetensors or model.safetensors.index.json in the directory", str(path))
+
+
+def hf_name(name: str) -> str:
+    """transformers' name of a CLLM parameter ("wte" -> "transformer.wte.weight")."""
+    return PREFIX + (name + ".weight" if name in ("wte", "wpe") else name)
+
+
+def cllm_name(name: str) -> str:
+    """CLLM's name of a transformers GPT-2 tensor, prefixed or bare ("transformer.wte.weight" -> "wte")."""
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
+
+
+def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
+    """CLLM name -> float32 array of every weight in an HF GPT-2 directory, checked against the config."""
+    expected = parameter_shapes(config)
+    weights, where, head = {}, {}, None
+    for file in _weight_files(path):
+        for stored, arr in safetensors_io.read_float32(file).items():
+            name = cllm_name(stored)
+            if name.endswith(_BUFFERS):
+                continue
+            if name == "lm_head.weight":
+                head = (file, arr)
+                continue
+            if name not in expected:
+                raise HFFormatError(f"{file}: unexpected tensor {stored} for a GPT-2 of this config")
+            if name in weights:
+                raise HFFormatError(f"{file}: tensor {stored} appears twice (also in {where[name]})")
+            if tuple(arr.shape) != tuple(expected[name]):
+                raise HFFormatError(f"{file}: tensor {stored} has shape {list(arr.shape)}, config.json needs "
+                                    f"{list(expected[name])}")
+            weights[name], where[name] = arr, file
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise HFFormatError(f"{path}: weights missing: {', '.join(hf_name(n) for n in missing[:3])}{more}")
+    if head is not None and not np.array_equal(head[1], weights["wte"]):
+        raise HFFormatError(f"{head[0]}: lm_head.weight differs from transformer.wte.weight (an untied head); "
+                            f"CLLM's LM head is tied to wte")
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole model
+# ----------------------------------------------------------------------------------------------------
+def from_hf(path: PathLike, precision: str = "fp32") -> Tuple[Model, "Tokenizer"]:
+    """Model and tokenizer from a Hugging Face GPT-2 directory (see the module docstring)."""
+    from .hf_tokenizer import tokenizer_from_hf
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(2, "Hugging Face model directory not found", str(path))
+    config = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+    weights = read_hf_weights(path, config)
+    tokenizer = tokenizer_from_hf(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise HFFormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, more than config.json's "
+                            f"vocab_size {config.vocab_size} (the embedding's rows)")
+    model = Model(config, seed=0, precision=precision)
+    model.load_parameters(weights)
+    return model, tokenizer
+
+
+def export_hf(model: Model, tokenizer, path: PathLike) -> Path:
+    """Write `model` and `tokenizer` as a transformers GPT-2 directory (config.json, model.safetensors,
+    tokenizer files, generation_config.json). Sinusoidal positions are written into wpe."""
+    from safetensors.numpy import save_file
+
+    from .hf_tokenizer import save_hf_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    specials = tokenizer.special_ids
+    bos, eos = specials.get("bos"), specials.get("eos")
+    config = config_to_hf(model.config, bos, eos)
+    params = model.parameters()
+    if "wpe" not in params:  # sinusoidal: the fixed table becomes GPT-2's learned one
+        params["wpe"] = model.position_table()
+    tensors = {hf_name(name): np.ascontiguousarray(v) for name, v in params.items()}
+    for name, arr in tensors.items():
+        if not np.isfinite(arr).all():
+            raise ValueError(f"cannot export: tensor {name} holds NaN or Inf")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": bos, "eos_token_id": eos}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_hf_tokenizer(tokenizer, path, model_max_length=model.config.max_seq_len)
+    return path

@@ -1,0 +1,73 @@
+"""Reading safetensors files written by other tools: the header checked, tensors memory-mapped and converted
+to float32 from F32, F16 or BF16 (NumPy has no bfloat16, so safetensors' own NumPy reader cannot give those).
+Every problem is a ValueError naming the file and the tensor."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .errors import MissingFileError
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def read_header(path: Path) -> Tuple[dict, int]:
+    """(header, offset of the data section); ValueError naming the file if truncated or corrupt."""
+    if not path.is_file():
+        raise MissingFileError(2, "safetensors file not found", str(path))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file: truncated or empty ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: not a safetensors file (corrupt header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + n
+
+
+def read_float32(path: Path) -> Dict[str, np.ndarray]:
+    """name -> float32 array of every tensor in a safetensors file (F32 arrays are read-only memory maps)."""
+    header, start = read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            lo, hi = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype}; CLLM reads F32, F16 and BF16")
+        count = int(np.prod(shape)) if shape else 1
+        if hi - lo != count * _DTYPES[dtype].itemsize or lo < 0 or start + hi > size:
+            raise ValueError(f"{path}: tensor {name} data ({lo}..{hi}) does not match its shape {shape} and "
+                             f"dtype {dtype} or lies past the end of the file ({size} bytes)")
+        raw = np.memmap(path, dtype=_DTYPES[dtype], mode="r", offset=start + lo, shape=(count,)) if count else \
+            np.zeros(0, _DTYPES[dtype])
+        if dtype == "BF16":
+            arr = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = raw.astype(np.float32, copy=False)
+        out[name] = arr.reshape(shape)
+    return out
+
+
+def metadata(path: Path) -> Dict[str, str]:
+    header, _ = read_header(path)
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
