@@ -9,7 +9,8 @@ from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .schedule import lr_at
 from .system import bound_threads_from_environment, get_num_threads, set_num_threads
 from .train_config import TrainConfig
-from .trainer import Trainer, sample_text
+from .generation import sample_text
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -33,6 +32,7 @@ from .config import ModelConfig
 from .errors import InsufficientMemoryError, MissingFileError
 from .files import atomic_write
 from .model import Model, parameter_shapes
+from .safetensors_io import read_header
 from .tokenizer import Tokenizer, tokenizer_from_json
 
 FORMAT = "cllm-checkpoint"
@@ -42,7 +42,6 @@ EXP_AVG = "optimizer.exp_avg."
 EXP_AVG_SQ = "optimizer.exp_avg_sq."
 
 PathLike = Union[str, "os.PathLike[str]"]
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 @dataclass
@@ -147,39 +146,6 @@ def export_weights(path: PathLike, model: Model) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------------
-def _read_header(path: Path) -> dict:
-    """Parse and check the safetensors header; ValueError naming the file if truncated or corrupt."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a checkpoint: file is truncated or empty ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors checkpoint (corrupt header length {n})")
-        if 8 + n > size:
-            raise ValueError(f"{path}: checkpoint is truncated: header needs {8 + n} bytes, file has {size}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}: not a safetensors checkpoint (corrupt header)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors checkpoint (header is not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            lo, hi = (int(v) for v in info["data_offsets"])
-        except (TypeError, KeyError, ValueError, OverflowError):
-            raise ValueError(f"{path}: corrupt safetensors header (tensor {name!r} has no data_offsets)") from None
-        end = max(end, hi)
-    if 8 + n + end > size:
-        raise ValueError(f"{path}: checkpoint is truncated: expected {8 + n + end} bytes, file has {size}")
-    return header
-
-
 def _meta_json(path: Path, meta: dict, key: str):
     if key not in meta:
         raise ValueError(f"{path}: checkpoint metadata has no {key!r} entry")
@@ -208,7 +174,7 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
         raise MissingFileError(2, "checkpoint not found", str(path))
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint is not a regular file")
-    header = _read_header(path)
+    header = read_header(path, "checkpoint")[0]
     meta = _checkpoint_metadata(path, header)
     config, tokenizer = _config_and_tokenizer(path, meta)
     trainer_state = _meta_json(path, meta, "trainer_state") if "trainer_state" in meta else {}
@@ -329,7 +295,7 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(2, "checkpoint not found", str(path))
-    meta = _read_header(path).get("__metadata__") or {}
+    meta = read_header(path, "checkpoint")[0].get("__metadata__") or {}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a CLLM checkpoint")
     out = dict(meta)

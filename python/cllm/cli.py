@@ -129,7 +129,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 def _run_sample(args) -> int:
     from . import set_num_threads
     from .pretrained import load_pretrained
-    from .trainer import sample_text
+    from .generation import sample_text
 
     if args.max_new_tokens < 0:
         raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -62,4 +63,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write"]
+def read_json_object(path: Path, error=ValueError) -> dict:
+    """The JSON object in a file; MissingFileError if absent, `error` naming the file if it is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(2, "file not found", str(path))
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+__all__ = ["atomic_write", "read_json_object"]

@@ -22,7 +22,9 @@ import numpy as np
 from . import safetensors_io
 from .config import ModelConfig
 from .errors import CLLMError, MissingFileError
+from .files import read_json_object
 from .model import Model, parameter_shapes
+from .tokenizer import Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
 PREFIX = "transformer."
@@ -38,18 +40,6 @@ class HFFormatError(CLLMError, ValueError):
 # ----------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise MissingFileError(2, "file not found", str(path))
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFormatError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise HFFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def config_from_hf(hf: dict, source: PathLike = "config.json") -> ModelConfig:
     """The ModelConfig of a transformers GPT2Config (as a dict); HFFormatError naming a field CLLM cannot honour."""
     def field(name, default=None, *aliases):
@@ -112,7 +102,7 @@ def _weight_files(path: Path):
     if single.is_file():
         return [single]
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, HFFormatError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index}: field 'weight_map' is missing or empty")
         files = []
@@ -175,14 +165,14 @@ def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 # the whole model
 # ----------------------------------------------------------------------------------------------------
-def from_hf(path: PathLike, precision: str = "fp32") -> Tuple[Model, "Tokenizer"]:
+def from_hf(path: PathLike, precision: str = "fp32") -> Tuple[Model, Tokenizer]:
     """Model and tokenizer from a Hugging Face GPT-2 directory (see the module docstring)."""
     from .hf_tokenizer import tokenizer_from_hf
 
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(2, "Hugging Face model directory not found", str(path))
-    config = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+    config = config_from_hf(read_json_object(path / "config.json", HFFormatError), path / "config.json")
     weights = read_hf_weights(path, config)
     tokenizer = tokenizer_from_hf(path)
     if tokenizer.vocab_size > config.vocab_size:

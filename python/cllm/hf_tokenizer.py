@@ -10,22 +10,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from .errors import MissingFileError
+from .files import read_json_object
 from .tokenizer import SPECIAL_ROLES, BPETokenizer, ByteTokenizer, Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
 GPT2_EOS = "<|endoftext|>"
-
-
-def _json_file(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return obj
 
 
 def _token_text(value) -> Optional[str]:
@@ -40,7 +29,7 @@ def special_tokens_of(directory: Path, hf_tok) -> Dict[str, str]:
     (its BOS and EOS) when the vocabulary has it as a special token."""
     found: Dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        spec = _json_file(directory / name) or {}
+        spec = read_json_object(directory / name) if (directory / name).is_file() else {}
         for role in SPECIAL_ROLES:
             text = _token_text(spec.get(f"{role}_token"))
             if text is not None:

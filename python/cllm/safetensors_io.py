@@ -1,6 +1,6 @@
-"""Reading safetensors files written by other tools: the header checked, tensors memory-mapped and converted
-to float32 from F32, F16 or BF16 (NumPy has no bfloat16, so safetensors' own NumPy reader cannot give those).
-Every problem is a ValueError naming the file and the tensor."""
+"""Reading safetensors files: the header checked (CLLM's checkpoints and other tools' weights alike), tensors
+memory-mapped and converted to float32 from F32, F16 or BF16 (NumPy has no bfloat16, so safetensors' own NumPy
+reader cannot give those). Every problem is a ValueError naming the file and the tensor."""
 from __future__ import annotations
 
 import json
@@ -16,25 +16,39 @@ MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
-def read_header(path: Path) -> Tuple[dict, int]:
-    """(header, offset of the data section); ValueError naming the file if truncated or corrupt."""
+def read_header(path: Path, what: str = "safetensors file") -> Tuple[dict, int]:
+    """(header, offset of the data section) of a safetensors file, checked: ValueError naming the file (a
+    `what`) if it is truncated or its header corrupt, MissingFileError if it does not exist."""
     if not path.is_file():
-        raise MissingFileError(2, "safetensors file not found", str(path))
+        raise MissingFileError(2, f"{what} not found", str(path))
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file: truncated or empty ({size} bytes)")
+            raise ValueError(f"{path}: not a {what}: file is truncated or empty ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        if n == 0 or n > MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors {what} (corrupt header length {n})")
+        if 8 + n > size:
+            raise ValueError(f"{path}: {what} is truncated: header needs {8 + n} bytes, file has {size}")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}: not a safetensors file (corrupt header)") from None
+        raise ValueError(f"{path}: not a safetensors {what} (corrupt header)") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise ValueError(f"{path}: not a safetensors {what} (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError, OverflowError):
+            raise ValueError(f"{path}: corrupt safetensors header (tensor {name!r} has no data_offsets)") from None
+        end = max(end, hi)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: {what} is truncated: expected {8 + n + end} bytes, file has {size}")
     return header, 8 + n
 
 
@@ -65,9 +79,3 @@ def read_float32(path: Path) -> Dict[str, np.ndarray]:
             arr = raw.astype(np.float32, copy=False)
         out[name] = arr.reshape(shape)
     return out
-
-
-def metadata(path: Path) -> Dict[str, str]:
-    header, _ = read_header(path)
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}

@@ -31,13 +31,14 @@ from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
 from .errors import MissingFileError
+from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .run_files import (Console, InterruptFlag, MetricsLog, is_prepared_data, open_run_dir, plot_losses,
                         prepare_data_once, truncate_metrics)
+from .pretrained import load_pretrained
 from .schedule import lr_at
 from .system import check_memory, get_num_threads, set_num_threads
-from .pretrained import load_pretrained
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
 
@@ -46,22 +47,6 @@ from .train_config import TrainConfig
 MAX_UNCLIPPED_GRAD_NORM = 1e19
 PREPARED_DATA_SEED = 0  # data split seed used when the trainer prepares the corpus itself
 EVAL_SEED = 1234        # the fixed validation batches do not depend on the training seed
-
-
-# ----------------------------------------------------------------------------------------------------
-# sampling
-# ----------------------------------------------------------------------------------------------------
-def sample_text(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
-                temperature: float = 1.0, top_k=None, top_p=None, seed: int = 0) -> str:
-    """The decoded continuation of `prompt` (the prompt itself is not included). An empty prompt starts
-    from a newline; a prompt longer than the context keeps its last max_seq_len tokens."""
-    ids = tokenizer.encode(prompt)
-    if ids.size == 0:
-        ids = tokenizer.encode("\n")
-    ids = ids[-model.config.max_seq_len:]
-    new = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed)
-    return tokenizer.decode(np.asarray(new))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,4 +505,4 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-__all__ = ["Trainer", "sample_text"]
+__all__ = ["Trainer"]
