@@ -154,7 +154,7 @@ void zero_grad(PyModel& pm) {
 py::dict dropout_masks(PyModel& pm, int B, int T) {
     const Config& c = pm.cfg();
     require(B > 0 && T > 0 && T <= c.max_seq_len, "invalid B, T for dropout_masks");
-    const Dropout d = pm.m.step_dropout();
+    const Dropout d = locked(pm, [](Model& m) { return m.step_dropout(); });
     const size_t BTC = (size_t)B * T * c.embedding_dim;
     py::dict out;
     auto resid = [&](uint64_t site) {
@@ -197,7 +197,8 @@ py::object generate_tokens(PyModel& pm, const IntArray& prompt, int max_new_toke
 
 void bind_model(py::module_& mod) {
     py::class_<PyModel>(mod, "Model")
-        .def(py::init<const Config&, uint64_t>(), py::arg("config"), py::arg("seed"))
+        .def(py::init<const Config&, uint64_t>(), py::arg("config"), py::arg("seed"),
+             py::call_guard<py::gil_scoped_release>())  // allocating and initialising every weight
         .def_property_readonly("layout", [](const PyModel& pm) { return pm.m.layout; })
         .def("param_views", &param_views)
         .def("grad_views", &grad_views)

@@ -181,7 +181,6 @@ struct Gemm {
     Causal causal = {};
 };
 void gemm(const Gemm& g);
-bool bf16_native();  // built with AVX-512 BF16 dot products (else bf16 is emulated in fp32)
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
                     bool bf16 = false, float* gelu_out = nullptr);
@@ -286,9 +285,9 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 // all_logits (optional) receives the logits each new token was sampled from.
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
                               int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
-// Floats generate() allocates for a model of this config, without allocating: the KV cache (keys and values of
-// every layer over max_seq_len positions), the activation arena of a [1, max_seq_len] prefill and, with
-// return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX instead of wrapping around.
+// Floats generate() allocates for a model of this config, without allocating: the KV cache (the qkv rows of
+// every layer over max_seq_len positions) and one token's scratch, the activation arena of a [1, max_seq_len]
+// prefill and, with return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX.
 size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits);
 
 int get_num_threads();  // cllm_model.cpp

@@ -589,14 +589,6 @@ void gemm(const Gemm& g) {
         gemm_impl<KernelF32>(g);
 }
 
-bool bf16_native() {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    return true;
-#else
-    return false;
-#endif
-}
-
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
                     float* gelu_out) {
     if (N == 1 && !bf16) return linear_forward_row(out, inp, w, bias, IC, OC, gelu_out);
