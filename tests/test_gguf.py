@@ -128,3 +128,11 @@ def test_gguf_runs_in_llama_cpp(tmp_path, tokenizer):
     err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
     print(f"llama.cpp vs CLLM logits ({tokenizer}): {err:.2e} (tol 1e-3)")
     assert err < 1e-3
+
+
+def test_gguf_refuses_nonfinite_weights(tmp_path):
+    model, tok = from_hf(FIXTURE)
+    model.parameters()["h.1.attn.c_proj.bias"][3] = np.inf
+    with pytest.raises(ValueError, match="blk.1.attn_output.bias holds NaN or Inf"):
+        export_gguf(model, tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -268,3 +268,53 @@ def test_exported_byte_tokenizer_in_transformers(tmp_path):
     text = "héllo\n\twörld 🙂 x"
     assert hf_tok(text)["input_ids"] == ByteTokenizer().encode(text).tolist()
     assert hf_tok.decode(hf_tok(text)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_positions", float("inf"), "'n_positions' must be an integer"),
+    ("n_embd", 32.7, "'n_embd' must be an integer, got 32.7"),
+    ("n_embd", "32", "'n_embd' must be an integer"),
+    ("n_layer", True, "'n_layer' must be an integer, got True"),
+    ("tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false"),
+    ("layer_norm_epsilon", "1e-5", "'layer_norm_epsilon' must be a finite number"),
+    ("resid_pdrop", -0.5, "resid_pdrop = -0.5"),
+    ("activation_function", 3, "'activation_function' must be a string"),
+    ("vocab_size", None, "'vocab_size' is missing"),
+])
+def test_from_hf_typed_config_fields(hf_dir, field, value, match):
+    """Each field is read as the JSON type GPT2Config writes: no truncation, no bool("false") == True."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg[field] = value
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HFFormatError, match=match) as e:
+        from_hf(hf_dir)
+    assert str(e.value).startswith(str(hf_dir / "config.json"))
+
+
+def test_from_hf_refuses_nonfinite_weights(hf_dir):
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["transformer.h.0.mlp.c_fc.weight"][0, 0] = np.nan
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    with pytest.raises(HFFormatError, match="transformer.h.0.mlp.c_fc.weight holds NaN or Inf"):
+        from_hf(hf_dir)
+
+
+def test_from_hf_checks_the_shard_index(hf_dir):
+    tensors = load_file(hf_dir / "model.safetensors")
+    names = sorted(tensors)
+    (hf_dir / "model.safetensors").unlink()
+    save_file({k: tensors[k] for k in names[:5]}, str(hf_dir / "a.safetensors"))
+    save_file({k: tensors[k] for k in names[5:]}, str(hf_dir / "b.safetensors"))
+    index = hf_dir / "model.safetensors.index.json"
+    wrong = {k: "b.safetensors" for k in names}
+    wrong[names[-1]] = "a.safetensors"
+    index.write_text(json.dumps({"weight_map": wrong}))
+    with pytest.raises(HFFormatError, match=r"b.safetensors: holds tensor transformer.wte.weight, which .* places in 'a.safetensors'"):
+        from_hf(hf_dir)
+    index.write_text(json.dumps({"weight_map": {k: ("a" if i < 5 else "b") + ".safetensors"
+                                                for i, k in enumerate(names + ["transformer.extra"])}}))
+    with pytest.raises(HFFormatError, match="lists transformer.extra, which no shard holds"):
+        from_hf(hf_dir)
+    index.write_text(json.dumps({"weight_map": {names[0]: 123}}))
+    with pytest.raises(HFFormatError, match="weight_map.*123 is not a file name"):
+        from_hf(hf_dir)

@@ -115,6 +115,9 @@ def test_export_errors(tmp_path):
     one_line_error(cli("export", FIXTURE, "--format", "hf", "--out", tmp_path / "full"), "not an empty directory")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     one_line_error(cli("export", FIXTURE, "--format", "hf", "--out", tmp_path / "o", "--dtype", "f16"), "--dtype")
+    (tmp_path / "keep.gguf").write_text("mine")  # never replaced, be it an old export or the checkpoint itself
+    one_line_error(cli("export", FIXTURE, "--format", "gguf", "--out", tmp_path / "keep.gguf"), "exists")
+    assert (tmp_path / "keep.gguf").read_text() == "mine"
     r = cli("export", FIXTURE, "--format", "onnx", "--out", tmp_path / "o")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 

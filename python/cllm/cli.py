@@ -195,8 +195,8 @@ def _run_export(args) -> int:
     out = Path(args.out)
     if args.format == "hf" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLLMError(f"{out}: exists and is not an empty directory (the export would mix with its files)")
-    if args.format == "gguf" and out.is_dir():
-        raise CLLMError(f"{out}: is a directory; give the .gguf file to write")
+    if args.format == "gguf" and out.exists():
+        raise CLLMError(f"{out}: exists; give a new file to write (the export does not replace files)")
     if args.format == "hf" and args.dtype != "f32":
         raise CLLMError("--dtype applies to --format gguf only (Hugging Face exports are float32)")
     model, tokenizer = load_pretrained(args.checkpoint)

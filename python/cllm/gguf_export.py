@@ -72,6 +72,10 @@ def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str =
     tokens, merges = _vocab_and_merges(tokenizer)
     if len(tokens) > c.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens, more than the model's vocab_size {c.vocab_size}")
+    tensors = gguf_tensors(model)
+    for name, arr in tensors:
+        if not np.isfinite(arr).all():
+            raise ValueError(f"cannot export: tensor {name} holds NaN or Inf")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     w = gguf.GGUFWriter(str(tmp), arch="gpt2")
@@ -96,7 +100,7 @@ def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str =
     for role, token_id in tokenizer.special_ids.items():
         getattr(w, f"add_{role}_token_id")(token_id)
     w.add_add_bos_token(False)
-    for name, arr in gguf_tensors(model):
+    for name, arr in tensors:
         w.add_tensor(name, arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr)
     try:
         w.write_header_to_file()

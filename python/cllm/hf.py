@@ -40,45 +40,80 @@ class HFFormatError(CLLMError, ValueError):
 # ----------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------
+class _Fields:
+    """Typed reads of config.json's fields, each error naming the file, the field and the value."""
+
+    def __init__(self, hf: dict, source):
+        self.hf, self.source = hf, source
+
+    def _get(self, names, default):
+        for name in names:
+            if self.hf.get(name) is not None:
+                return name, self.hf[name]
+        if default is None:
+            raise HFFormatError(f"{self.source}: field {names[0]!r} is missing (or null)")
+        return names[0], default
+
+    def int(self, *names, default=None) -> int:
+        name, value = self._get(names, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HFFormatError(f"{self.source}: field {name!r} must be an integer, got {value!r}")
+        return value
+
+    def float(self, *names, default=None) -> float:
+        name, value = self._get(names, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HFFormatError(f"{self.source}: field {name!r} must be a finite number, got {value!r}")
+        return float(value)
+
+    def bool(self, name, default: bool) -> bool:
+        _, value = self._get((name,), default)
+        if not isinstance(value, bool):
+            raise HFFormatError(f"{self.source}: field {name!r} must be true or false, got {value!r}")
+        return value
+
+    def str(self, name, default: str) -> str:
+        _, value = self._get((name,), default)
+        if not isinstance(value, str):
+            raise HFFormatError(f"{self.source}: field {name!r} must be a string, got {value!r}")
+        return value
+
+    def refuse(self, name, value, why):
+        raise HFFormatError(f"{self.source}: {name} = {value!r} is not supported: {why}")
+
+
 def config_from_hf(hf: dict, source: PathLike = "config.json") -> ModelConfig:
     """The ModelConfig of a transformers GPT2Config (as a dict); HFFormatError naming a field CLLM cannot honour."""
-    def field(name, default=None, *aliases):
-        for key in (name,) + aliases:
-            if key in hf and hf[key] is not None:
-                return hf[key]
-        if default is None:
-            raise HFFormatError(f"{source}: field {name!r} is missing")
-        return default
-
-    def refuse(name, value, why):
-        raise HFFormatError(f"{source}: {name} = {value!r} is not supported: {why}")
-
+    f = _Fields(hf, source)
     model_type = hf.get("model_type")
     if model_type != "gpt2":
-        refuse("model_type", model_type, "CLLM imports GPT-2 models (model_type 'gpt2')")
-    act = field("activation_function", "gelu_new")
+        f.refuse("model_type", model_type, "CLLM imports GPT-2 models (model_type 'gpt2')")
+    act = f.str("activation_function", "gelu_new")
     if act not in _TANH_GELUS:
-        refuse("activation_function", act, f"CLLM's GELU is the tanh approximation ({', '.join(_TANH_GELUS)})")
-    eps = float(field("layer_norm_epsilon", _LAYER_NORM_EPS))
+        f.refuse("activation_function", act, f"CLLM's GELU is the tanh approximation ({', '.join(_TANH_GELUS)})")
+    eps = f.float("layer_norm_epsilon", default=_LAYER_NORM_EPS)
     if not math.isclose(eps, _LAYER_NORM_EPS, rel_tol=1e-6):
-        refuse("layer_norm_epsilon", eps, f"CLLM's LayerNorm uses {_LAYER_NORM_EPS}")
+        f.refuse("layer_norm_epsilon", eps, f"CLLM's LayerNorm uses {_LAYER_NORM_EPS}")
     for name, wanted, why in (("scale_attn_weights", True, "CLLM scales attention scores by 1/sqrt(head_dim)"),
                               ("scale_attn_by_inverse_layer_idx", False, "CLLM does not scale scores by layer"),
                               ("add_cross_attention", False, "CLLM is decoder-only"),
                               ("tie_word_embeddings", True, "CLLM's LM head is tied to wte")):
-        if bool(hf.get(name, wanted)) != wanted:
-            refuse(name, hf.get(name), why)
-    # reorder_and_upcast_attn computes the scores in float32 in another order: CLLM computes them in float32.
-    C = int(field("n_embd", None, "hidden_size"))
-    n_inner = hf.get("n_inner")
-    drops = {float(hf.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        if f.bool(name, wanted) != wanted:
+            f.refuse(name, hf.get(name), why)
+    f.bool("reorder_and_upcast_attn", False)  # float32 scores in another order: CLLM computes them in float32
+    drops = [f.float(k, default=0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
+    for k, p in zip(("resid_pdrop", "embd_pdrop", "attn_pdrop"), drops):
+        if not 0.0 <= p < 1.0:
+            f.refuse(k, p, "a dropout probability is in [0, 1)")
+    C = f.int("n_embd", "hidden_size")
     try:
-        return ModelConfig(vocab_size=int(field("vocab_size")), max_seq_len=int(field("n_positions", None, "n_ctx")),
-                           embedding_dim=C, num_layers=int(field("n_layer", None, "num_hidden_layers")),
-                           num_heads=int(field("n_head", None, "num_attention_heads")),
-                           ff_dim=int(n_inner) if n_inner is not None else 4 * C,
-                           dropout=max(drops), pos_encoding="learned")
+        return ModelConfig(vocab_size=f.int("vocab_size"), max_seq_len=f.int("n_positions", "n_ctx"),
+                           embedding_dim=C, num_layers=f.int("n_layer", "num_hidden_layers"),
+                           num_heads=f.int("n_head", "num_attention_heads"),
+                           ff_dim=f.int("n_inner", default=4 * C), dropout=max(drops), pos_encoding="learned")
     except (TypeError, ValueError) as e:
+        if isinstance(e, HFFormatError):
+            raise
         raise HFFormatError(f"{source}: {e}") from None
 
 
@@ -97,21 +132,20 @@ def config_to_hf(config: ModelConfig, bos_id: Optional[int], eos_id: Optional[in
 # ----------------------------------------------------------------------------------------------------
 # weights
 # ----------------------------------------------------------------------------------------------------
-def _weight_files(path: Path):
+def _weight_files(path: Path) -> Tuple[list, Optional[dict]]:
+    """The safetensors files holding the weights, and the shard index's tensor -> file map (None: one file)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return [single]
+        return [single], None
     if index.is_file():
         weight_map = read_json_object(index, HFFormatError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index}: field 'weight_map' is missing or empty")
-        files = []
-        for name in dict.fromkeys(weight_map.values()):
-            shard = path / str(name)
-            if Path(str(name)).name != str(name):
-                raise HFFormatError(f"{index}: shard name {name!r} is not a file name in the directory")
-            files.append(shard)
-        return files
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise HFFormatError(f"{index}: weight_map[{tensor!r}] = {name!r} is not a file name in the "
+                                    f"directory")
+        return [path / name for name in dict.fromkeys(weight_map.values())], weight_map
     for pickle in ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack"):
         if (path / pickle).exists():
             raise HFFormatError(
@@ -136,8 +170,14 @@ def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
     """CLLM name -> float32 array of every weight in an HF GPT-2 directory, checked against the config."""
     expected = parameter_shapes(config)
     weights, where, head = {}, {}, None
-    for file in _weight_files(path):
+    files, weight_map = _weight_files(path)
+    for file in files:
         for stored, arr in safetensors_io.read_float32(file).items():
+            if weight_map is not None and weight_map.get(stored) != file.name:
+                raise HFFormatError(f"{file}: holds tensor {stored}, which model.safetensors.index.json places "
+                                    f"in {weight_map.get(stored)!r}")
+            if not np.isfinite(arr).all():
+                raise HFFormatError(f"{file}: tensor {stored} holds NaN or Inf")
             name = cllm_name(stored)
             if name.endswith(_BUFFERS):
                 continue
@@ -152,6 +192,10 @@ def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
                 raise HFFormatError(f"{file}: tensor {stored} has shape {list(arr.shape)}, config.json needs "
                                     f"{list(expected[name])}")
             weights[name], where[name] = arr, file
+    if weight_map is not None:
+        unread = sorted(set(weight_map) - {t for f in files for t in safetensors_io.read_header(f)[0]})
+        if unread:
+            raise HFFormatError(f"{path / 'model.safetensors.index.json'}: lists {unread[0]}, which no shard holds")
     missing = [n for n in expected if n not in weights]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
