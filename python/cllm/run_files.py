@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .data import prepare
+from .errors import CLLMError
 from .files import atomic_write
 
 
@@ -33,10 +34,40 @@ def write_json_atomic(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------------------------------
 # the run directory and its prepared data
 # ----------------------------------------------------------------------------------------------------
-def open_run_dir(out_dir: Path) -> None:
-    """Create the run directory and make sure that files can be written in it (an unusable directory is an
-    error now, not at the first checkpoint); remove the temporary files of checkpoint writes that a crash cut
-    short (never valid)."""
+class RunLock:
+    """An exclusive lock on a run directory (flock on OUT_DIR/.lock), held while a run trains there: a second
+    run in the same directory stops at once with an error naming the holder, instead of the two overwriting
+    each other's checkpoints and logs. The kernel drops the lock when the process ends, however it ends."""
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+
+        self._fd = None
+        path = out_dir / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CLLMError(f"{out_dir}: another run is training in this directory (pid {holder}); wait for it "
+                            f"to finish or choose another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = release
+
+
+def open_run_dir(out_dir: Path) -> RunLock:
+    """Create the run directory, make sure that files can be written in it (an unusable directory is an error
+    now, not at the first checkpoint) and lock it for this run; then remove the temporary files of checkpoint
+    writes that a crash cut short (never valid; another run's live ones are safe behind the lock)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
@@ -44,8 +75,10 @@ def open_run_dir(out_dir: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise OSError(e.errno, f"run directory is not usable: {e.strerror}", str(out_dir)) from None
+    lock = RunLock(out_dir)
     for stale in out_dir.glob(".*.safetensors.*.tmp"):
         stale.unlink(missing_ok=True)
+    return lock
 
 
 def is_prepared_data(path: Path) -> bool:

@@ -34,7 +34,7 @@ from .errors import MissingFileError
 from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
-from .run_files import (Console, InterruptFlag, MetricsLog, is_prepared_data, open_run_dir, plot_losses,
+from .run_files import (Console, InterruptFlag, MetricsLog, RunLock, is_prepared_data, open_run_dir, plot_losses,
                         prepare_data_once, truncate_metrics)
 from .pretrained import load_pretrained
 from .schedule import lr_at
@@ -108,6 +108,7 @@ class Trainer:
         self.plot_path = self.out_dir / "loss.png"
         self.console = Console(enabled=self.main, progress=config.progress)
         self._metrics: Optional[MetricsLog] = None
+        self._lock: Optional[RunLock] = None  # held from setup to the end of fit (rank 0)
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -115,7 +116,7 @@ class Trainer:
         if c.threads:
             set_num_threads(c.threads)
         if self.main:
-            open_run_dir(self.out_dir)
+            self._lock = open_run_dir(self.out_dir)
         self.comm.barrier()
         init = load_pretrained(c.init_from) if c.init_from else None  # (model, tokenizer)
         data_dir = self._data_dir(init[1] if init else None)
@@ -308,6 +309,9 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             if self.config.threads:
                 set_num_threads(threads)  # `threads` holds for this run only
 

@@ -1,0 +1,50 @@
+"""Two runs in one directory: the second stops at once with one line naming the holder, and the first run's
+files are untouched; the lock goes with the run (end of fit, or the process)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cllm
+from cllm.errors import CLLMError
+from cllm.run_files import RunLock
+
+
+def test_a_second_run_in_a_locked_directory_stops(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.safetensors").write_bytes(b"the first run's")
+    lock = RunLock(out)
+    r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", str(out), "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"another run is training in this directory (pid {os.getpid()})" in r.stderr
+    assert (out / "best.safetensors").read_bytes() == b"the first run's"
+    with pytest.raises(CLLMError, match="another run is training"):
+        RunLock(out)
+    lock.release()
+    RunLock(out).release()  # free again
+
+
+def test_fit_releases_the_lock(tmp_path):
+    cfg = cllm.TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, max_seq_len=16, embedding_dim=16,
+                           num_layers=1, num_heads=2, batch_size=2, max_data_bytes=200_000, sample_tokens=0,
+                           progress=False, max_time=None)
+    cllm.Trainer(cfg).fit()
+    cllm.Trainer(cfg.replace(resume=True, max_steps=3)).fit()  # the same directory, one run after the other
+    RunLock(tmp_path / "run").release()
+
+
+def test_lock_file_is_not_followed_through_a_symlink(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        RunLock(out)
+    assert victim.read_text() == "keep"
