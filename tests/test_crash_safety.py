@@ -73,7 +73,7 @@ def data_dir(tmp_path_factory):
 def start(script: Path, data_dir: Path, out: Path, resume: bool, slow_write=0.0, slow_step=0.0) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_WRITE_S=str(slow_write), SLOW_STEP_S=str(slow_step))
     argv = [sys.executable, str(script), "train", "--data", str(data_dir), "--out-dir", str(out),
-            "--max-steps", str(STEPS), *FLAGS] + (["--resume"] if resume else [])
+            "--max-steps", str(STEPS), *FLAGS] + (["--resume"] if resume else ["--overwrite"])
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

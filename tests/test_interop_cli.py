@@ -89,6 +89,7 @@ def test_train_init_from_checkpoint_and_resume(tmp_path, corpus):
     t = cllm.Trainer(ft)
     t.fit()
     assert t.model.config.max_seq_len == 32  # the pretrained model's shape; the run trains on 16 tokens
+    shutil.rmtree(tmp_path / "a")  # resuming needs only the run's own checkpoint
     r = cli("train", "--resume", "--out-dir", tmp_path / "b", "--max-steps", "8", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert read_metrics(tmp_path / "b" / "metrics.jsonl")[-1]["step"] == 8

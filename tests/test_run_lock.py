@@ -48,3 +48,24 @@ def test_lock_file_is_not_followed_through_a_symlink(tmp_path):
     with pytest.raises(OSError):
         RunLock(out)
     assert victim.read_text() == "keep"
+
+
+def test_a_fresh_run_never_deletes_a_previous_one(tmp_path):
+    out = tmp_path / "run"
+    cfg = cllm.TrainConfig(out_dir=str(out), max_steps=2, max_seq_len=16, embedding_dim=16, num_layers=1,
+                           num_heads=2, batch_size=2, max_data_bytes=200_000, sample_tokens=0, progress=False,
+                           max_time=None, eval_interval=1)
+    cllm.Trainer(cfg).fit()
+    (out / "last.safetensors").unlink()  # a finished run whose last checkpoint is gone: best and metrics stay
+    before = {p.name: p.read_bytes() for p in (out / "best.safetensors", out / "metrics.jsonl")}
+    r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", str(out), "--max-steps", "1",
+                        "--max-data-bytes", "200000"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds a previous run (best.safetensors, metrics.jsonl" in r.stderr
+    assert "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert {p: (out / p).read_bytes() for p in before} == before
+    cllm.Trainer(cfg.replace(overwrite=True, max_steps=1)).fit()  # deliberate: starts over
+    assert len(cllm.run_files.read_metrics(out / "metrics.jsonl")) >= 1
+    for bad in ("", "   "):
+        r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", bad], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and "out_dir is empty" in r.stderr

@@ -271,6 +271,7 @@ def test_prepares_text_inputs_once_and_reuses(tmp_path):
     stamp = out / "data" / "prepare.json"
     assert (out / "data" / "train.bin").is_file() and stamp.is_file()
     mtime = (out / "data" / "train.bin").stat().st_mtime_ns
+    cfg = cfg.replace(overwrite=True)  # the same directory again: a fresh run on purpose
     Trainer(cfg).fit()
     assert (out / "data" / "train.bin").stat().st_mtime_ns == mtime  # reused
     Trainer(cfg.replace(val_fraction=0.25)).fit()

@@ -94,11 +94,11 @@ def _run_train(args) -> int:
         out_dir = settings.get("out_dir", TrainConfig.out_dir)
         last = Path(out_dir) / "last.safetensors"
         if not last.is_file():
-            raise CLLMError(f"cannot resume: {last} does not exist (train without --resume first)")
+            raise CLLMError(f"cannot resume: {last} does not exist (start the run without --resume)")
         saved = read_metadata(last).get("trainer_state", {}).get("train_config", {})
         if not isinstance(saved, dict):
             raise CLLMError(f"cannot resume: {last} holds no valid train_config in its trainer_state")
-        saved = {k: v for k, v in saved.items() if k in fields}
+        saved = {k: v for k, v in saved.items() if k in fields and k != "overwrite"}  # that run's start only
         settings = {**saved, **settings}
     config = TrainConfig.from_dict(settings, source=source)
     from .distributed import abort_on_error, auto_communicator

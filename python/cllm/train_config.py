@@ -83,6 +83,8 @@ class TrainConfig:
     # checkpoints, logs, misc
     checkpoint_interval: int = _f(500, "write last.safetensors every this many steps (and at the end)", "int")
     resume: bool = _f(False, "continue exactly from out_dir/last.safetensors", "bool")
+    overwrite: bool = _f(False, "start afresh in an out_dir holding another run's checkpoints and metrics, deleting "
+                                "them (without it, that is an error)", "bool")
     log_interval: int = _f(10, "append to metrics.jsonl every this many steps", "int")
     progress: bool = _f(True, "show a progress bar (otherwise print log lines)", "bool")
     seed: int = _f(0, "seed of the model init, dropout and batch sampling", "int")
@@ -244,6 +246,8 @@ def _check_ranges(c: TrainConfig) -> None:
         if not ok:
             raise ValueError(msg)
 
+    need(c.out_dir.strip() != "", "out_dir is empty (an unset variable?): name the run directory")
+    need(not (c.resume and c.overwrite), "resume and overwrite exclude each other")
     for name in ("bpe_vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "batch_size",
                  "grad_accum", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
         need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")

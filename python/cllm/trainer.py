@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
-from .errors import MissingFileError
+from .errors import CLLMError, MissingFileError
 from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
@@ -117,8 +117,10 @@ class Trainer:
             set_num_threads(c.threads)
         if self.main:
             self._lock = open_run_dir(self.out_dir)
+            if not c.resume:
+                self._claim_run_dir()
         self.comm.barrier()
-        init = load_pretrained(c.init_from) if c.init_from else None  # (model, tokenizer)
+        init = self._pretrained() if c.init_from else None  # (model or its config, tokenizer)
         data_dir = self._data_dir(init[1] if init else None)
         self.tokenizer = load_tokenizer(data_dir / "tokenizer.json")
         if init and self.tokenizer != init[1]:
@@ -129,15 +131,16 @@ class Trainer:
         if train.vocab_size != self.tokenizer.vocab_size or val.vocab_size != self.tokenizer.vocab_size:
             raise ValueError(f"{data_dir}: token files (vocab {train.vocab_size}/{val.vocab_size}) do not match "
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
-        self.model_config = self._model_config(init[0].config if init else None)
+        pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
+        self.model_config = self._model_config(pretrained)
         # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
-        if init:
+        if init and isinstance(init[0], Model):
             self.model.load_parameters(init[0].parameters())
-            del init
+        del init
         self.model.dropout_stream = self.comm.rank  # each rank's rows get their own dropout masks
         self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
@@ -163,11 +166,26 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds spent in earlier sessions of this run
         if c.resume:
             self._resume()
-        elif self.main:
-            if self.last_path.is_file():
-                self.console.say(f"starting a fresh run in {self.out_dir} (resume=True would continue the old one)")
-            for old in (self.best_path, self.metrics_path):  # a fresh run must not mix with an old one
-                old.unlink(missing_ok=True)
+
+    def _claim_run_dir(self) -> None:
+        """A fresh run never mixes with, nor silently deletes, another run's files: they are an error, or with
+        overwrite=True deleted first."""
+        old = [p for p in (self.last_path, self.best_path, self.metrics_path, self.plot_path) if p.exists()]
+        if old and not self.config.overwrite:
+            raise CLLMError(f"{self.out_dir}: holds a previous run ({', '.join(p.name for p in old)}); continue it "
+                            f"with --resume, or start over with --overwrite (which deletes them)")
+        for p in old:
+            p.unlink()
+        if old:
+            self.console.say(f"overwrite: deleted {', '.join(p.name for p in old)} in {self.out_dir}")
+
+    def _pretrained(self) -> tuple:
+        """(model, tokenizer) of init_from; when resuming, only (its config, tokenizer) as the run's last
+        checkpoint holds them (the weights come from the checkpoint; init_from need not exist any more)."""
+        if not self.config.resume:
+            return load_pretrained(self.config.init_from)
+        ckpt = load_checkpoint(self.last_path)
+        return ckpt.config, ckpt.tokenizer
 
     def _model_config(self, pretrained: Optional[ModelConfig]) -> ModelConfig:
         """The model's shape: from the settings, or from the pretrained model (with this run's dropout)."""
