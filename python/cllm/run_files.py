@@ -1,6 +1,7 @@
-"""A training run's files besides its checkpoints, and its terminal: the run directory, its prepared data
-(data/, with prepare.json recording how it was prepared), metrics.jsonl, loss.png; the messages and progress bar
-it prints, and Ctrl-C asking it to stop.
+"""A training run's files besides its checkpoints, and its terminal: the run directory (locked while a run
+trains in it, never taken over from another run unasked), its prepared data (data/, with prepare.json recording
+how it was prepared), metrics.jsonl, loss.png; the session's clock, the messages and progress bar it prints, and
+Ctrl-C asking it to stop.
 
 metrics.jsonl holds one JSON object per logged step, appended and flushed as the run goes; a resumed run first
 cuts it back to its checkpoint's step (`truncate_metrics`) so that it never holds a step twice. loss.png plots
@@ -16,9 +17,11 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .data import prepare
 from .errors import CLLMError
@@ -79,6 +82,20 @@ def open_run_dir(out_dir: Path) -> RunLock:
     for stale in out_dir.glob(".*.safetensors.*.tmp"):
         stale.unlink(missing_ok=True)
     return lock
+
+
+def claim_run_dir(out_dir: Path, overwrite: bool, say: Callable[[str], None]) -> None:
+    """A fresh run never mixes with, nor silently deletes, another run's files: they are an error, or with
+    overwrite deleted first."""
+    old = [out_dir / n for n in ("last.safetensors", "best.safetensors", "metrics.jsonl", "loss.png")
+           if (out_dir / n).exists()]
+    if old and not overwrite:
+        raise CLLMError(f"{out_dir}: holds a previous run ({', '.join(p.name for p in old)}); continue it with "
+                        f"--resume, or start over with --overwrite (which deletes them)")
+    for p in old:
+        p.unlink()
+    if old:
+        say(f"overwrite: deleted {', '.join(p.name for p in old)} in {out_dir}")
 
 
 def is_prepared_data(path: Path) -> bool:
@@ -264,6 +281,32 @@ class InterruptFlag:
         return False
 
 
+@dataclass
+class Session:
+    """What one call of Trainer.fit() keeps from step to step: its clock, the last loss, why it stops, and the window
+    of steps since the last logged one (their finite losses and their time)."""
+
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    interrupt: InterruptFlag = field(default_factory=InterruptFlag)
+    stop_reason: Optional[str] = None
+    loss: Optional[float] = None
+    last_eval_step: Optional[int] = None
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_time: float = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def end_window(self, tokens_per_step: int) -> Tuple[Optional[float], float]:
+        """(mean finite loss or None, tokens per second) of the window; the next window starts empty."""
+        mean = self.window_loss / self.window_steps if self.window_steps else None
+        tok_s = self.window_steps * tokens_per_step / self.window_time if self.window_time > 0 else 0.0
+        self.window_loss, self.window_steps, self.window_time = 0.0, 0, 0.0
+        return mean, tok_s
+
+
 def _tqdm(total: int, initial: int):
     try:
         from tqdm.auto import tqdm
@@ -272,5 +315,6 @@ def _tqdm(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-__all__ = ["open_run_dir", "is_prepared_data", "prepare_data_once", "MetricsLog", "read_metrics", "truncate_metrics",
-           "plot_losses", "write_json_atomic", "Console", "InterruptFlag"]
+__all__ = ["open_run_dir", "claim_run_dir", "RunLock", "Session", "is_prepared_data", "prepare_data_once",
+           "MetricsLog", "read_metrics", "truncate_metrics", "plot_losses", "write_json_atomic", "Console",
+           "InterruptFlag"]

@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,12 +30,12 @@ from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
-from .errors import CLLMError, MissingFileError
+from .errors import MissingFileError
 from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
 from .optim import AdamW, clip_grad_norm, grad_norm
-from .run_files import (Console, InterruptFlag, MetricsLog, RunLock, is_prepared_data, open_run_dir, plot_losses,
-                        prepare_data_once, truncate_metrics)
+from .run_files import (Console, MetricsLog, RunLock, Session, claim_run_dir, is_prepared_data, open_run_dir,
+                        plot_losses, prepare_data_once, truncate_metrics)
 from .pretrained import load_pretrained
 from .schedule import lr_at
 from .system import check_memory, get_num_threads, set_num_threads
@@ -52,32 +52,6 @@ EVAL_SEED = 1234        # the fixed validation batches do not depend on the trai
 # ----------------------------------------------------------------------------------------------------
 # the trainer
 # ----------------------------------------------------------------------------------------------------
-@dataclass
-class _Session:
-    """What one call of fit() keeps from step to step: its clock, the last loss, why it stops, and the window
-    of steps since the last logged one (their finite losses and their time)."""
-
-    start_step: int
-    started: float = field(default_factory=time.perf_counter)
-    interrupt: InterruptFlag = field(default_factory=InterruptFlag)
-    stop_reason: Optional[str] = None
-    loss: Optional[float] = None
-    last_eval_step: Optional[int] = None
-    window_loss: float = 0.0
-    window_steps: int = 0
-    window_time: float = 0.0
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-    def end_window(self, tokens_per_step: int) -> Tuple[Optional[float], float]:
-        """(mean finite loss or None, tokens per second) of the window; the next window starts empty."""
-        mean = self.window_loss / self.window_steps if self.window_steps else None
-        tok_s = self.window_steps * tokens_per_step / self.window_time if self.window_time > 0 else 0.0
-        self.window_loss, self.window_steps, self.window_time = 0.0, 0, 0.0
-        return mean, tok_s
-
-
 @dataclass
 class _Step:
     """One optimizer step as it was taken: its loss, gradient norm and lr, whether the weights were updated
@@ -118,7 +92,7 @@ class Trainer:
         if self.main:
             self._lock = open_run_dir(self.out_dir)
             if not c.resume:
-                self._claim_run_dir()
+                claim_run_dir(self.out_dir, c.overwrite, self.console.say)
         self.comm.barrier()
         init = self._pretrained() if c.init_from else None  # (model or its config, tokenizer)
         data_dir = self._data_dir(init[1] if init else None)
@@ -166,18 +140,6 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds spent in earlier sessions of this run
         if c.resume:
             self._resume()
-
-    def _claim_run_dir(self) -> None:
-        """A fresh run never mixes with, nor silently deletes, another run's files: they are an error, or with
-        overwrite=True deleted first."""
-        old = [p for p in (self.last_path, self.best_path, self.metrics_path, self.plot_path) if p.exists()]
-        if old and not self.config.overwrite:
-            raise CLLMError(f"{self.out_dir}: holds a previous run ({', '.join(p.name for p in old)}); continue it "
-                            f"with --resume, or start over with --overwrite (which deletes them)")
-        for p in old:
-            p.unlink()
-        if old:
-            self.console.say(f"overwrite: deleted {', '.join(p.name for p in old)} in {self.out_dir}")
 
     def _pretrained(self) -> tuple:
         """(model, tokenizer) of init_from; when resuming, only (its config, tokenizer) as the run's last
@@ -356,7 +318,7 @@ class Trainer:
             self._metrics = MetricsLog(self.metrics_path)
         self.console.say(f"model: {self.model.num_parameters:,} parameters {self.model_config}; "
                          f"{self.tokens_per_step:,} tokens per step")
-        s = _Session(start_step=self.step)
+        s = Session(start_step=self.step)
         if self.config.init_from and self.step == 0:
             self._evaluate_start(s)
         try:
@@ -366,18 +328,18 @@ class Trainer:
             self._close_metrics()
             raise
 
-    def _evaluate_start(self, s: _Session) -> None:
+    def _evaluate_start(self, s: Session) -> None:
         """A pretrained start: the model's validation loss before any step (step 0 of metrics.jsonl)."""
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), 0
         self._log({"step": 0, "val_loss": _num(val), "init_from": str(self.config.init_from)})
         self.console.say(f"step 0: val loss {val:.4f} ({self.config.init_from})")
 
-    def _elapsed(self, s: _Session) -> float:
+    def _elapsed(self, s: Session) -> float:
         """Seconds of training of this run, earlier sessions included."""
         return self.elapsed_before + s.seconds()
 
-    def _stop_requested(self, s: _Session) -> bool:
+    def _stop_requested(self, s: Session) -> bool:
         """Whether max_time has passed or Ctrl-C was pressed (on any rank: the ranks stop together, as one
         stopping alone would hang the others); sets s.stop_reason."""
         c = self.config
@@ -392,7 +354,7 @@ class Trainer:
             s.stop_reason = "interrupted"
         return s.stop_reason is not None
 
-    def _optimizer_step(self, s: _Session) -> _Step:
+    def _optimizer_step(self, s: Session) -> _Step:
         """One optimizer step at the schedule's lr: gradients, clipping, the update, unless the loss or the
         gradient norm is not finite (then the weights stay as they were)."""
         c = self.config
@@ -415,7 +377,7 @@ class Trainer:
             self._skipped_nonfinite(step, s)
         return step
 
-    def _skipped_nonfinite(self, step: _Step, s: _Session) -> None:
+    def _skipped_nonfinite(self, step: _Step, s: Session) -> None:
         """Count, warn about and mark a step skipped for a non-finite loss or norm; on_nonfinite="stop" stops."""
         c = self.config
         self.nonfinite_steps += 1
@@ -426,7 +388,7 @@ class Trainer:
         if c.on_nonfinite == "stop":
             s.stop_reason = "nonfinite"
 
-    def _maybe_evaluate(self, step: _Step, s: _Session) -> None:
+    def _maybe_evaluate(self, step: _Step, s: Session) -> None:
         """Every eval_interval steps: the validation loss, best.safetensors when it improves, early stopping."""
         c = self.config
         if self.step % c.eval_interval != 0:
@@ -446,7 +408,7 @@ class Trainer:
             self.console.say(f"early stopping: no improvement in {c.patience} evaluations")
             s.stop_reason = "early_stop"
 
-    def _log_step(self, step: _Step, s: _Session) -> None:
+    def _log_step(self, step: _Step, s: Session) -> None:
         """Every log_interval steps, and at evaluations, non-finite steps and the last step: the record, with the
         window's mean loss and throughput, into metrics.jsonl, and onto the progress bar or as a line."""
         c = self.config
@@ -465,11 +427,11 @@ class Trainer:
         if check is not None:
             check(self.model, self.step, final=final)
 
-    def _maybe_checkpoint(self, s: _Session) -> None:
+    def _maybe_checkpoint(self, s: Session) -> None:
         if self.step % self.config.checkpoint_interval == 0:
             self.save(self.last_path, self._elapsed(s))
 
-    def _finish(self, s: _Session) -> Dict[str, Any]:
+    def _finish(self, s: Session) -> Dict[str, Any]:
         """The end of a session: the last checkpoint, a final evaluation if the last step had none, then (rank 0)
         the loss curves and a sample. Returns the summary."""
         session_time = s.seconds()
@@ -491,7 +453,7 @@ class Trainer:
         self.comm.barrier()
         return summary
 
-    def _summary(self, s: _Session, session_time: float, final_val: Optional[float]) -> Dict[str, Any]:
+    def _summary(self, s: Session, session_time: float, final_val: Optional[float]) -> Dict[str, Any]:
         steps_done = self.step - s.start_step
         return {
             "steps": self.step, "steps_this_session": steps_done, "stop_reason": s.stop_reason,
