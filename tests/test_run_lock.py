@@ -69,3 +69,14 @@ def test_a_fresh_run_never_deletes_a_previous_one(tmp_path):
         r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", bad], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and "out_dir is empty" in r.stderr
+
+
+def test_a_run_stopped_on_nonfinite_values_fails(tmp_path):
+    """on_nonfinite=stop ends the run with exit status 1 and one line, not a success."""
+    r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", str(tmp_path / "run"), "--max-steps", "20",
+                        "--max-seq-len", "16", "--embedding-dim", "16", "--num-layers", "1", "--num-heads", "2",
+                        "--batch-size", "2", "--max-data-bytes", "200000", "--lr", "1e30", "--warmup-steps", "0",
+                        "--on-nonfinite", "stop", "--sample-tokens", "0", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-500:])
+    assert "stopped at step" in r.stderr and "non-finite" in r.stderr

@@ -105,6 +105,10 @@ def _run_train(args) -> int:
     comm = auto_communicator()  # MPICommunicator under `mpirun -n N` (N > 1), else SingleProcess
     with abort_on_error(comm, prog="cllm train"):  # an error on one rank ends the whole job
         summary = Trainer(config, comm=comm).fit()
+    if summary["stop_reason"] == "nonfinite":  # the run failed: say so in the exit status, not only in the log
+        print(f"cllm train: error: stopped at step {summary['steps']} on a non-finite loss or gradient "
+              f"(on_nonfinite=stop); the checkpoints hold the last finite weights", file=sys.stderr)
+        return 1
     return 130 if summary["stop_reason"] == "interrupted" else 0
 
 
