@@ -169,10 +169,11 @@ def cllm_name(name: str) -> str:
 def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
     """CLLM name -> float32 array of every weight in an HF GPT-2 directory, checked against the config."""
     expected = parameter_shapes(config)
-    weights, where, head = {}, {}, None
+    weights, where, head, stored_names = {}, {}, None, set()
     files, weight_map = _weight_files(path)
     for file in files:
         for stored, arr in safetensors_io.read_float32(file).items():
+            stored_names.add(stored)
             if weight_map is not None and weight_map.get(stored) != file.name:
                 raise HFFormatError(f"{file}: holds tensor {stored}, which model.safetensors.index.json places "
                                     f"in {weight_map.get(stored)!r}")
@@ -193,7 +194,7 @@ def read_hf_weights(path: Path, config: ModelConfig) -> Dict[str, np.ndarray]:
                                     f"{list(expected[name])}")
             weights[name], where[name] = arr, file
     if weight_map is not None:
-        unread = sorted(set(weight_map) - {t for f in files for t in safetensors_io.read_header(f)[0]})
+        unread = sorted(set(weight_map) - stored_names)
         if unread:
             raise HFFormatError(f"{path / 'model.safetensors.index.json'}: lists {unread[0]}, which no shard holds")
     missing = [n for n in expected if n not in weights]

@@ -65,7 +65,8 @@ def tokenizer_from_hf(path: PathLike) -> BPETokenizer:
         hf_tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
         raise MissingFileError(2, "no tokenizer.json (nor vocab.json + merges.txt)", str(directory))
-    specials = special_tokens_of(directory, hf_tok) if path.is_dir() or file.name == "tokenizer.json" else {}
+    # the special tokens are named in the files beside a tokenizer.json (not beside a file named otherwise)
+    specials = special_tokens_of(directory, hf_tok) if file.name == "tokenizer.json" else {}
     if specials:
         from tokenizers import AddedToken
         hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in set(specials.values())])
@@ -83,11 +84,7 @@ def load_any_tokenizer(path: PathLike) -> Tokenizer:
     if not path.exists():
         raise MissingFileError(2, "tokenizer file or directory not found", str(path))
     if file.is_file():
-        try:
-            spec = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: not valid JSON: {e}") from None
-        if isinstance(spec, dict) and spec.get("type") in ("byte", "bpe"):  # CLLM's own format
+        if read_json_object(file).get("type") in ("byte", "bpe"):  # CLLM's own format
             from .tokenizer import load_tokenizer
             return load_tokenizer(file)
     return tokenizer_from_hf(path)

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from .checkpoint import load_checkpoint, read_metadata, restore_optimizer, save_checkpoint
 from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
@@ -39,7 +39,7 @@ from .run_files import (Console, MetricsLog, RunLock, Session, claim_run_dir, is
 from .pretrained import load_pretrained
 from .schedule import lr_at
 from .system import check_memory, get_num_threads, set_num_threads
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 from .train_config import TrainConfig
 
 # Unclipped gradients above this norm overflow the float32 squares in AdamW's second moment (sqrt(3.4e38)
@@ -146,8 +146,11 @@ class Trainer:
         checkpoint holds them (the weights come from the checkpoint; init_from need not exist any more)."""
         if not self.config.resume:
             return load_pretrained(self.config.init_from)
-        ckpt = load_checkpoint(self.last_path)
-        return ckpt.config, ckpt.tokenizer
+        meta = read_metadata(self.last_path)  # the header only: _resume reads the tensors
+        try:
+            return ModelConfig.from_dict(meta.get("config")), tokenizer_from_json(meta.get("tokenizer", ""))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.last_path}: cannot resume: {e}") from None
 
     def _model_config(self, pretrained: Optional[ModelConfig]) -> ModelConfig:
         """The model's shape: from the settings, or from the pretrained model (with this run's dropout)."""
