@@ -156,3 +156,13 @@ def test_bad_hf_directories_are_one_line_errors(tmp_path, kind, needles):
     d = _bad_dir(tmp_path, kind)
     one_line_error(cli("sample", "--checkpoint", d, "--max-new-tokens", "2"), *needles)
     one_line_error(cli("export", d, "--format", "gguf", "--out", tmp_path / "x.gguf"), *needles)
+
+
+def test_gguf_export_without_the_gguf_package(tmp_path):
+    """Without the optional package: one line saying what to install, no traceback."""
+    code = ("import sys, runpy; sys.modules['gguf'] = None; sys.argv = ['cllm', 'export', sys.argv[1], '--format', "
+            "'gguf', '--out', sys.argv[2]]; runpy.run_module('cllm', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, str(FIXTURE), str(tmp_path / "m.gguf")], capture_output=True,
+                       text=True, timeout=120)
+    one_line_error(r, "gguf package", "cllm[interop]")
+    assert not (tmp_path / "m.gguf").exists()

@@ -15,6 +15,7 @@ from typing import List, Tuple, Union
 
 import numpy as np
 
+from .errors import CLLMError
 from .model import Model
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 
@@ -64,8 +65,10 @@ def _vocab_and_merges(tokenizer: Tokenizer) -> Tuple[List[str], List[str]]:
 
 def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str = "f32") -> Path:
     """Write `model` and `tokenizer` as a GGUF file for llama.cpp; dtype "f16" halves the 2-D weights."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:
+        raise CLLMError('GGUF export needs the gguf package (llama.cpp\'s writer): pip install "cllm[interop]"') from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     c = model.config
