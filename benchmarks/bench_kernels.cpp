@@ -22,11 +22,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #include "cllm.h"
+#include "isa.h"
 
 namespace {
 
@@ -152,29 +153,30 @@ void report(const std::string& name, const std::string& shape, const std::functi
 
 // The machine's ceiling: every thread runs 12 independent chains of vector FMAs (fp32) or of AVX-512 BF16
 // dot products (vdpbf16ps: 16 lanes x 2 products), registers only, no memory traffic. Matmul rates are
-// read against these.
+// read against these. This program is built for the baseline ISA; the probes are compiled for the widest
+// vectors (target attributes) and run only where the CPU has them.
 constexpr int PEAK_ITERS = 1 << 22;
-#if defined(__AVX512F__)
-typedef float pvf __attribute__((vector_size(64)));
-#else
-typedef float pvf __attribute__((vector_size(32)));
-#endif
-void peak_fp32() {
-    #pragma omp parallel
-    {
-        pvf a[12], m = (pvf){} + 0.999999f, c = (pvf){} + 1e-7f;
-        for (int i = 0; i < 12; i++) a[i] = (pvf){} + (float)i;
-        for (int it = 0; it < PEAK_ITERS; it++) {
-            for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
-            asm volatile("" : "+x"(m));  // keep the multiplier opaque: no folding of the chains
-        }
-        float sum = 0.0f;
-        for (int i = 0; i < 12; i++) sum += a[i][0];
-        asm volatile("" : : "x"(sum));
+#define FMA_CHAINS(V)                                                                              \
+    _Pragma("omp parallel") {                                                                      \
+        V a[12], m = (V){} + 0.999999f, c = (V){} + 1e-7f;                                         \
+        for (int i = 0; i < 12; i++) a[i] = (V){} + (float)i;                                      \
+        for (int it = 0; it < PEAK_ITERS; it++) {                                                  \
+            for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;                                      \
+            asm volatile("" : "+x"(m)); /* keep the multiplier opaque: no folding of the chains */ \
+        }                                                                                          \
+        float sum = 0.0f;                                                                          \
+        for (int i = 0; i < 12; i++) sum += a[i][0];                                               \
+        asm volatile("" : : "x"(sum));                                                             \
     }
-}
-#if defined(__AVX512BF16__)
-void peak_bf16() {
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+#if defined(__x86_64__)
+[[gnu::target("avx512f")]] void peak_fp32_16() { FMA_CHAINS(v16) }
+[[gnu::target("avx2,fma")]] void peak_fp32_8() { FMA_CHAINS(v8) }
+int peak_lanes() { return __builtin_cpu_supports("avx512f") ? 16 : __builtin_cpu_supports("fma") ? 8 : 0; }
+void peak_fp32() { peak_lanes() == 16 ? peak_fp32_16() : peak_fp32_8(); }
+bool has_bf16_dot() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f"); }
+[[gnu::target("avx512f,avx512bf16")]] void peak_bf16() {
     #pragma omp parallel
     {
         __m512 acc[12];
@@ -189,6 +191,11 @@ void peak_bf16() {
         asm volatile("" : : "x"(sum));
     }
 }
+#else
+int peak_lanes() { return 0; }
+void peak_fp32() {}
+bool has_bf16_dot() { return false; }
+void peak_bf16() {}
 #endif
 
 // The GEMMs of one linear layer out[N,OC] = inp[N,IC] @ w[IC,OC] + b, as the model calls them:
@@ -222,6 +229,8 @@ int run_config(const BenchConfig& c, int threads) {
     omp_set_num_threads(threads);
     std::printf("# cllm_bench_kernels config=%s V=%d T=%d C=%d L=%d H=%d F=%d B=%d (N=B*T=%d) threads=%d\n",
                 c.name, V, T, C, L, H, F, B, N, threads);
+    const cllm::IsaInfo isa = cllm::isa_info();
+    std::printf("# kernels: %s (%s)\n", isa.selected.empty() ? "none" : isa.selected.c_str(), isa.reason.c_str());
     std::printf("# load average (1 min) at start: %s\n", loadavg().c_str());
     std::printf("# median time per call after 1 warmup call; %s\n",
                 g_opt.reps > 0 ? ("reps=" + std::to_string(g_opt.reps)).c_str()
@@ -231,13 +240,13 @@ int run_config(const BenchConfig& c, int threads) {
     std::printf("%-28s %-34s %13s %17s %13s %4s %6s\n", "kernel", "shape", "median", "rate (median)", "min", "reps",
                 "other");
 
-    const double lanes = sizeof(pvf) / sizeof(float), threads_d = threads;
-    report("peak.fp32_fma", std::to_string((int)lanes) + " lanes x 12 chains x threads", peak_fp32,
-           2.0 * lanes * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
-#if defined(__AVX512BF16__)
-    report("peak.bf16_dot", "vdpbf16ps x 12 chains x threads", peak_bf16, 4.0 * 16 * 12 * PEAK_ITERS * threads_d,
-           Unit::GFLOPS);
-#endif
+    const double lanes = peak_lanes(), threads_d = threads;
+    if (lanes > 0)
+        report("peak.fp32_fma", std::to_string((int)lanes) + " lanes x 12 chains x threads", peak_fp32,
+               2.0 * lanes * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
+    if (has_bf16_dot())
+        report("peak.bf16_dot", "vdpbf16ps x 12 chains x threads", peak_bf16,
+               4.0 * 16 * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
 
     // ---- linear layers of one block (x L in a step), then the tied LM head ----
     bench_linear("attn.c_attn", N, C, 3 * C);

@@ -3,6 +3,9 @@
 // (_core.kernels) are bound in bindings_kernels.cpp.
 #include <pybind11/stl.h>
 
+#include <dlfcn.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <mutex>
 #include <sstream>
@@ -10,6 +13,7 @@
 
 #include "bindings.h"
 #include "cllm.h"
+#include "isa.h"
 
 namespace cllm_py {
 
@@ -309,6 +313,27 @@ void set_threads(int n) {
     set_num_threads(n);
 }
 
+// What runs where: the kernel variants built and the one in use, bf16, OpenMP. For `cllm info` and bug reports.
+py::dict build_info() {
+    const IsaInfo isa = isa_info();
+    py::dict d;
+    d["variants_built"] = isa.built;
+    d["variants_supported"] = isa.supported;
+    d["variant"] = isa.selected.empty() ? py::object(py::none()) : py::object(py::str(isa.selected));
+    d["reason"] = isa.reason;
+    d["library"] = isa.library;
+    d["cpu_features"] = isa.cpu_features;
+    if (!isa.selected.empty())
+        d["bf16"] = kernels().native_bf16 ? "native (AVX-512 BF16 dot products, fp32 accumulation)"
+                                          : "emulated exactly (bf16-rounded inputs, fp32 FMAs)";
+    Dl_info omp{};
+    const bool found = dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &omp) && omp.dli_fname;
+    d["openmp"] = "OpenMP " + std::to_string(_OPENMP) + " (" + (found ? omp.dli_fname : "runtime unknown") + ")";
+    d["threads"] = get_num_threads();
+    d["compiler"] = __VERSION__;
+    return d;
+}
+
 void translate_invalid_argument(std::exception_ptr p) {
     try {
         if (p) std::rethrow_exception(p);
@@ -329,5 +354,8 @@ PYBIND11_MODULE(_core, mod) {
     bind_optimizer(mod);
     mod.def("get_num_threads", &cllm::get_num_threads);
     mod.def("set_num_threads", &set_threads);
+    mod.def("build_info", &build_info);
+    mod.def("select_isa", &select_isa, py::arg("variant"),
+            "use another kernel variant from now on (tests); normally chosen once, from $CLLM_ISA or the CPU");
     bind_kernels(mod);
 }

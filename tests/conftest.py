@@ -83,8 +83,13 @@ def errs(request):
 
 @pytest.fixture
 def rng(request):
-    """A NumPy Generator seeded from the test id, so every test is reproducible on its own."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+    """A NumPy Generator seeded from the test id, so every test is reproducible on its own; the kernel variant is
+    left out of the id (each_variant), so that every variant gets the same data."""
+    nodeid = request.node.nodeid
+    variant = getattr(getattr(request.node, "callspec", None), "params", {}).get("each_variant")
+    if variant:
+        nodeid = nodeid.replace(f"[{variant}-", "[").replace(f"[{variant}]", "")
+    return np.random.default_rng(zlib.crc32(nodeid.encode()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,6 +109,25 @@ def _import_engine():
 @pytest.fixture(scope="session")
 def cllm():
     return _import_engine()
+
+
+def _runnable_variants() -> list:
+    try:
+        import cllm
+    except ModuleNotFoundError:
+        return ["auto"]
+    return cllm.build_info()["variants_supported"] or ["auto"]
+
+
+@pytest.fixture(params=_runnable_variants())
+def each_variant(request):
+    """Runs a test once per kernel variant this CPU runs (avx512bf16, avx512, avx2, baseline on an AVX-512 BF16
+    machine), then goes back to the automatic choice: `pytest.mark.usefixtures("each_variant")` on the oracle
+    tests."""
+    from cllm.isa import use_variant
+    use_variant(request.param)
+    yield request.param
+    use_variant("auto")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pytest
 import cllm
 import oracle
 
+EACH_VARIANT = pytest.mark.usefixtures("each_variant")  # the oracle tests run on every kernel variant the CPU runs
+
 
 def bf16_round(a):
     """Round float32 to the nearest bfloat16 (ties to even), returned as float32."""
@@ -28,6 +30,7 @@ def bf16_round(a):
 @pytest.mark.parametrize("M, N, K", [(37, 50, 67), (128, 96, 384), (21, 70, 2049), (1030, 1040, 389),
                                      (64, 20000, 800)],
                          ids=["odd", "model", "kblocks", "largeC", "strips"])
+@EACH_VARIANT
 def test_bf16_matmul(ta, tb, M, N, K):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
@@ -43,6 +46,7 @@ def test_bf16_matmul(ta, tb, M, N, K):
     assert np.linalg.norm(fp32 - exact) / np.linalg.norm(exact) < 1e-6
 
 
+@EACH_VARIANT
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tb", [False, True], ids=["nn", "nt"])
 def test_matmul_wide_output_in_column_strips(bf16, tb):
@@ -59,6 +63,7 @@ def test_matmul_wide_output_in_column_strips(bf16, tb):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@EACH_VARIANT
 @pytest.mark.parametrize("T", [16, 150])  # 150: several attention query blocks, the last one ragged
 def test_bf16_gradients_close_to_oracle(T):
     cfg = cllm.ModelConfig(vocab_size=67, max_seq_len=T, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)

@@ -4,6 +4,8 @@ import pytest
 
 import cllm
 
+EACH_VARIANT = pytest.mark.usefixtures("each_variant")  # the oracle tests run on every kernel variant the CPU runs
+
 CFG = cllm.ModelConfig(vocab_size=67, max_seq_len=24, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)
 
 
@@ -16,6 +18,7 @@ def model(request):
     return m
 
 
+@EACH_VARIANT
 def test_cached_logits_equal_full_forward_at_every_step(model):
     prompt = [5, 9, 1, 33]
     toks, logits = model.generate(prompt, max_new_tokens=CFG.max_seq_len - len(prompt) + 1, temperature=0.8,
@@ -29,12 +32,14 @@ def test_cached_logits_equal_full_forward_at_every_step(model):
     assert worst < 1e-4, worst
 
 
+@EACH_VARIANT
 def test_context_window_slides_past_max_seq_len(model):
     toks, logits = model.generate([1, 2, 3], max_new_tokens=3 * CFG.max_seq_len, temperature=1.0, seed=0,
                                   return_logits=True)
     assert toks.shape == (3 * CFG.max_seq_len,) and np.isfinite(logits).all()
 
 
+@EACH_VARIANT
 def test_temperature_zero_is_greedy(model):
     toks, logits = model.generate([3, 4], max_new_tokens=10, temperature=0.0, return_logits=True)
     assert np.array_equal(toks, logits.argmax(axis=1))
@@ -50,6 +55,7 @@ def test_seeded_sampling_is_reproducible(model):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@EACH_VARIANT
 def test_top_k_and_top_p_restrict_the_candidates(model):
     toks, logits = model.generate([2], 40, temperature=1.0, top_k=3, seed=5, return_logits=True)
     for t, lg in zip(toks, logits):

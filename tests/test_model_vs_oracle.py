@@ -15,6 +15,8 @@ import pytest
 
 import oracle
 
+pytestmark = pytest.mark.usefixtures("each_variant")  # every kernel variant this CPU runs
+
 LOGITS_TOL = 1e-4
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4

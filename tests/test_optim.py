@@ -14,6 +14,8 @@ import pytest
 
 import oracle
 
+pytestmark = pytest.mark.usefixtures("each_variant")  # every kernel variant this CPU runs
+
 OPT_TOL = 1e-6
 CLIP_TOL = 1e-5
 KW = dict(vocab_size=67, max_seq_len=16, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)

@@ -11,6 +11,8 @@ import pytest
 
 import oracle
 
+pytestmark = pytest.mark.usefixtures("each_variant")  # every kernel variant this CPU runs
+
 FWD_TOL = 1e-4
 BWD_TOL = 1e-4
 
@@ -137,8 +139,9 @@ def test_attention(kernels, errs, rng, B, T, C, H):
     for part, sl in (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C))):
         if np.linalg.norm(dqkv_ref[..., sl]) > 0:  # T == 1: dq and dk are exactly zero
             errs.normwise(part, dqkv[..., sl], dqkv_ref[..., sl], BWD_TOL)
-        else:
-            errs.record(part + " (abs)", float(np.max(np.abs(dqkv[..., sl]))), 1e-6)
+        else:  # zero up to the rounding of products the size of dv's (= dout at T == 1)
+            scale = max(1.0, float(np.abs(dqkv_ref[..., 2 * C:]).max()))
+            errs.record(part + " (abs)", float(np.max(np.abs(dqkv[..., sl]))) / scale, 1e-6)
     errs.finish()
 
 

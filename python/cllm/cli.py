@@ -5,6 +5,7 @@
     cllm train --resume --out-dir runs/cllm     # continue exactly where last.safetensors stopped
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
+    cllm info                                   # the kernels in use on this CPU, for bug reports
 
 User errors (a bad file, a bad value: USER_ERRORS) print one line to stderr and exit with status 2.
 """
@@ -214,12 +215,28 @@ def _run_export(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the fields as one JSON object")
+
+
+def _run_info(args) -> int:
+    import json
+    from .isa import build_info, format_build_info
+    info = build_info()
+    print(json.dumps(info) if args.json else format_build_info(info))
+    return 0 if info["variant"] is not None else 2
+
+
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)
 register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
 register_command("export", "write a model as a Hugging Face directory or a GGUF file", _export_arguments,
                  _run_export)
+register_command("info", "show the kernel variant this CPU runs, bf16, OpenMP and threads", _info_arguments, _run_info)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,6 +268,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     run = COMMANDS[args.command][2]
     try:
+        if args.command != "info":
+            from .isa import check_kernels
+            check_kernels()  # CLLM_ISA asking for kernels this CPU lacks: say so before any work
         return int(run(args) or 0)
     except USER_ERRORS as e:
         print(f"cllm {args.command}: error: {_one_line(e)}", file=sys.stderr)

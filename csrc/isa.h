@@ -1,0 +1,56 @@
+// Kernel variants chosen at run time. The kernels are compiled once per x86-64 level into
+// libcllm_kernels_<variant>.so (each exporting only cllm_kernel_table, isa_table.cpp); the extension and the
+// benchmark, built for the baseline, load the best variant this CPU runs (isa_dispatch.cpp) and reach it through
+// the table below: the kernel declarations of cllm.h are, in them, forwarding calls into it.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "cllm.h"
+
+namespace cllm {
+
+// The entry points the baseline code calls (bindings, benchmark, Model construction). A kernel only other kernels
+// call needs no slot: within a variant, calls stay inside it.
+#define CLLM_KERNEL_FUNCTIONS(X)                                                                          \
+    X(gemm) X(linear_forward) X(linear_backward) X(sinusoidal_table) X(embedding_forward)                 \
+    X(embedding_backward) X(layernorm_forward) X(layernorm_backward) X(attention_forward)                 \
+    X(attention_backward) X(attention_dropout_mask) X(gelu_forward) X(gelu_backward)                      \
+    X(feedforward_forward) X(feedforward_backward) X(cross_entropy_forward) X(cross_entropy_backward)     \
+    X(cross_entropy_fused) X(grad_norm) X(scale_inplace) X(adamw_step) X(sgd_step) X(generate)            \
+    X(generation_floats)
+#define CLLM_KERNEL_METHODS(X) X(forward) X(loss_only) X(loss_and_dlogits) X(backward) X(forward_backward)
+
+struct KernelTable {
+    const char* variant;  // "avx512bf16", "avx512", "avx2", "baseline", "generic" or "native"
+    bool native_bf16;     // bf16 GEMMs on AVX-512 BF16 dot products (otherwise bf16-rounded inputs, fp32 FMAs)
+#define CLLM_FUNCTION_SLOT(f) decltype(&cllm::f) f;
+#define CLLM_METHOD_SLOT(f) decltype(&Model::f) model_##f;
+    CLLM_KERNEL_FUNCTIONS(CLLM_FUNCTION_SLOT)
+    CLLM_KERNEL_METHODS(CLLM_METHOD_SLOT)
+#undef CLLM_FUNCTION_SLOT
+#undef CLLM_METHOD_SLOT
+};
+
+// The variant in use. Throws std::invalid_argument when none could be loaded (see isa_selection_error).
+const KernelTable& kernels();
+
+// What build_info reports.
+struct IsaInfo {
+    std::vector<std::string> built;      // variants in this build, best first
+    std::vector<std::string> supported;  // of those, the ones this CPU runs
+    std::string selected;                // "" when none could be loaded
+    std::string reason;                  // why that one (or why none)
+    std::string library;                 // the loaded variant's file
+    std::vector<std::string> cpu_features;
+};
+IsaInfo isa_info();
+// Loads and uses the named variant ("" or "auto": the best this CPU runs). Throws std::invalid_argument naming
+// the problem (unknown name, a variant the CPU lacks or that was not built, a library that does not load); the
+// previous selection then stays.
+void select_isa(const std::string& name);
+
+}  // namespace cllm
+
+// The one symbol each variant library exports.
+extern "C" const cllm::KernelTable* cllm_kernel_table();
