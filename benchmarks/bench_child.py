@@ -61,7 +61,9 @@ def _make_cllm(name: str, threads: int, precision: str):
     return step, info
 
 
-def _make_torch(name: str, threads: int, compiled: bool):
+def _make_torch(name: str, threads: int, compiled: bool, bf16: bool):
+    """PyTorch on the same model; bf16: its own mixed precision, autocast to bfloat16 around the forward (fp32
+    master weights, as CLLM's bf16), the fair peer of cllm-bf16."""
     import torch
 
     from torch_gpt2 import build_torch_gpt2, load_cllm_parameters
@@ -90,13 +92,15 @@ def _make_torch(name: str, threads: int, compiled: bool):
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = fwd(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(torch.from_numpy(x).long(), torch.from_numpy(y).long())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return float(loss.item())
 
-    info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "adamw": impl}
+    info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "adamw": impl,
+            "precision": "autocast-bf16" if bf16 else "fp32"}
     return step, info
 
 
@@ -107,8 +111,8 @@ def _child_train(spec: dict) -> dict:
         step, info = _make_cllm(name, threads, "fp32")
     elif engine == "cllm-bf16":
         step, info = _make_cllm(name, threads, "bf16")
-    elif engine in ("torch", "torch-compile"):
-        step, info = _make_torch(name, threads, engine == "torch-compile")
+    elif engine in ("torch", "torch-compile", "torch-bf16", "torch-bf16-compile"):
+        step, info = _make_torch(name, threads, engine.endswith("compile"), "bf16" in engine)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     batches = _batches(name, 4)

@@ -16,7 +16,7 @@ CONFIGS = {
     "small": dict(V=8192, T=256, C=384, L=6, H=6, B=8, steps=6, warmup=2),
     "gpt2": dict(V=50257, T=256, C=768, L=12, H=12, B=4, steps=1, warmup=1),
 }
-ENGINES = ("cllm", "cllm-bf16", "torch", "torch-compile")
+ENGINES = ("cllm", "cllm-bf16", "torch", "torch-compile", "torch-bf16", "torch-bf16-compile")
 FLOP_FORMULA = "6*N + 6*L*T*C per token (N = parameters without wpe; causal attention)"
 RESULT_TAG = "CLLM_BENCH_RESULT "
 # Set on some machines to steer OpenBLAS; they can slow NumPy down, so the children run without them.

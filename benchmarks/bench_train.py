@@ -12,8 +12,9 @@ peak RSS is its own and no engine inherits another's thread pools or caches: `wa
 random tokens.
 
 Engines: ``cllm`` (float32), ``cllm-bf16`` (``cllm.Model(..., precision="bf16")``), ``torch`` (PyTorch eager,
-the model of torch_gpt2.py) and ``torch-compile`` (``torch.compile`` of the same model), the two PyTorch ones
-only when torch is installed. PyTorch is an optional dependency of the benchmarks and of nothing else.
+the model of torch_gpt2.py), ``torch-compile`` (``torch.compile`` of the same model), and ``torch-bf16`` /
+``torch-bf16-compile`` (the same under PyTorch's own bf16 mixed precision, ``torch.autocast("cpu", bfloat16)``
+with fp32 master weights: the fair peer of cllm-bf16), the PyTorch ones only when torch is installed. PyTorch is an optional dependency of the benchmarks and of nothing else.
 
 Model FLOPs per token (stated in the output too): ``6 * N + 6 * L * T * C`` where N counts every parameter
 except the position table wpe (a lookup, no matmul; wte counts once, as the tied LM head's matmul), and
@@ -237,7 +238,7 @@ def _median_run(runs: list) -> dict:
 
 
 def _run_train(args) -> list:
-    skip = {} if torch_available() else {e: "skipped: torch is not installed" for e in ("torch", "torch-compile")}
+    skip = {} if torch_available() else {e: "skipped: torch is not installed" for e in ENGINES if e.startswith("torch")}
     results = []
     for name in args.configs:
         c = CONFIGS[name]

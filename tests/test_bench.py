@@ -34,3 +34,17 @@ def test_bad_options_are_one_line_errors(argv):
     proc = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and proc.stderr.strip()
+
+
+def test_torch_bf16_engine_trains_the_same_model(tmp_path):
+    """PyTorch's autocast-bf16 (the fair peer of cllm-bf16) starts from CLLM's weights: the first losses agree to
+    bf16 rounding."""
+    pytest.importorskip("torch")
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--configs", "tiny", "--threads", "1", "--engines",
+                           "cllm-bf16,torch-bf16", "--steps", "1", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = {r["engine"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["torch-bf16"]["precision"] == "autocast-bf16"
+    assert abs(results["torch-bf16"]["first_loss"] - results["cllm-bf16"]["first_loss"]) < 0.02
