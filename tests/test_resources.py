@@ -119,12 +119,12 @@ def test_disk_full_at_a_checkpoint_write_simulated(data_dir, tmp_path, monkeypat
     real = ck._write_payload
     writes = {"n": 0}
 
-    def full_disk(f, data):
+    def full_disk(f, tensors, metadata):
         writes["n"] += 1
         if writes["n"] == 2:
-            f.write(data[: len(data) // 3])
+            f.write(b"x" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(f, data)
+        real(f, tensors, metadata)
 
     monkeypatch.setattr(ck, "_write_payload", full_disk)
     with pytest.raises(OSError) as e:

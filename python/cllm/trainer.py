@@ -264,7 +264,7 @@ class Trainer:
             return True
         for what, buf in (("weights", self.model.flat_parameters()), ("optimizer moments", self.optimizer.exp_avg),
                           ("optimizer moments", self.optimizer.exp_avg_sq)):
-            if not np.isfinite(buf).all():
+            if not _all_finite(buf):
                 self._warn(f"step {self.step}: {what} are not finite, not writing {path.name}")
                 return False
         save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed))
@@ -486,6 +486,11 @@ class Trainer:
 def _num(x):
     """A float for JSON, None when missing or non-finite (metrics stay standard JSON)."""
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _all_finite(buf: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Whether a flat buffer holds no NaN/Inf, checked in chunks (no temporary the size of the buffer)."""
+    return all(np.isfinite(buf[i:i + chunk]).all() for i in range(0, buf.size, chunk))
 
 
 def _fmt(x) -> str:
