@@ -2,6 +2,7 @@
 
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cllm.data import (
     load_tokens,
     prepare,
     read_corpus,
+    write_token_chunks,
     write_tokens,
 )
 from cllm.errors import CLLMError
@@ -53,7 +55,9 @@ def test_header_layout(tmp_path):
     assert raw[:8] == MAGIC == b"CLLMTOK\0"
     assert struct.unpack_from("<III", raw, 8) == (1, 2, 300)
     assert struct.unpack_from("<Q", raw, NUM_TOKENS_OFFSET) == (3,)
-    assert raw[20:24] == bytes(4) and raw[32:64] == bytes(32)
+    assert struct.unpack_from("<I", raw, 20) == (1,)  # flags: the checksum is set
+    assert struct.unpack_from("<I", raw, 32) == (zlib.crc32(np.array([1, 2, 3], "<u2").tobytes()),)
+    assert raw[36:64] == bytes(28)
     assert np.frombuffer(raw[64:], dtype="<u2").tolist() == [1, 2, 3]
 
 
@@ -161,6 +165,62 @@ def test_load_token_out_of_vocab(tmp_path):
     with pytest.raises(ValueError, match=r"t\.bin.*token 250 at index 2 is >= vocab_size 100"):
         load_tokens(path)
     assert len(load_tokens(path, check_range=False)) == 4
+
+
+def test_damaged_token_file_is_detected(tmp_path):
+    path = _valid_file(tmp_path, tokens=(1, 2, 250, 4), vocab_size=300)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 2] ^= 0x04  # token 2 becomes 6: in range, but not what was written
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"t\.bin: token file is damaged \(checksum mismatch\)"):
+        load_tokens(path)
+
+
+def test_token_file_without_checksum_loads_with_a_warning(tmp_path):
+    path = _valid_file(tmp_path, tokens=(1, 2, 3), vocab_size=300)
+    _patch(path, 20, "<I", 0)  # the flags of an older file
+    with pytest.warns(RuntimeWarning, match=r"t\.bin: token file has no checksum"):
+        assert load_tokens(path).tokens.tolist() == [1, 2, 3]
+    _patch(path, 20, "<I", 6)
+    with pytest.raises(ValueError, match="invalid flags 6"):
+        load_tokens(path)
+
+
+def test_token_chunks_are_written_as_they_come(tmp_path):
+    """write_token_chunks takes a generator: each chunk is checked and written, never the whole stream."""
+    seen = []
+
+    def chunks():
+        for i in range(5):
+            seen.append(i)
+            yield np.full(1000, i, dtype=np.int64)
+
+    path = write_token_chunks(tmp_path / "s.bin", chunks(), 70000)
+    tf = load_tokens(path)
+    assert seen == list(range(5)) and tf.bytes_per_token == 4
+    assert np.array_equal(tf.tokens, np.repeat(np.arange(5), 1000))
+
+    def bad():
+        yield np.zeros(3, np.int32)
+        yield np.array([70000])
+
+    with pytest.raises(ValueError, match=r"b\.bin: token value 70000 is out of range"):
+        write_token_chunks(tmp_path / "b.bin", bad(), 70000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]  # no partial file, no temporary left
+
+
+def test_full_disk_on_a_token_file_names_it(tmp_path):
+    import errno
+    import os
+
+    def full_disk():  # the write of the second chunk fails as on a full disk
+        yield np.arange(10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as e:
+        write_token_chunks(tmp_path / "train.bin", full_disk(), 300)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "train.bin")
+    assert "cannot write the token file" in str(e.value) and list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------

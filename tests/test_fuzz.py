@@ -96,7 +96,7 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*has no checksums:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no checksum:RuntimeWarning")  # forged files
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 The three jobs live in their own modules; their public names are all importable from here:
 
-- :mod:`cllm.tokenfile`: the token file format (``.bin``), :func:`write_tokens`, :func:`load_tokens`,
-  :class:`TokenFile`;
+- :mod:`cllm.tokenfile`: the token file format (``.bin``), :func:`write_tokens`, :func:`write_token_chunks`,
+  :func:`load_tokens`, :class:`TokenFile`;
 - :mod:`cllm.corpus`: :func:`read_corpus`, :func:`default_corpus_files` and :func:`prepare` (a corpus into
   ``train.bin``, ``val.bin`` and ``tokenizer.json``);
 - :mod:`cllm.batches`: :class:`BatchLoader` (random, deterministic, shardable ``(x, y)`` windows) and
@@ -12,7 +12,8 @@ The three jobs live in their own modules; their public names are all importable 
 
 from .batches import BatchLoader, eval_batches
 from .corpus import default_corpus_files, prepare, read_corpus
-from .tokenfile import FORMAT_VERSION, HEADER_SIZE, MAGIC, NUM_TOKENS_OFFSET, TokenFile, load_tokens, write_tokens
+from .tokenfile import (FORMAT_VERSION, HEADER_SIZE, MAGIC, NUM_TOKENS_OFFSET, TokenFile, load_tokens, write_token_chunks,
+                        write_tokens)
 from .errors import MissingFileError
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "NUM_TOKENS_OFFSET",
     "TokenFile",
     "write_tokens",
+    "write_token_chunks",
     "load_tokens",
     "default_corpus_files",
     "read_corpus",
