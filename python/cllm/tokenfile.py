@@ -123,7 +123,7 @@ def write_token_chunks(path: PathLike, chunks: Iterable[np.ndarray], vocab_size:
         for chunk in chunks:
             chunk = np.asarray(chunk)
             _check_chunk(path, chunk, vocab_size)
-            data = chunk.astype(dtype).tobytes()
+            data = memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B")
             crc = zlib.crc32(data, crc)
             n += chunk.shape[0]
             f.write(data)
