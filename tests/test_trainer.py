@@ -1,6 +1,7 @@
 """The trainer on tiny models: config files, gradient accumulation, bit-exact resume, early stopping, the
 non-finite guard, metrics / plot / checkpoints, data caching and the data-parallel hook."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 import cllm
 from cllm.checkpoint import load_checkpoint, read_metadata
-from cllm.data import prepare
+from cllm.data import load_tokens, prepare
 from cllm.run_files import read_metrics
 from cllm.train_config import TrainConfig
 from cllm.trainer import Trainer
@@ -276,6 +277,39 @@ def test_prepares_text_inputs_once_and_reuses(tmp_path):
     assert (out / "data" / "train.bin").stat().st_mtime_ns == mtime  # reused
     Trainer(cfg.replace(val_fraction=0.25)).fit()
     assert json.loads(stamp.read_text())["spec"]["val_fraction"] == 0.25  # different request: prepared again
+
+
+def test_an_edited_input_is_prepared_again_saying_which(tmp_path, capsys):
+    """The prepared data tracks its sources: an edit that keeps the size and the mtime, a grown file, a new and
+    a removed file each prepare again, naming the file; an untouched corpus is reused."""
+    src = corpus_files(tmp_path)
+    cfg = TrainConfig(**{**TINY, "data": str(src), "out_dir": str(tmp_path / "run"), "max_steps": 1,
+                         "val_fraction": 0.3, "overwrite": True})
+    train_bin = tmp_path / "run" / "data" / "train.bin"
+
+    def run():
+        capsys.readouterr()
+        Trainer(cfg).fit()
+        return capsys.readouterr().out
+
+    run()
+    assert "using prepared data" in run()
+    f = src / "typing.py"
+    st = f.stat()
+    text = f.read_text()
+    f.write_text(text.replace("def ", "fed ", 1))  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    before = load_tokens(train_bin).tokens.copy()
+    out = run()
+    assert f"preparing data in {tmp_path / 'run' / 'data'} ({f} changed (content))" in out
+    assert not np.array_equal(load_tokens(train_bin).tokens, before)
+    f.write_text(text + "# more\n")
+    assert f"({f} changed (size))" in run()
+    (src / "new.py").write_text("x = 1\n" * 100)
+    assert f"({src / 'new.py'} was added)" in run()
+    (src / "json.py").unlink()
+    assert f"({src / 'json.py'} was removed)" in run()
+    assert "using prepared data" in run()
 
 
 class CountingComm(cllm.SingleProcess):

@@ -283,6 +283,21 @@ def _corpus_files(inputs) -> Tuple[List[Path], bool, str]:
     return files, False, where
 
 
+def source_fingerprint(inputs) -> List[Dict[str, Any]]:
+    """What the corpus of ``inputs`` is now (None: the standard library): for each file that :func:`prepare`
+    would read, in its order, ``{"path", "size", "mtime_ns", "crc32"}`` (the CRC-32 of its bytes, read a block
+    at a time). A directory's file list is thereby part of it."""
+    out = []
+    for f in _corpus_files(inputs)[0]:
+        st = f.stat()
+        crc = 0
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(_BLOCK), b""):
+                crc = zlib.crc32(block, crc)
+        out.append({"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "crc32": crc})
+    return out
+
+
 def _validation_files(sizes: Sequence[int], val_fraction: float) -> List[int]:
     """Indices of the documents put in validation: first fit in order, as long as they keep it within
     ``val_fraction`` of the bytes (none for a single document)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .data import prepare
+from .data import prepare, source_fingerprint
 from .errors import CLLMError
 from .files import atomic_write
 
@@ -106,7 +106,8 @@ def is_prepared_data(path: Path) -> bool:
 def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer, *, val_fraction: float,
                       seed: int, max_bytes: Optional[int], say: Callable[[str], None]) -> None:
     """Prepare `inputs` (None: the Python standard library) into data_dir (see data.prepare), unless its
-    prepare.json records this very preparation and its files are all there."""
+    prepare.json records this very preparation, of the inputs as they are now (each file's size, mtime and
+    CRC-32, see source_fingerprint), and its files are all there. Says why it prepares again."""
     spec = {
         "inputs": None if inputs is None else [os.path.abspath(p) for p in inputs],
         "tokenizer": tokenizer if isinstance(tokenizer, str) else
@@ -116,20 +117,44 @@ def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer
     if inputs is None:
         import sysconfig
         spec["stdlib"] = sysconfig.get_paths()["stdlib"]
-    stamp = data_dir / "prepare.json"
-    try:
-        cached = json.loads(stamp.read_text())["spec"] == spec
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = False
-    if cached and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
+    sources = source_fingerprint(None if inputs is None else list(inputs))  # before reading: an edit during
+    stamp = data_dir / "prepare.json"                                         # preparation shows next time
+    why = _out_of_date(stamp, spec, sources)
+    if why is None and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
         say(f"using prepared data in {data_dir}")
         return
-    say(f"preparing data in {data_dir} ...")
+    say(f"preparing data in {data_dir}{f' ({why})' if why else ''} ...")
     summary = prepare(None if inputs is None else list(inputs), data_dir, tokenizer, val_fraction=val_fraction,
                       seed=seed, max_bytes=max_bytes)
-    write_json_atomic(stamp, {"spec": spec, "summary": summary})
+    write_json_atomic(stamp, {"spec": spec, "sources": sources, "summary": summary})
     say(f"  {summary['files']} files, {summary['bytes']:,} bytes -> {summary['train_tokens']:,} train / "
         f"{summary['val_tokens']:,} val tokens ({summary['tokenizer']}, vocab {summary['vocab_size']})")
+
+
+def _out_of_date(stamp: Path, spec: dict, sources: List[dict]) -> Optional[str]:
+    """Why the data that `stamp` describes is not the data asked for (None: it is; "" with no stamp)."""
+    try:
+        old = json.loads(stamp.read_text())
+        old_spec, old_sources = old["spec"], {f["path"]: f for f in old["sources"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "" if not stamp.exists() else f"{stamp.name} is unreadable or from an older CLLM"
+    if old_spec != spec:
+        changed = sorted(k for k in set(spec) | set(old_spec) if spec.get(k) != old_spec.get(k))
+        return f"settings changed: {', '.join(changed)}"
+    now = {f["path"]: f for f in sources}
+    for path, f in now.items():
+        if path not in old_sources:
+            return f"{path} was added"
+        if f != old_sources[path]:
+            was = old_sources[path]
+            what = "size" if f["size"] != was.get("size") else "content" if f["crc32"] != was.get("crc32") else "mtime"
+            return f"{path} changed ({what})"
+    for path in old_sources:
+        if path not in now:
+            return f"{path} was removed"
+    if list(now) != list(old_sources):
+        return "the order of the input files changed"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
