@@ -543,6 +543,22 @@ def test_eval_batches(token_file):
         eval_batches(token_file.tokens, 4, 8, num_batches=0)
 
 
+def test_eval_batches_are_drawn_as_they_are_read(token_file):
+    """A million validation batches cost nothing until read (they were a list built up front, outside the
+    memory check)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    many = eval_batches(token_file.tokens, 64, 64, num_batches=1_000_000)
+    assert len(many) == 1_000_000 and tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    first = [b for _, b in zip(range(2), many)]
+    again = [b for _, b in zip(range(2), many)]
+    for (x, y), (x2, y2) in zip(first, again):
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert np.array_equal(many[1][0], first[1][0])
+
+
 def test_loader_validation(token_file):
     small = np.arange(8)
     with pytest.raises(ValueError, match=r"too small for one batch: 8 tokens.*seq_len=8.*9"):

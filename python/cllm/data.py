@@ -7,7 +7,7 @@ The three jobs live in their own modules; their public names are all importable 
 - :mod:`cllm.corpus`: :func:`read_corpus`, :func:`default_corpus_files`, :func:`prepare` (a corpus into
   ``train.bin``, ``val.bin`` and ``tokenizer.json``) and :func:`source_fingerprint` (what the inputs are now);
 - :mod:`cllm.batches`: :class:`BatchLoader` (random, deterministic, shardable ``(x, y)`` windows) and
-  :func:`eval_batches` (a fixed list for validation).
+  :func:`eval_batches` (a fixed sequence for validation, drawn as it is read).
 """
 
 from .batches import BatchLoader, eval_batches

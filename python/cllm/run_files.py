@@ -168,8 +168,13 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the error names no file by itself
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, f"cannot write the metrics log: {e.strerror}", str(self.path)) from e
 
     def close(self) -> None:
         self._file.close()
