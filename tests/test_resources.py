@@ -334,6 +334,16 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_training(data_dir, tmp_pat
         Trainer(wide).fit()
 
 
+def test_a_resume_counts_loading_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Resuming holds the checkpoint's model and tensors beside the run's own while it loads them: counted."""
+    cfg = tiny(data_dir, tmp_path / "r", max_steps=2, embedding_dim=256, ff_dim=1024, num_layers=2)
+    Trainer(cfg).fit()
+    need = memory_estimate(cfg.model_config(256), cfg.batch_size, cfg.max_seq_len)
+    monkeypatch.setattr(cllm.system, "available_memory", lambda: need + 4 * parameter_count(cfg.model_config(256)))
+    with pytest.raises(InsufficientMemoryError, match=r"training a model of .* tokens \(resumed\) needs"):
+        Trainer(cfg.replace(resume=True, max_steps=3)).fit()
+
+
 def test_cli_reports_a_model_too_large_in_one_line(data_dir, tmp_path, capsys):
     code = cli.main(["train", "--data", str(data_dir), "--out-dir", str(tmp_path / "r"), "--embedding-dim",
                      "1048576", "--num-heads", "1", "--no-progress", "--max-time", "none"])

@@ -107,10 +107,13 @@ class Trainer:
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = self._model_config(pretrained)
-        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
-        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
+        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated; a resume
+        # also holds the checkpoint's model (weights, gradients) and its three tensor sets while it loads them.
+        # (Saving a checkpoint streams the tensors: it needs no more.)
+        resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
+        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len) + resume_peak,
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
-                     f"batches of {c.batch_size} x {c.max_seq_len} tokens")
+                     f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
         if init and isinstance(init[0], Model):
             self.model.load_parameters(init[0].parameters())
