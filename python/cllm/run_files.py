@@ -88,7 +88,7 @@ def claim_run_dir(out_dir: Path, overwrite: bool, say: Callable[[str], None]) ->
     """A fresh run never mixes with, nor silently deletes, another run's files: they are an error, or with
     overwrite deleted first."""
     old = [out_dir / n for n in ("last.safetensors", "best.safetensors", "metrics.jsonl", "loss.png")
-           if (out_dir / n).exists()]
+           if (out_dir / n).exists() or (out_dir / n).is_symlink()]  # a link, dangling or not, is never written through
     if old and not overwrite:
         raise CLLMError(f"{out_dir}: holds a previous run ({', '.join(p.name for p in old)}); continue it with "
                         f"--resume, or start over with --overwrite (which deletes them)")
@@ -117,6 +117,9 @@ def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer
     if inputs is None:
         import sysconfig
         spec["stdlib"] = sysconfig.get_paths()["stdlib"]
+    if data_dir.is_symlink():
+        raise CLLMError(f"{data_dir}: is a symbolic link; a run writes its prepared data only inside its directory "
+                        f"(give prepared data with --data instead)")
     sources = source_fingerprint(None if inputs is None else list(inputs))  # before reading: an edit during
     stamp = data_dir / "prepare.json"                                         # preparation shows next time
     why = _out_of_date(stamp, spec, sources)
@@ -165,7 +168,9 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        # never through a symbolic link planted in the run directory (to append to a file outside it)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
         try:
@@ -235,7 +240,8 @@ def plot_losses(metrics_path, png_path) -> Optional[str]:
     if train or val:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(str(png_path))
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"), what="loss plot",
+                 missing_dir="run directory not found")
     return str(png_path)
 
 
