@@ -380,3 +380,51 @@ def test_nonfinite_validation_loss_is_never_best(data_dir, tmp_path, monkeypatch
     assert s["stop_reason"] == "early_stop" and s["steps"] == 8
     assert s["best_val_loss"] is None and not (out / "best.safetensors").exists()
     assert (out / "last.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# resuming from damaged or edited files
+# ----------------------------------------------------------------------------------------------------
+def test_resume_drops_damaged_metrics_lines_with_a_warning(data_dir, tmp_path):
+    """A metrics.jsonl line cut short by a crash, binary garbage, a record without an integer step: dropped with
+    a warning naming the file and the lines; the resumed log is clean and complete."""
+    out = tmp_path / "m"
+    Trainer(tiny(data_dir, out, max_steps=5, decay_steps=8)).fit()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe garbage\n{"step": "3"}\n[1, 2]\n{"step": 9, "train_loss": 1')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: dropped damaged lines \d+, \d+, \d+, \d+$"):
+        Trainer(tiny(data_dir, out, max_steps=8, decay_steps=8, resume=True)).fit()
+    assert [s for s, _ in train_losses(out)] == list(range(1, 9))
+
+
+def _with_trainer_state(path: Path, **changes) -> None:
+    """Rewrite a checkpoint with trainer_state fields changed (and its checksums made to match: an edit, not
+    damage)."""
+    import struct
+
+    from cllm import checkpoint as ck
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header["__metadata__"]
+    meta["trainer_state"] = json.dumps({**json.loads(meta["trainer_state"]), **changes})
+    meta["metadata_crc32"] = str(ck._metadata_crc32(meta))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("field,value", [("step", "3"), ("step", -1), ("step", [3]), ("step", 2.5),
+                                         ("best_val_loss", "low"), ("elapsed", -5), ("evals_since_best", None),
+                                         ("loader", [1]), ("dropout_step", True)])
+def test_resume_with_wrongly_typed_trainer_state_is_one_line(data_dir, tmp_path, capsys, field, value):
+    from cllm import cli
+
+    out = tmp_path / "t"
+    Trainer(tiny(data_dir, out, max_steps=2)).fit()
+    _with_trainer_state(out / "last.safetensors", **{field: value})
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out-dir", str(out), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'last.safetensors'}: cannot resume" in err[0] and repr(field) in err[0], err

@@ -197,17 +197,28 @@ def read_metrics(path) -> List[dict]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint). A damaged
+    line (cut short by a crash, not JSON, not a record with an integer step) is dropped with a warning naming
+    the file and the line: the log is a report, the checkpoint holds the run's state."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    kept, damaged = [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    text = "".join(kept).encode("utf-8")
+            record = json.loads(raw.decode("utf-8"))
+            ok = isinstance(record, dict) and type(record.get("step")) is int
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            ok = False
+        if not ok:
+            if raw.strip():
+                damaged.append(number)
+        elif record["step"] <= step:
+            kept.append(raw + b"\n")
+    if damaged:
+        shown = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        warnings.warn(f"{path}: dropped damaged line{'s' if len(damaged) > 1 else ''} {shown}", RuntimeWarning,
+                      stacklevel=3)
+    text = b"".join(kept)
     atomic_write(path, lambda f: f.write(text), what="file", missing_dir="run directory not found")
 
 

@@ -196,21 +196,24 @@ class Trainer:
         if ckpt.tokenizer != self.tokenizer:
             raise ValueError(f"{self.last_path}: cannot resume, the checkpoint's tokenizer differs from the data's")
         st = ckpt.trainer_state
+        field = _StateReader(self.last_path, st)
         try:
             self.model.load_parameters(ckpt.model.parameters())
-            self.model.dropout_step = int(st["dropout_step"])
+            self.model.dropout_step = field("dropout_step", "count")
             restore_optimizer(self.optimizer, ckpt.optimizer_state)
+            if not isinstance(st.get("loader"), dict):
+                raise ValueError(f"trainer_state field 'loader' must be a JSON object, got {st.get('loader')!r}")
             self.loader.load_state_dict(st["loader"])
-            self.step = int(st["step"])
-            self.best_val_loss = st["best_val_loss"]
-            self.best_step = st["best_step"]
-            self.evals_since_best = int(st["evals_since_best"])
-            self.last_val_loss = st.get("last_val_loss")
-            self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
-            self.elapsed_before = float(st.get("elapsed", 0.0))
-        except KeyError as e:
-            raise ValueError(f"{self.last_path}: cannot resume, trainer_state lacks {e}") from None
-        except ValueError as e:
+            self.step = field("step", "count")
+            self.best_val_loss = field("best_val_loss", "loss")
+            self.best_step = field("best_step", "count", none=True)
+            self.evals_since_best = field("evals_since_best", "count")
+            self.last_val_loss = field("last_val_loss", "loss", default=None)
+            self.nonfinite_steps = field("nonfinite_steps", "count", default=0)
+            self.elapsed_before = field("elapsed", "seconds", default=0.0)
+        except (ValueError, TypeError, KeyError) as e:
+            if str(e).startswith(str(self.last_path)):
+                raise
             raise ValueError(f"{self.last_path}: cannot resume: {e}") from None
         changed = c.changes_breaking_resume(st.get("train_config", {}))
         if changed:
@@ -486,6 +489,31 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
+class _StateReader:
+    """Typed fields of a checkpoint's trainer_state: a missing or wrongly typed one is a ValueError naming the
+    file and the field (a hand-edited or damaged state must not become a traceback or a silent cast)."""
+
+    _KINDS = {"count": "a non-negative int", "loss": "a finite number or null", "seconds": "a non-negative number"}
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+
+    def __call__(self, key: str, kind: str, none: bool = False, default=...):
+        if key not in self.state:
+            if default is ...:
+                raise ValueError(f"{self.path}: cannot resume, trainer_state lacks {key!r}")
+            return default
+        v = self.state[key]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"count": isinstance(v, int) and number and v >= 0,
+              "loss": v is None or (number and math.isfinite(v)),
+              "seconds": number and math.isfinite(v) and v >= 0}[kind] or (none and v is None)
+        if not ok:
+            what = self._KINDS[kind] + (" or null" if none else "")
+            raise ValueError(f"{self.path}: cannot resume, trainer_state field {key!r} must be {what}, got {v!r}")
+        return v
+
+
 def _num(x):
     """A float for JSON, None when missing or non-finite (metrics stay standard JSON)."""
     return float(x) if x is not None and math.isfinite(x) else None
