@@ -301,30 +301,39 @@ class Console:
 
 
 class InterruptFlag:
-    """While active, the first Ctrl-C only asks the loop to stop after the current step (so that the last
-    checkpoint is consistent); a second one interrupts at once."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only asks the loop to stop after the current step (so
+    that the run ends with a consistent checkpoint, as `kill` or a job scheduler's time limit expects); a second
+    one acts at once (KeyboardInterrupt, or the termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self._set = False
-        self._old = None
+        self._old = {}
 
     def is_set(self) -> bool:
         return self._set
 
     def _handler(self, signum, frame):
         self._set = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
-        print("\ninterrupt: stopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        self._restore()
+        name = "interrupt" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step (again to abort)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        self._restore()
         return False
 
 
