@@ -22,13 +22,14 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(cllm.__file__).parent.parent))
 
 
-def _interrupt_after(cmd, ready, sig=signal.SIGINT, timeout=60):
-    """Run cmd, send `sig` once ready() holds (or the process printed a line), return (status, stderr, seconds
-    from the signal to the exit)."""
+def _interrupt_after(cmd, ready, sig=signal.SIGINT, settle=0.0, timeout=60):
+    """Run cmd, send `sig` `settle` seconds after ready() holds, return (status, stderr, seconds from the signal
+    to the exit)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + timeout
     while time.time() < deadline and not ready() and p.poll() is None:
         time.sleep(0.05)
+    time.sleep(settle)
     assert p.poll() is None, p.communicate()
     sent = time.time()
     p.send_signal(sig)
@@ -48,8 +49,7 @@ def test_ctrl_c_stops_a_long_sample_promptly(tmp_path):
             f"g.Model.generate = gen\n"
             f"from cllm.cli import main\nsys.exit(main(['sample', '--checkpoint', {str(ckpt)!r}, "
             f"'--max-new-tokens', '100000000']))\n")
-    status, stderr, waited = _interrupt_after([sys.executable, "-c", code],
-                                              lambda: started.exists() and time.sleep(0.5) is None)
+    status, stderr, waited = _interrupt_after([sys.executable, "-c", code], started.exists, settle=0.5)  # in C++
     assert status == 130 and stderr == "cllm sample: interrupted\n", stderr
     assert waited < 5
 
