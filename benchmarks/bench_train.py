@@ -258,11 +258,25 @@ def _run_train(args) -> list:
     return results
 
 
+def _report(path: Path) -> str:
+    """The Markdown report of a saved --json file; ValueError naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return markdown_report(data)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError,
+            ValueError) as e:  # a record without a field, a field of the wrong type
+        raise ValueError(f"{path}: not a benchmark report written by --json ({type(e).__name__}: {e})") from None
+
+
 def run(args) -> int:
     """Runs the benchmark the parsed `args` ask for; returns the exit status."""
     _check_args(args)
     if args.report:
-        print(markdown_report(json.loads(Path(args.report).read_text())))
+        print(_report(Path(args.report)))
         return 0
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), processor=_cpu_name(),
                 cpus=os.cpu_count(), python=platform.python_version(), flop_formula=FLOP_FORMULA)

@@ -188,9 +188,22 @@ py::object generate_tokens(PyModel& pm, const IntArray& prompt, int max_new_toke
     check_ids(prompt, "prompt", pm.cfg().vocab_size);
     const std::vector<int32_t> p(prompt.data(), prompt.data() + prompt.shape(0));
     std::vector<float> logits;
-    const std::vector<int32_t> out = locked(pm, [&](Model& m) {
-        return generate(m, p, max_new_tokens, temperature, top_k, top_p, seed, return_logits ? &logits : nullptr);
-    });
+    // Ctrl-C: the GIL is taken every POLL_TOKENS tokens to run Python's signal handlers; one that raises (SIGINT's
+    // KeyboardInterrupt) stops the loop, and its exception, still set, is raised once the GIL is back.
+    struct Interrupted {};
+    const auto poll = [] {
+        py::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0) throw Interrupted{};
+    };
+    std::vector<int32_t> out;
+    try {
+        out = locked(pm, [&](Model& m) {
+            return generate(m, p, max_new_tokens, temperature, top_k, top_p, seed, return_logits ? &logits : nullptr,
+                            poll);
+        });
+    } catch (const Interrupted&) {
+        throw py::error_already_set();
+    }
     py::array_t<int32_t> toks((py::ssize_t)out.size());
     std::copy(out.begin(), out.end(), toks.mutable_data());
     if (!return_logits) return py::object(toks);

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -282,9 +283,12 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
 // temperature <= 0 is greedy; top_k <= 0 and top_p outside (0, 1) disable those filters.
 int32_t sample_token(float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed, uint64_t step);
 // New tokens only. When the context reaches max_seq_len the newest half is kept and prefilled again.
-// all_logits (optional) receives the logits each new token was sampled from.
+// all_logits (optional) receives the logits each new token was sampled from. poll (optional) is called after
+// every POLL_TOKENS new tokens; an exception it throws ends the generation (the bindings' Ctrl-C check).
+constexpr int POLL_TOKENS = 8;
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
+                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
+                              const std::function<void()>& poll = {});
 // Floats generate() allocates for a model of this config, without allocating: the KV cache (the qkv rows of
 // every layer over max_seq_len positions) and one token's scratch, the activation arena of a [1, max_seq_len]
 // prefill and, with return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX.

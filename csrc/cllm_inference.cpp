@@ -109,7 +109,8 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 }
 
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits) {
+                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
+                              const std::function<void()>& poll) {
     const int Tmax = m.cfg.max_seq_len, V = m.cfg.vocab_size;
     if (prompt.empty()) throw std::invalid_argument("prompt is empty");
     if ((int)prompt.size() > Tmax)
@@ -125,6 +126,7 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int 
         out.push_back(tok);
         ctx.push_back(tok);
         if (i + 1 == max_new_tokens) break;
+        if (poll && (i + 1) % POLL_TOKENS == 0) poll();
         if (cache.len == Tmax) {
             // Context full: keep the most recent half and prefill again (positions are absolute).
             ctx.erase(ctx.begin(), ctx.end() - std::max(1, Tmax / 2));

@@ -249,8 +249,9 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
     kernels().sgd_step(params, grads, buf, layout, lr, momentum, weight_decay, nesterov, first_step);
 }
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits) {
-    return kernels().generate(m, prompt, max_new_tokens, temperature, top_k, top_p, seed, all_logits);
+                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
+                              const std::function<void()>& poll) {
+    return kernels().generate(m, prompt, max_new_tokens, temperature, top_k, top_p, seed, all_logits, poll);
 }
 size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits) {
     return kernels().generation_floats(c, max_new_tokens, return_logits);

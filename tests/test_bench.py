@@ -48,3 +48,15 @@ def test_torch_bf16_engine_trains_the_same_model(tmp_path):
     results = {r["engine"]: r for r in json.loads(out.read_text())["results"]}
     assert results["torch-bf16"]["precision"] == "autocast-bf16"
     assert abs(results["torch-bf16"]["first_loss"] - results["cllm-bf16"]["first_loss"]) < 0.02
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe", b"[1, 2]", b'{"results": [{"config": 1}]}',
+                                     b'{"results": 5}', b'{"mode": "matmul", "results": [{"rows": [{}]}]}',
+                                     b'{"meta": [], "results": []}'])
+def test_a_malformed_report_file_is_one_line(tmp_path, content):
+    bad = tmp_path / "r.json"
+    bad.write_bytes(content)
+    proc = subprocess.run([sys.executable, str(BENCH), "--report", str(bad)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and str(bad) in proc.stderr

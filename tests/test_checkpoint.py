@@ -1,5 +1,6 @@
 """Checkpoints: round trip, GPT-2 names readable by safetensors, embedded tokenizer, atomic writes, and clear
 errors for missing / truncated / corrupt / foreign / wrong-version / wrong-shape / non-finite files."""
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import cllm
 from cllm import checkpoint as ckmod
 from cllm.checkpoint import export_weights, load_checkpoint, read_metadata, restore_optimizer, save_checkpoint
+from cllm.safetensors_io import crc32, write_float32
 from cllm.tokenizer import BPETokenizer, ByteTokenizer
 
 CFG = cllm.ModelConfig(vocab_size=256, max_seq_len=16, embedding_dim=32, num_layers=1, num_heads=4, ff_dim=64,
@@ -118,6 +120,13 @@ def test_bpe_tokenizer_round_trips(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # atomic writes
 # ------------------------------------------------------------------------------------------------------
+def file_bytes(tensors, metadata) -> bytes:
+    """The bytes save_checkpoint writes for these tensors and metadata."""
+    buf = io.BytesIO()
+    write_float32(buf, tensors, metadata)
+    return buf.getvalue()
+
+
 def _other_model():
     return trained(seed=11, steps=1)
 
@@ -126,7 +135,8 @@ def test_crash_mid_write_keeps_old_checkpoint(saved, monkeypatch):
     path, model, _ = saved
     before = path.read_bytes()
 
-    def crash(f, data):
+    def crash(f, tensors, metadata):
+        data = file_bytes(tensors, metadata)
         f.write(data[: len(data) // 2])
         raise OSError("disk on fire")
 
@@ -165,8 +175,8 @@ def test_killed_process_leaves_only_a_temporary_file(saved):
         import os, numpy as np, cllm
         from cllm import checkpoint as ck
         from cllm.tokenizer import ByteTokenizer
-        def die(f, data):
-            f.write(data[: len(data) // 3]); f.flush(); os._exit(9)
+        def die(f, tensors, metadata):
+            f.write(b"x" * 1000); f.flush(); os._exit(9)
         ck._write_payload = die
         m = cllm.Model(cllm.ModelConfig(**{CFG.to_dict()!r}), seed=5)
         ck.save_checkpoint({str(path)!r}, m, None, ByteTokenizer(), {{"step": 1}})
@@ -196,8 +206,9 @@ def test_save_refuses_nonfinite_weights(saved):
 # ------------------------------------------------------------------------------------------------------
 # bad files
 # ------------------------------------------------------------------------------------------------------
-def _rewrite(path, out, edit_tensors=None, edit_meta=None):
-    """Copy a checkpoint's tensors and metadata with edits (to forge bad files)."""
+def _rewrite(path, out, edit_tensors=None, edit_meta=None, reseal=True):
+    """Copy a checkpoint's tensors and metadata with edits (to forge bad files), with checksums recomputed to
+    match (reseal) or left as they were."""
     tensors = load_file(str(path))
     with safe_open(str(path), framework="np") as f:
         meta = dict(f.metadata())
@@ -205,6 +216,9 @@ def _rewrite(path, out, edit_tensors=None, edit_meta=None):
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
+    if reseal:
+        meta["tensor_crc32"] = json.dumps({k: crc32(np.ascontiguousarray(v)) for k, v in tensors.items()})
+        meta["metadata_crc32"] = str(ckmod._metadata_crc32(meta))
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -295,3 +309,76 @@ def test_nonfinite_weights_refused_unless_allowed(saved, tmp_path):
         load_checkpoint(bad)
     ck = load_checkpoint(bad, allow_nonfinite=True)
     assert np.isinf(ck.model.parameters()["wpe"][3, 4]) and np.isnan(ck.model.parameters()["h.0.ln_1.bias"][0])
+
+
+# ------------------------------------------------------------------------------------------------------
+# integrity: checksums of every tensor and of the metadata
+# ------------------------------------------------------------------------------------------------------
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_tensor_data_names_the_tensor(saved):
+    path = saved[0]
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    lo, hi = header["h.0.mlp.c_fc.weight"]["data_offsets"]
+    _flip_byte(path, 8 + header_len + lo + (hi - lo) // 2 + 1)  # a low mantissa bit: still finite, still valid
+    with pytest.raises(ValueError, match=r"ck.safetensors: tensor h.0.mlp.c_fc.weight is damaged \(checksum"):
+        load_checkpoint(path)
+
+
+def test_edited_metadata_is_detected(saved):
+    path = saved[0]
+    data = path.read_bytes()
+    cfg = json.dumps(CFG.to_dict(), sort_keys=True)
+    edited = cfg.replace('"num_heads": 4', '"num_heads": 8')
+    assert edited != cfg and json.dumps(cfg)[1:-1].encode() in data
+    path.write_bytes(data.replace(json.dumps(cfg)[1:-1].encode(), json.dumps(edited)[1:-1].encode()))
+    for read in (load_checkpoint, read_metadata):
+        with pytest.raises(ValueError, match="ck.safetensors: checkpoint metadata is damaged"):
+            read(path)
+    r = subprocess.run([sys.executable, "-m", "cllm", "sample", "--checkpoint", str(path), "--max-new-tokens", "3"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": cllm_path()})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "metadata is damaged" in r.stderr, r.stderr
+
+
+def cllm_path() -> str:
+    return os.path.dirname(os.path.dirname(cllm.__file__))
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(saved, tmp_path):
+    def unseal(meta):
+        del meta["tensor_crc32"], meta["metadata_crc32"]
+
+    old = _rewrite(saved[0], tmp_path / "old.safetensors", edit_meta=unseal, reseal=False)
+    with pytest.warns(RuntimeWarning, match="old.safetensors: checkpoint has no checksums"):
+        ck = load_checkpoint(old)
+    assert np.array_equal(ck.model.flat_parameters(), saved[1].flat_parameters())
+
+
+def test_checksums_listed_for_other_tensors_are_damage(saved, tmp_path):
+    def wrong_list(meta):  # the metadata consistent with its own checksum, but listing other tensors
+        meta["tensor_crc32"] = json.dumps({"wte": 1})
+        meta["metadata_crc32"] = str(ckmod._metadata_crc32(meta))
+
+    bad = _rewrite(saved[0], tmp_path / "x.safetensors", edit_meta=wrong_list, reseal=False)
+    with pytest.raises(ValueError, match="x.safetensors: checkpoint is damaged: tensor "):
+        load_checkpoint(bad)
+
+
+def test_save_streams_the_tensors_without_copying_them(tmp_path):
+    """The checkpoint is written from the model's buffers: Python allocates far less than the file's size
+    (safetensors' save() built the whole file in memory, doubling the peak)."""
+    import tracemalloc
+
+    model = cllm.Model(CFG.replace(embedding_dim=128, ff_dim=512, num_layers=2), seed=0)
+    opt = cllm.AdamW(model)
+    tracemalloc.start()
+    path = save_checkpoint(tmp_path / "big.safetensors", model, opt, ByteTokenizer())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < path.stat().st_size / 8, (peak, path.stat().st_size)
+    assert np.array_equal(load_checkpoint(path).model.flat_parameters(), model.flat_parameters())

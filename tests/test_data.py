@@ -2,6 +2,7 @@
 
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cllm.data import (
     load_tokens,
     prepare,
     read_corpus,
+    write_token_chunks,
     write_tokens,
 )
 from cllm.errors import CLLMError
@@ -53,7 +55,9 @@ def test_header_layout(tmp_path):
     assert raw[:8] == MAGIC == b"CLLMTOK\0"
     assert struct.unpack_from("<III", raw, 8) == (1, 2, 300)
     assert struct.unpack_from("<Q", raw, NUM_TOKENS_OFFSET) == (3,)
-    assert raw[20:24] == bytes(4) and raw[32:64] == bytes(32)
+    assert struct.unpack_from("<I", raw, 20) == (1,)  # flags: the checksum is set
+    assert struct.unpack_from("<I", raw, 32) == (zlib.crc32(np.array([1, 2, 3], "<u2").tobytes()),)
+    assert raw[36:64] == bytes(28)
     assert np.frombuffer(raw[64:], dtype="<u2").tolist() == [1, 2, 3]
 
 
@@ -161,6 +165,62 @@ def test_load_token_out_of_vocab(tmp_path):
     with pytest.raises(ValueError, match=r"t\.bin.*token 250 at index 2 is >= vocab_size 100"):
         load_tokens(path)
     assert len(load_tokens(path, check_range=False)) == 4
+
+
+def test_damaged_token_file_is_detected(tmp_path):
+    path = _valid_file(tmp_path, tokens=(1, 2, 250, 4), vocab_size=300)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 2] ^= 0x04  # token 2 becomes 6: in range, but not what was written
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"t\.bin: token file is damaged \(checksum mismatch\)"):
+        load_tokens(path)
+
+
+def test_token_file_without_checksum_loads_with_a_warning(tmp_path):
+    path = _valid_file(tmp_path, tokens=(1, 2, 3), vocab_size=300)
+    _patch(path, 20, "<I", 0)  # the flags of an older file
+    with pytest.warns(RuntimeWarning, match=r"t\.bin: token file has no checksum"):
+        assert load_tokens(path).tokens.tolist() == [1, 2, 3]
+    _patch(path, 20, "<I", 6)
+    with pytest.raises(ValueError, match="invalid flags 6"):
+        load_tokens(path)
+
+
+def test_token_chunks_are_written_as_they_come(tmp_path):
+    """write_token_chunks takes a generator: each chunk is checked and written, never the whole stream."""
+    seen = []
+
+    def chunks():
+        for i in range(5):
+            seen.append(i)
+            yield np.full(1000, i, dtype=np.int64)
+
+    path = write_token_chunks(tmp_path / "s.bin", chunks(), 70000)
+    tf = load_tokens(path)
+    assert seen == list(range(5)) and tf.bytes_per_token == 4
+    assert np.array_equal(tf.tokens, np.repeat(np.arange(5), 1000))
+
+    def bad():
+        yield np.zeros(3, np.int32)
+        yield np.array([70000])
+
+    with pytest.raises(ValueError, match=r"b\.bin: token value 70000 is out of range"):
+        write_token_chunks(tmp_path / "b.bin", bad(), 70000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]  # no partial file, no temporary left
+
+
+def test_full_disk_on_a_token_file_names_it(tmp_path):
+    import errno
+    import os
+
+    def full_disk():  # the write of the second chunk fails as on a full disk
+        yield np.arange(10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as e:
+        write_token_chunks(tmp_path / "train.bin", full_disk(), 300)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "train.bin")
+    assert "cannot write the token file" in str(e.value) and list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------
@@ -483,6 +543,22 @@ def test_eval_batches(token_file):
         eval_batches(token_file.tokens, 4, 8, num_batches=0)
 
 
+def test_eval_batches_are_drawn_as_they_are_read(token_file):
+    """A million validation batches cost nothing until read (they were a list built up front, outside the
+    memory check)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    many = eval_batches(token_file.tokens, 64, 64, num_batches=1_000_000)
+    assert len(many) == 1_000_000 and tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    first = [b for _, b in zip(range(2), many)]
+    again = [b for _, b in zip(range(2), many)]
+    for (x, y), (x2, y2) in zip(first, again):
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert np.array_equal(many[1][0], first[1][0])
+
+
 def test_loader_validation(token_file):
     small = np.arange(8)
     with pytest.raises(ValueError, match=r"too small for one batch: 8 tokens.*seq_len=8.*9"):
@@ -501,3 +577,113 @@ def test_loader_validation(token_file):
         BatchLoader(token_file.tokens, 2, 8, world_size=0)
     with pytest.raises(ValueError, match="1-D"):
         BatchLoader(np.zeros((10, 10), dtype=np.int32), 2, 4)
+
+
+# ----------------------------------------------------------------------------
+# Streaming: bounded memory, the same tokens as encoding whole files
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe:400"])
+def test_prepare_streams_files_in_pieces_with_the_tokens_of_whole_files(tmp_path, monkeypatch, tokenizer):
+    """Blocks and pieces far smaller than the files (a multi-byte character cut by every few blocks, long and
+    short lines): the token files hold exactly the tokens of each file encoded whole. (A line over 4 pieces must
+    be cut anywhere: exact for bytes only.)"""
+    import cllm.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_BLOCK", 1000)
+    monkeypatch.setattr(corpus, "_PIECE_CHARS", 700)
+    rng = np.random.default_rng(0)
+    words = ["déjà", "vu", "x", "    ", "\n", "\n\n", "€uro", "def", "(a, b):", "  \n", "🙂"]
+    long_line = "z" * 5000 if tokenizer == "byte" else ""
+    texts = ["".join(rng.choice(words, 3000)) + long_line for _ in range(3)]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
+    s = prepare([tmp_path / f"{i}.txt" for i in range(3)], tmp_path / "out", tokenizer, val_fraction=0.4)
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
+    order = np.random.Generator(np.random.PCG64(0)).permutation(3)
+    sep = tok.encode("\n\n")
+    val = [order[0]]  # the first file in shuffled order fits in 40%
+    assert s["val_files"] == 1
+    train = [i for i in order if i not in val]
+    expect_train = np.concatenate([tok.encode(texts[train[0]]), sep, tok.encode(texts[train[1]])])
+    assert np.array_equal(load_tokens(tmp_path / "out" / "train.bin").tokens, expect_train)
+    assert np.array_equal(load_tokens(tmp_path / "out" / "val.bin").tokens, tok.encode(texts[val[0]]))
+
+
+def test_read_corpus_names_an_invalid_byte_past_the_first_block(tmp_path, monkeypatch):
+    import cllm.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_BLOCK", 64)
+    f = tmp_path / "a.txt"
+    f.write_bytes("é".encode() * 100 + b"\xff" + b"abc")
+    with pytest.raises(ValueError, match=r"a.txt: not valid UTF-8 text \(invalid byte at offset 200\)"):
+        read_corpus(f)
+    f.write_bytes(b"x" * 130 + b"\0")
+    with pytest.raises(ValueError, match=r"a.txt: not a text file \(NUL byte at offset 130\)"):
+        read_corpus(f)
+    f.write_bytes("é".encode() * 40 + b"\xc3")  # cut in the middle of a character at the end
+    with pytest.raises(ValueError, match=r"invalid byte at offset 80"):
+        read_corpus(f)
+
+
+def test_prepare_names_an_unreadable_directory(tmp_path, monkeypatch):
+    """A subdirectory that cannot be listed is an error naming it, not skipped (tests run as root, so the
+    permission error is simulated)."""
+    import os
+
+    (tmp_path / "c" / "secret").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("hello " * 100)
+    (tmp_path / "c" / "secret" / "b.txt").write_text("world " * 100)
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match="cannot read corpus directory") as e:
+        prepare([tmp_path / "c"], tmp_path / "out", "byte")
+    assert e.value.filename == str(tmp_path / "c" / "secret")
+
+
+PREPARE_UNDER_LIMIT = r"""
+import resource, sys
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from cllm.data import prepare
+s = prepare([sys.argv[1]], sys.argv[2], "byte", val_fraction=0.01)
+print(s["train_tokens"] + s["val_tokens"])
+"""
+
+
+def test_prepare_runs_in_memory_smaller_than_the_corpus(tmp_path):
+    """A corpus file four times the headroom that RLIMIT_AS leaves above the interpreter prepares under that limit
+    (as one stream, split at its tail through a temporary file): memory does not grow with the corpus. Reading the
+    whole file, as prepare did, fails at once."""
+    import subprocess
+    import sys
+
+    import cllm
+
+    env = {"PYTHONPATH": str(__import__("pathlib").Path(cllm.__file__).parent.parent), "OMP_NUM_THREADS": "1",
+           "CLLM_MEMORY_CHECK": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import cllm.data, resource; "
+                            "print(open('/proc/self/statm').read().split()[0])"],
+                           capture_output=True, text=True, env=env, check=True)
+    base = int(probe.stdout) * 4096  # the interpreter's address space after the imports
+    headroom = 72 << 20  # prepare's own peak is ~55 MiB of pieces and token arrays, whatever the corpus
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    line = ("the quick brown fox jumps over the lazy dog " * 20 + "\n").encode()
+    block = line * ((8 << 20) // len(line))
+    with open(corpus / "one.txt", "wb") as f:
+        for _ in range(4 * headroom // len(block)):
+            f.write(block)
+    size = (corpus / "one.txt").stat().st_size
+    assert size >= 4 * headroom - len(block)
+    r = subprocess.run([sys.executable, "-c", PREPARE_UNDER_LIMIT, str(corpus), str(tmp_path / "out"),
+                        str(base + headroom)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) == size

@@ -119,12 +119,12 @@ def test_disk_full_at_a_checkpoint_write_simulated(data_dir, tmp_path, monkeypat
     real = ck._write_payload
     writes = {"n": 0}
 
-    def full_disk(f, data):
+    def full_disk(f, tensors, metadata):
         writes["n"] += 1
         if writes["n"] == 2:
-            f.write(data[: len(data) // 3])
+            f.write(b"x" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(f, data)
+        real(f, tensors, metadata)
 
     monkeypatch.setattr(ck, "_write_payload", full_disk)
     with pytest.raises(OSError) as e:
@@ -190,9 +190,68 @@ def test_disk_full_while_logging_metrics(data_dir, tmp_path, monkeypatch):
     assert steps == list(range(1, 9))
 
 
+def test_full_disk_on_metrics_jsonl_names_it(tmp_path):
+    from cllm.run_files import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            pass
+
+    log._file.close()
+    log._file = FullDisk()
+    with pytest.raises(OSError) as e:
+        log.append({"step": 1})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "metrics.jsonl")
+    assert cli._one_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: cannot write the metrics log: No space left on device"
+
+
 # ----------------------------------------------------------------------------------------------------
 # memory
 # ----------------------------------------------------------------------------------------------------
+def _cgroup_tree(tmp_path, proc: str, files: dict):
+    (tmp_path / "proc").write_text(proc)
+    for rel, text in files.items():
+        f = tmp_path / "cg" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return str(tmp_path / "proc"), str(tmp_path / "cg")
+
+
+def test_the_tightest_cgroup_limit_up_the_hierarchy_counts(tmp_path):
+    """A limit on an ancestor of this process's cgroup (a Slurm job around its step, a systemd slice), v2 and v1,
+    with reclaimable page cache not counted as used."""
+    from cllm.system import _cgroup_room
+
+    mib = 1 << 20
+    proc, root = _cgroup_tree(tmp_path, "4:memory:/a/b\n0::/slurm/job/step\n", {
+        "memory.max": "max", "memory.current": str(900 * mib),
+        "slurm/job/memory.max": str(1024 * mib), "slurm/job/memory.current": str(300 * mib),
+        "slurm/job/memory.stat": f"anon 1\ninactive_file {100 * mib}\n",
+        "slurm/job/step/memory.max": "max", "slurm/job/step/memory.current": str(300 * mib),
+        "memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "1",
+        "memory/a/memory.limit_in_bytes": str(2048 * mib), "memory/a/memory.usage_in_bytes": str(100 * mib),
+        "memory/a/b/memory.limit_in_bytes": "9223372036854771712", "memory/a/b/memory.usage_in_bytes": "5"})
+    assert _cgroup_room(proc, root) == (1024 - 200) * mib  # the job's limit: tighter than v1's 2 GiB - 100 MiB
+    os.unlink(os.path.join(root, "slurm/job/memory.max"))
+    assert _cgroup_room(proc, root) == (2048 - 100) * mib
+    assert _cgroup_room(str(tmp_path / "missing"), root) is None  # no path known: the roots hold no limit
+
+
+def test_out_of_memory_anywhere_in_the_cli_is_one_line(monkeypatch, capsys):
+    """A MemoryError the checks did not foresee (a C++ std::bad_alloc, a NumPy allocation) ends the command with
+    one line and status 2, not a traceback."""
+    def no_memory(args):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setitem(cli.COMMANDS, "prepare", (*cli.COMMANDS["prepare"][:2], no_memory))
+    assert cli.main(["prepare", "x", "--out", "y"]) == 2
+    err = capsys.readouterr().err
+    assert err == "cllm prepare: error: out of memory: std::bad_alloc\n"
 def test_available_memory_is_known_here():
     avail = available_memory()
     assert avail is None or avail > 0
@@ -273,6 +332,16 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_training(data_dir, tmp_pat
     cllm.Model(wide.model_config(256))  # the model alone fits
     with pytest.raises(InsufficientMemoryError, match="training a model of"):  # with its optimizer and batch not
         Trainer(wide).fit()
+
+
+def test_a_resume_counts_loading_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Resuming holds the checkpoint's model and tensors beside the run's own while it loads them: counted."""
+    cfg = tiny(data_dir, tmp_path / "r", max_steps=2, embedding_dim=256, ff_dim=1024, num_layers=2)
+    Trainer(cfg).fit()
+    need = memory_estimate(cfg.model_config(256), cfg.batch_size, cfg.max_seq_len)
+    monkeypatch.setattr(cllm.system, "available_memory", lambda: need + 4 * parameter_count(cfg.model_config(256)))
+    with pytest.raises(InsufficientMemoryError, match=r"training a model of .* tokens \(resumed\) needs"):
+        Trainer(cfg.replace(resume=True, max_steps=3)).fit()
 
 
 def test_cli_reports_a_model_too_large_in_one_line(data_dir, tmp_path, capsys):

@@ -80,3 +80,54 @@ def test_a_run_stopped_on_nonfinite_values_fails(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, (r.returncode, r.stderr[-500:])
     assert "stopped at step" in r.stderr and "non-finite" in r.stderr
+
+
+RUN = dict(max_steps=2, max_seq_len=16, embedding_dim=16, num_layers=1, num_heads=2, batch_size=2,
+           max_data_bytes=200_000, sample_tokens=0, progress=False, max_time=None, eval_interval=1)
+
+
+def test_symlinks_planted_in_the_run_directory_are_never_written_through(tmp_path):
+    """Links in the run directory to files outside it, dangling or not: a fresh run refuses them like another
+    run's files (--overwrite removes the links, never their targets); a resumed run replaces each file it writes
+    (checkpoints, metrics.jsonl, loss.png) instead of writing through the link; metrics.jsonl is opened without
+    following one; a linked data/ is refused."""
+    out, outside = tmp_path / "run", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    names = ("last.safetensors", "best.safetensors", "metrics.jsonl", "loss.png")
+    for n in names:
+        (out / n).symlink_to(outside / n)  # dangling: a plain exists() does not see them
+    cfg = cllm.TrainConfig(out_dir=str(out), **RUN)
+    with pytest.raises(CLLMError, match="holds a previous run"):
+        cllm.Trainer(cfg).fit()
+    cllm.Trainer(cfg.replace(overwrite=True)).fit()
+    assert list(outside.iterdir()) == []
+    assert not any((out / n).is_symlink() for n in names) and (out / "loss.png").stat().st_size > 1000
+    for n in names[1:]:  # now links to existing files outside, while the run resumes
+        (outside / n).write_text("keep")
+        (out / n).unlink()
+        (out / n).symlink_to(outside / n)
+    cllm.Trainer(cfg.replace(resume=True, max_steps=4)).fit()
+    assert all((outside / n).read_text() == "keep" for n in names[1:])
+    assert not any((out / n).is_symlink() for n in names)
+
+
+def test_metrics_log_does_not_follow_a_symlink(tmp_path):
+    from cllm.run_files import MetricsLog
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        MetricsLog(tmp_path / "metrics.jsonl")
+    assert e.value.filename == str(tmp_path / "metrics.jsonl") and victim.read_text() == "keep"
+
+
+def test_a_linked_data_directory_is_refused(tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "data").symlink_to(elsewhere)
+    with pytest.raises(CLLMError, match="data: is a symbolic link"):
+        cllm.Trainer(cllm.TrainConfig(out_dir=str(out), **RUN)).fit()
+    assert list(elsewhere.iterdir()) == []

@@ -1,6 +1,7 @@
 """The trainer on tiny models: config files, gradient accumulation, bit-exact resume, early stopping, the
 non-finite guard, metrics / plot / checkpoints, data caching and the data-parallel hook."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 import cllm
 from cllm.checkpoint import load_checkpoint, read_metadata
-from cllm.data import prepare
+from cllm.data import load_tokens, prepare
 from cllm.run_files import read_metrics
 from cllm.train_config import TrainConfig
 from cllm.trainer import Trainer
@@ -278,6 +279,39 @@ def test_prepares_text_inputs_once_and_reuses(tmp_path):
     assert json.loads(stamp.read_text())["spec"]["val_fraction"] == 0.25  # different request: prepared again
 
 
+def test_an_edited_input_is_prepared_again_saying_which(tmp_path, capsys):
+    """The prepared data tracks its sources: an edit that keeps the size and the mtime, a grown file, a new and
+    a removed file each prepare again, naming the file; an untouched corpus is reused."""
+    src = corpus_files(tmp_path)
+    cfg = TrainConfig(**{**TINY, "data": str(src), "out_dir": str(tmp_path / "run"), "max_steps": 1,
+                         "val_fraction": 0.3, "overwrite": True})
+    train_bin = tmp_path / "run" / "data" / "train.bin"
+
+    def run():
+        capsys.readouterr()
+        Trainer(cfg).fit()
+        return capsys.readouterr().out
+
+    run()
+    assert "using prepared data" in run()
+    f = src / "typing.py"
+    st = f.stat()
+    text = f.read_text()
+    f.write_text(text.replace("def ", "fed ", 1))  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    before = load_tokens(train_bin).tokens.copy()
+    out = run()
+    assert f"preparing data in {tmp_path / 'run' / 'data'} ({f} changed (content))" in out
+    assert not np.array_equal(load_tokens(train_bin).tokens, before)
+    f.write_text(text + "# more\n")
+    assert f"({f} changed (size))" in run()
+    (src / "new.py").write_text("x = 1\n" * 100)
+    assert f"({src / 'new.py'} was added)" in run()
+    (src / "json.py").unlink()
+    assert f"({src / 'json.py'} was removed)" in run()
+    assert "using prepared data" in run()
+
+
 class CountingComm(cllm.SingleProcess):
     """A one-rank stand-in for a data-parallel communicator that records the collectives it is asked for."""
 
@@ -346,3 +380,51 @@ def test_nonfinite_validation_loss_is_never_best(data_dir, tmp_path, monkeypatch
     assert s["stop_reason"] == "early_stop" and s["steps"] == 8
     assert s["best_val_loss"] is None and not (out / "best.safetensors").exists()
     assert (out / "last.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# resuming from damaged or edited files
+# ----------------------------------------------------------------------------------------------------
+def test_resume_drops_damaged_metrics_lines_with_a_warning(data_dir, tmp_path):
+    """A metrics.jsonl line cut short by a crash, binary garbage, a record without an integer step: dropped with
+    a warning naming the file and the lines; the resumed log is clean and complete."""
+    out = tmp_path / "m"
+    Trainer(tiny(data_dir, out, max_steps=5, decay_steps=8)).fit()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe garbage\n{"step": "3"}\n[1, 2]\n{"step": 9, "train_loss": 1')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: dropped damaged lines \d+, \d+, \d+, \d+$"):
+        Trainer(tiny(data_dir, out, max_steps=8, decay_steps=8, resume=True)).fit()
+    assert [s for s, _ in train_losses(out)] == list(range(1, 9))
+
+
+def _with_trainer_state(path: Path, **changes) -> None:
+    """Rewrite a checkpoint with trainer_state fields changed (and its checksums made to match: an edit, not
+    damage)."""
+    import struct
+
+    from cllm import checkpoint as ck
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header["__metadata__"]
+    meta["trainer_state"] = json.dumps({**json.loads(meta["trainer_state"]), **changes})
+    meta["metadata_crc32"] = str(ck._metadata_crc32(meta))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("field,value", [("step", "3"), ("step", -1), ("step", [3]), ("step", 2.5),
+                                         ("best_val_loss", "low"), ("elapsed", -5), ("evals_since_best", None),
+                                         ("loader", [1]), ("dropout_step", True)])
+def test_resume_with_wrongly_typed_trainer_state_is_one_line(data_dir, tmp_path, capsys, field, value):
+    from cllm import cli
+
+    out = tmp_path / "t"
+    Trainer(tiny(data_dir, out, max_steps=2)).fit()
+    _with_trainer_state(out / "last.safetensors", **{field: value})
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out-dir", str(out), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'last.safetensors'}: cannot resume" in err[0] and repr(field) in err[0], err

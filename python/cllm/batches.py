@@ -5,7 +5,8 @@ int32 batches (``y`` is ``x`` shifted by one token).  All ranks of a
 data-parallel job use the same seed and draw the offsets of the *global* batch
 from one generator; rank ``r`` keeps rows ``[r*B, (r+1)*B)``.  Hence two ranks
 with batch ``B`` see exactly the rows one rank with batch ``2B`` sees.
-:func:`eval_batches` gives a fixed, repeatable list of batches for validation.
+:func:`eval_batches` gives a fixed, repeatable sequence of batches for validation,
+drawn anew on each pass, so that its memory does not grow with their number.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from .checks import check_int
 from .tokenfile import TokenFile
 
-__all__ = ["BatchLoader", "eval_batches"]
+__all__ = ["BatchLoader", "EvalBatches", "eval_batches"]
 
 
 class BatchLoader:
@@ -125,6 +126,36 @@ class BatchLoader:
         self.seed = int(state.get("seed", self.seed))
 
 
+class EvalBatches:
+    """``num_batches`` fixed ``(x, y)`` batches: a sequence whose every pass yields the same batches, drawn as
+    it goes from a fresh :class:`BatchLoader` (one batch in memory at a time)."""
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, num_batches: int, seed: int, rank: int,
+                 world_size: int):
+        self.num_batches = check_int("num_batches", num_batches, lo=1)
+        self._args = (tokens, batch_size, seq_len, seed, rank, world_size)
+        self._loader()  # checks the arguments now
+
+    def _loader(self) -> BatchLoader:
+        tokens, batch_size, seq_len, seed, rank, world_size = self._args
+        return BatchLoader(tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        loader = self._loader()
+        for _ in range(self.num_batches):
+            yield loader.next_batch()
+
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        if not -self.num_batches <= i < self.num_batches:
+            raise IndexError(f"batch {i} of {self.num_batches}")
+        for j, batch in enumerate(self):
+            if j == i % self.num_batches:
+                return batch
+
+
 def eval_batches(
     tokens,
     batch_size: int,
@@ -133,12 +164,10 @@ def eval_batches(
     seed: int = 1234,
     rank: int = 0,
     world_size: int = 1,
-) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """A fixed list of ``num_batches`` ``(x, y)`` batches, the same on every call.
+) -> EvalBatches:
+    """A fixed sequence of ``num_batches`` ``(x, y)`` batches, the same on every pass (see :class:`EvalBatches`).
 
     Drawn like :class:`BatchLoader` with its own ``seed`` and sliced by rank
     the same way, so validation losses are comparable across evaluations.
     """
-    num_batches = check_int("num_batches", num_batches, lo=1)
-    loader = BatchLoader(tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
-    return [loader.next_batch() for _ in range(num_batches)]
+    return EvalBatches(tokens, batch_size, seq_len, num_batches, seed, rank, world_size)

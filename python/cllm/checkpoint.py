@@ -13,15 +13,22 @@ File layout (safetensors, float32, little-endian):
       model_state     JSON {"seed", "dropout_step"}: the model's init seed (it also seeds dropout) and RNG position
       optimizer       JSON {"type", "step", "lr", "betas", "eps", "weight_decay"} (when an optimizer was saved)
       trainer_state   JSON chosen by the trainer: step, schedule, data-loader state, early-stopping state, ...
+      tensor_crc32    JSON {tensor name: CRC-32 of its bytes}
+      metadata_crc32  CRC-32 of every other metadata entry (`_metadata_crc32`)
+
+load_checkpoint checks both checksums and names what is damaged (the metadata, or a tensor); a file without them
+(written before CLLM stored them, or by another tool) loads with a warning.
 
 So `safetensors.torch.load_file(path)` filtered to names without a "optimizer." prefix is a GPT-2-named state
-dict. Writes are atomic (temporary file in the same directory, fsync, os.replace, fsync of the directory): a crash
+dict. The tensors are streamed from the model's own buffers (no copy of the whole set). Writes are atomic (temporary file in the same directory, fsync, os.replace, fsync of the directory): a crash
 mid-write leaves the previous checkpoint untouched and never a partial file under the real name.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -32,7 +39,7 @@ from .config import ModelConfig
 from .errors import InsufficientMemoryError, MissingFileError
 from .files import atomic_write
 from .model import Model, parameter_shapes
-from .safetensors_io import read_header
+from .safetensors_io import crc32, read_header, write_float32
 from .tokenizer import Tokenizer, tokenizer_from_json
 
 FORMAT = "cllm-checkpoint"
@@ -61,17 +68,24 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------
-def _write_payload(f, data: bytes) -> None:
-    """Write `data` to the open temporary file (a separate function so tests can simulate a crash here)."""
-    view = memoryview(data)
-    chunk = 1 << 24
-    for start in range(0, len(view), chunk):
-        f.write(view[start:start + chunk])
+def _write_payload(f, tensors: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
+    """Write the safetensors file to the open temporary file (a separate function so tests can simulate a crash
+    here)."""
+    write_float32(f, tensors, metadata)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: _write_payload(f, data), what="checkpoint",
+def _atomic_write(path: Path, tensors: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
+    """Write a checkpoint atomically, its checksums added to `metadata`."""
+    metadata["tensor_crc32"] = json.dumps({name: crc32(a) for name, a in tensors.items()}, sort_keys=True)
+    metadata["metadata_crc32"] = str(_metadata_crc32(metadata))
+    atomic_write(path, lambda f: _write_payload(f, tensors, metadata), what="checkpoint",
                  missing_dir="checkpoint directory does not exist")
+
+
+def _metadata_crc32(meta: dict) -> int:
+    """CRC-32 of the metadata entries but metadata_crc32 itself, in a canonical form."""
+    rest = {k: v for k, v in meta.items() if k != "metadata_crc32"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode("utf-8"))
 
 
 def _check_finite(arrays: Dict[str, np.ndarray], what: str, path) -> None:
@@ -92,8 +106,6 @@ def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenize
                     trainer_state: Optional[dict] = None) -> Path:
     """Write model weights, AdamW moments (if `optimizer` is not None), tokenizer and trainer state to `path`
     atomically. Refuses (ValueError) to write non-finite weights or moments. Returns the path."""
-    from safetensors.numpy import save as st_save
-
     path = Path(path)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a cllm.Model, got {type(model).__name__}")
@@ -125,21 +137,19 @@ def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenize
             "type": type(optimizer).__name__, "step": int(state["step"]), "lr": float(optimizer.lr),
             "betas": list(optimizer.betas), "eps": float(optimizer.eps),
             "weight_decay": float(optimizer.weight_decay)}, "optimizer state")
-    _atomic_write(path, st_save(tensors, metadata=metadata))
+    _atomic_write(path, tensors, metadata)
     return path
 
 
 def export_weights(path: PathLike, model: Model) -> Path:
     """Write only the GPT-2-named weights (plus the model config in the metadata), atomically."""
-    from safetensors.numpy import save as st_save
-
     path = Path(path)
     params = model.parameters()
     _check_finite(params, "weights", path)
     tensors = {name: np.ascontiguousarray(v) for name, v in params.items()}
     metadata = {"format": WEIGHTS_FORMAT, "format_version": FORMAT_VERSION,
                 "config": _json(model.config.to_dict(), "model config")}
-    _atomic_write(path, st_save(tensors, metadata=metadata))
+    _atomic_write(path, tensors, metadata)
     return path
 
 
@@ -176,6 +186,7 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
         raise ValueError(f"{path}: checkpoint is not a regular file")
     header = read_header(path, "checkpoint")[0]
     meta = _checkpoint_metadata(path, header)
+    sums = _tensor_checksums(path, meta)
     config, tokenizer = _config_and_tokenizer(path, meta)
     trainer_state = _meta_json(path, meta, "trainer_state") if "trainer_state" in meta else {}
     model_state = _meta_json(path, meta, "model_state") if "model_state" in meta else {}
@@ -189,7 +200,7 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
     opt_step = _state_int(path, opt_meta, "step", "optimizer") if opt_meta is not None else 0
 
     groups = _tensor_groups(path, header, config, saved_optimizer=opt_meta is not None)
-    tensors = _read_tensors(path, [k for k in header if k != "__metadata__"], allow_nonfinite)
+    tensors = _read_tensors(path, [k for k in header if k != "__metadata__"], allow_nonfinite, sums)
     try:
         model = Model(config, seed=seed)
     except InsufficientMemoryError as e:
@@ -219,6 +230,22 @@ def _checkpoint_metadata(path: Path, header: dict) -> dict:
         raise ValueError(f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
                          f"(this CLLM reads version {FORMAT_VERSION})")
     return meta
+
+
+def _tensor_checksums(path: Path, meta: dict) -> Optional[Dict[str, int]]:
+    """{tensor name: CRC-32} from metadata whose own checksum matches; None, with a warning, for a checkpoint
+    saved without checksums. ValueError naming the file when the metadata is damaged."""
+    if "metadata_crc32" not in meta:
+        warnings.warn(f"{path}: checkpoint has no checksums (saved by an older CLLM or another tool); "
+                      f"damage to it cannot be detected", RuntimeWarning, stacklevel=3)
+        return None
+    if meta["metadata_crc32"] != str(_metadata_crc32(meta)):
+        raise ValueError(f"{path}: checkpoint metadata is damaged (checksum mismatch): its config, tokenizer or "
+                         f"training state cannot be trusted")
+    sums = _meta_json(path, meta, "tensor_crc32")
+    if not isinstance(sums, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in sums.values()):
+        raise ValueError(f"{path}: checkpoint metadata 'tensor_crc32' must map tensor names to integers")
+    return sums
 
 
 def _config_and_tokenizer(path: Path, meta: dict):
@@ -271,14 +298,20 @@ def _tensor_groups(path: Path, header: dict, config: ModelConfig, saved_optimize
     return groups
 
 
-def _read_tensors(path: Path, names, allow_nonfinite: bool) -> Dict[str, np.ndarray]:
+def _read_tensors(path: Path, names, allow_nonfinite: bool, sums: Optional[Dict[str, int]]) -> Dict[str, np.ndarray]:
+    """The tensors `names`, each checked against its checksum in `sums` (unless None) and for NaN/Inf."""
     from safetensors import SafetensorError, safe_open
 
+    if sums is not None and set(sums) != set(names):
+        odd = sorted(set(sums) ^ set(names))[0]
+        raise ValueError(f"{path}: checkpoint is damaged: tensor {odd} is not both in the file and in its checksums")
     tensors = {}
     try:
         with safe_open(str(path), framework="np") as f:
             for k in names:
                 tensors[k] = f.get_tensor(k)
+                if sums is not None and crc32(tensors[k]) != sums[k]:
+                    raise ValueError(f"{path}: tensor {k} is damaged (checksum mismatch)")
     except SafetensorError as e:
         raise ValueError(f"{path}: corrupt safetensors checkpoint: {e}") from None
     if not allow_nonfinite:
@@ -298,6 +331,7 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     meta = read_header(path, "checkpoint")[0].get("__metadata__") or {}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a CLLM checkpoint")
+    _tensor_checksums(path, meta)
     out = dict(meta)
     for key in ("config", "model_state", "optimizer", "trainer_state"):
         if key in meta:

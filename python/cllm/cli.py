@@ -7,7 +7,8 @@
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
     cllm info                                   # the kernels in use on this CPU, for bug reports
 
-User errors (a bad file, a bad value: USER_ERRORS) print one line to stderr and exit with status 2.
+User errors (a bad file, a bad value: USER_ERRORS) and running out of memory print one line to stderr and exit
+with status 2.
 """
 from __future__ import annotations
 
@@ -274,6 +275,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(run(args) or 0)
     except USER_ERRORS as e:
         print(f"cllm {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # an allocation the memory checks did not foresee (std::bad_alloc, NumPy)
+        print(f"cllm {args.command}: error: out of memory{': ' + _one_line(e) if str(e) else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cllm {args.command}: interrupted", file=sys.stderr)

@@ -4,28 +4,42 @@
 :func:`default_corpus_files` lists the Python standard library's ``.py`` files
 (the built-in corpus used when no data is given), and :func:`prepare`
 tokenizes a corpus into ``train.bin``, ``val.bin`` and ``tokenizer.json``.
+
+:func:`prepare` holds no more than a few MiB of text and tokens at a time, however
+large the corpus: files are read in blocks (`_text_pieces`), cut where the
+tokenizer's result cannot change (`tokenizer._chunk_text`), encoded a piece at
+a time and the tokens written as they come (`write_token_chunks`).
+:func:`source_fingerprint` records the inputs (size, mtime, CRC-32 of each file)
+so that a cache of prepared data can tell when they changed.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import os
 import sysconfig
+import tempfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .checks import check_float, check_int
-from .tokenfile import write_tokens
+from .tokenfile import write_token_chunks
 from .errors import MissingFileError
-from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, _chunk_text
 
-__all__ = ["default_corpus_files", "read_corpus", "prepare"]
+__all__ = ["default_corpus_files", "read_corpus", "prepare", "source_fingerprint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _DOC_SEPARATOR = "\n\n"  # text placed between documents in a split
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
+_BLOCK = 1 << 20           # bytes read from a file at a time
+_PIECE_CHARS = 1 << 20     # text handed to the tokenizer per piece (cut at a safe place)
+_TOKEN_CHUNK = 1 << 22     # tokens copied at a time between files
 
 
 def default_corpus_files() -> List[Path]:
@@ -70,7 +84,7 @@ def _expand(paths) -> List[Path]:
     files: List[Path] = []
     for p in _as_path_list(paths):
         if p.is_dir():
-            for root, dirs, names in os.walk(p):
+            for root, dirs, names in os.walk(p, onerror=_unreadable):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
                 for name in sorted(names):
                     if not name.startswith("."):
@@ -93,47 +107,70 @@ def _expand(paths) -> List[Path]:
     return unique
 
 
-def _decode_file(path: Path, data: bytes) -> str:
-    """Decode a text file's bytes; ValueError naming the file if not text."""
-    nul = data.find(b"\0")
-    if nul != -1:
-        raise ValueError(f"{path}: not a text file (NUL byte at offset {nul})")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 text (invalid byte at offset {e.start})") from None
+def _unreadable(e: OSError) -> None:
+    """os.walk's onerror: a directory that cannot be listed is an error naming it, not silently skipped."""
+    raise OSError(e.errno, f"cannot read corpus directory: {e.strerror}", e.filename) from None
 
 
-def _read_docs(
-    files: Sequence[Path], skip_undecodable: bool, max_bytes: Optional[int] = None
-) -> Tuple[List[Tuple[Path, str]], int]:
-    """Read files in order; returns ``([(path, text)], skipped)``.
+def _text_pieces(path: Path, limit: Optional[int] = None) -> Iterator[str]:
+    """The text of a file in pieces of about _PIECE_CHARS characters, read a block at a time and cut only where
+    tokenizing the pieces gives the ids of the whole (`_chunk_text`; a line longer than 4 pieces is cut where it
+    must). ValueError naming the file if it holds a NUL byte or invalid UTF-8. With `limit` only the first
+    `limit` bytes are read, and a character they cut is dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while limit is None or offset < limit:
+            block = f.read(_BLOCK if limit is None else min(_BLOCK, limit - offset))
+            if not block:
+                break
+            nul = block.find(b"\0")
+            if nul != -1:
+                raise ValueError(f"{path}: not a text file (NUL byte at offset {offset + nul})")
+            pending = len(decoder.getstate()[0])
+            try:
+                carry += decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid UTF-8 text (invalid byte at offset "
+                                 f"{offset - pending + e.start})") from None
+            offset += len(block)
+            if len(carry) > _PIECE_CHARS:
+                pieces = _chunk_text(carry, _PIECE_CHARS)
+                if len(pieces) == 1 and len(carry) > 4 * _PIECE_CHARS:
+                    pieces = [carry[:_PIECE_CHARS], carry[_PIECE_CHARS:]]
+                yield from pieces[:-1]
+                carry = pieces[-1]
+    if limit is None:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 text (invalid byte at offset "
+                             f"{offset - len(decoder.getstate()[0]) + e.start})") from None
+    if carry:
+        yield carry
 
-    Empty files are left out.  With ``max_bytes`` reading stops once that many
-    bytes are read; the last file is cut at a character boundary to fit.
-    """
-    docs: List[Tuple[Path, str]] = []
-    skipped = 0
-    total = 0
+
+def _scan_docs(files: Sequence[Path], skip_undecodable: bool,
+               max_bytes: Optional[int] = None) -> Tuple[List[Tuple[Path, int]], int]:
+    """The documents of `files`, in order, as ``([(path, bytes used)], skipped)``, each file read through once to
+    check that it is text. Empty files are left out. With ``max_bytes`` reading stops once that many bytes are
+    taken; the last file is cut at a character boundary to fit."""
+    docs: List[Tuple[Path, int]] = []
+    skipped = total = 0
     for f in files:
         if max_bytes is not None and total >= max_bytes:
             break
-        data = f.read_bytes()
+        limit = None if max_bytes is None else max_bytes - total
         try:
-            text = _decode_file(f, data)
+            used = sum(len(piece.encode("utf-8")) for piece in _text_pieces(f, limit))
         except ValueError:
             if skip_undecodable:
                 skipped += 1
                 continue
             raise
-        if max_bytes is not None and total + len(data) > max_bytes:
-            data = data[: max_bytes - total]
-            text = data.decode("utf-8", errors="ignore")  # drop a cut character
-            data = text.encode("utf-8")
-        if not text:
-            continue
-        docs.append((f, text))
-        total += len(data)
+        if used:
+            docs.append((f, used))
+            total += used
     return docs, skipped
 
 
@@ -151,10 +188,10 @@ def read_corpus(paths, skip_undecodable: bool = False) -> List[Tuple[Path, str]]
     files = _expand(plist)
     if not files:
         raise ValueError(f"no input files found in {_describe(plist)}")
-    docs, _ = _read_docs(files, skip_undecodable)
+    docs, _ = _scan_docs(files, skip_undecodable)
     if not docs:
         raise ValueError(f"no non-empty text files found in {_describe(plist)}")
-    return docs
+    return [(f, "".join(_text_pieces(f))) for f, _ in docs]
 
 
 def _describe(paths: Sequence[Path]) -> str:
@@ -184,20 +221,53 @@ def _resolve_tokenizer(tokenizer) -> Tuple[Optional[Tokenizer], Optional[int]]:
     raise TypeError(f"tokenizer must be a Tokenizer or a spec string, got {type(tokenizer).__name__}")
 
 
-def _join(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """Encode documents and join them with the tokenizer's end-of-text token, or without one the separator's
-    tokens."""
-    if not texts:
-        return np.zeros(0, dtype=np.int32)
-    encoded = tokenizer.encode_batch(list(texts))
-    eos = tokenizer.eos_id
-    sep = np.array([eos], np.int32) if eos is not None else tokenizer.encode(_DOC_SEPARATOR).astype(np.int32)
-    parts: List[np.ndarray] = []
-    for i, ids in enumerate(encoded):
+def _token_stream(tok: Tokenizer, docs: Sequence[Tuple[Path, int]]) -> Iterator[np.ndarray]:
+    """The tokens of the documents, in order, a piece at a time, joined by the tokenizer's end-of-text
+    token or, without one, the separator's tokens."""
+    eos = tok.eos_id
+    sep = np.array([eos], np.int32) if eos is not None else tok.encode(_DOC_SEPARATOR).astype(np.int32)
+    for i, (path, used) in enumerate(docs):
         if i:
-            parts.append(sep)
-        parts.append(np.asarray(ids, dtype=np.int32))
-    return np.concatenate(parts)
+            yield sep
+        for piece in _text_pieces(path, used):
+            yield tok.encode(piece)  # a BPE encodes a piece's 64K-character chunks in parallel
+
+
+def _write_tail_split(out_dir: Path, tok: Tokenizer, docs, val_fraction: float, where: str) -> Tuple[int, int]:
+    """One token stream of all documents, its last val_fraction written to val.bin and the rest to train.bin
+    (through a temporary file, as the split point is known only at the end). Returns (train, val) counts."""
+    dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<u4")
+    with tempfile.TemporaryFile(dir=out_dir, prefix=".stream.") as raw:
+        n = 0
+        for ids in _token_stream(tok, docs):
+            raw.write(np.asarray(ids).astype(dtype).tobytes())
+            n += len(ids)
+        raw.flush()
+        n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
+        if n - n_val == 0 or n_val == 0:
+            raise ValueError(f"corpus in {where} is too small to split: {n - n_val} train and {n_val} "
+                             f"validation tokens (val_fraction={val_fraction})")
+
+        def part(lo, hi):  # read, not memory-mapped: a mapping would count against an address-space limit
+            raw.seek(lo * dtype.itemsize)
+            for i in range(lo, hi, _TOKEN_CHUNK):
+                yield np.frombuffer(raw.read((min(i + _TOKEN_CHUNK, hi) - i) * dtype.itemsize), dtype)
+
+        write_token_chunks(out_dir / "train.bin", part(0, n - n_val), tok.vocab_size)
+        write_token_chunks(out_dir / "val.bin", part(n - n_val, n), tok.vocab_size)
+    return n - n_val, n_val
+
+
+class _Counted:
+    """An iterator of token arrays that counts the tokens it passes on."""
+
+    def __init__(self, chunks: Iterator[np.ndarray]):
+        self.chunks, self.n = chunks, 0
+
+    def __iter__(self):
+        for c in self.chunks:
+            self.n += len(c)
+            yield c
 
 
 def _corpus_files(inputs) -> Tuple[List[Path], bool, str]:
@@ -213,6 +283,21 @@ def _corpus_files(inputs) -> Tuple[List[Path], bool, str]:
     return files, False, where
 
 
+def source_fingerprint(inputs) -> List[Dict[str, Any]]:
+    """What the corpus of ``inputs`` is now (None: the standard library): for each file that :func:`prepare`
+    would read, in its order, ``{"path", "size", "mtime_ns", "crc32"}`` (the CRC-32 of its bytes, read a block
+    at a time). A directory's file list is thereby part of it."""
+    out = []
+    for f in _corpus_files(inputs)[0]:
+        st = f.stat()
+        crc = 0
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(_BLOCK), b""):
+                crc = zlib.crc32(block, crc)
+        out.append({"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "crc32": crc})
+    return out
+
+
 def _validation_files(sizes: Sequence[int], val_fraction: float) -> List[int]:
     """Indices of the documents put in validation: first fit in order, as long as they keep it within
     ``val_fraction`` of the bytes (none for a single document)."""
@@ -225,20 +310,6 @@ def _validation_files(sizes: Sequence[int], val_fraction: float) -> List[int]:
                 val_idx.append(i)
                 used += size
     return val_idx
-
-
-def _encode_split(tok: Tokenizer, texts: Sequence[str], val_idx: Sequence[int],
-                  val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    """(train, val) token streams: the documents of ``val_idx`` in validation, or (without any) the last
-    ``val_fraction`` of the whole stream."""
-    if val_idx:
-        is_val = set(val_idx)
-        return (_join(tok, [t for i, t in enumerate(texts) if i not in is_val]),
-                _join(tok, [texts[i] for i in val_idx]))
-    stream = _join(tok, texts)
-    n_val = int(round(len(stream) * val_fraction))
-    n_val = max(1, n_val) if len(stream) > 1 else 0
-    return stream[: len(stream) - n_val], stream[len(stream) - n_val :]
 
 
 def prepare(
@@ -274,27 +345,34 @@ def prepare(
 
     files, skip, where = _corpus_files(inputs)
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(files))
-    docs, skipped = _read_docs([files[i] for i in order], skip, max_bytes)
+    docs, skipped = _scan_docs([files[i] for i in order], skip, max_bytes)
     if not docs:
         raise ValueError(f"no non-empty text files found in {where}")
-    texts = [text for _, text in docs]
-    sizes = [len(text.encode("utf-8")) for text in texts]
+    sizes = [used for _, used in docs]
     val_idx = _validation_files(sizes, val_fraction)
+    is_val = set(val_idx)
+    train_docs = [d for i, d in enumerate(docs) if i not in is_val]
     if tok is None:
         # with a tail split the BPE also sees the last val_fraction of the text;
         # acceptable for a small single-document corpus
-        is_val = set(val_idx)
-        tok = BPETokenizer.train([t for i, t in enumerate(texts) if i not in is_val], bpe_vocab)
-    train, val = _encode_split(tok, texts, val_idx, val_fraction)
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(
-            f"corpus in {where} is too small to split: {len(train)} train and {len(val)} "
-            f"validation tokens (val_fraction={val_fraction})"
-        )
-
+        tok = BPETokenizer.train((piece for path, used in train_docs for piece in _text_pieces(path, used)),
+                                 bpe_vocab)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_tokens(out_dir / "train.bin", train, tok.vocab_size)
-    write_tokens(out_dir / "val.bin", val, tok.vocab_size)
+    try:
+        if val_idx:  # whole files: neither split can be empty (see _validation_files)
+            train = _Counted(_token_stream(tok, train_docs))
+            val = _Counted(_token_stream(tok, [docs[i] for i in val_idx]))
+            write_token_chunks(out_dir / "train.bin", train, tok.vocab_size)
+            write_token_chunks(out_dir / "val.bin", val, tok.vocab_size)
+            n_train, n_val = train.n, val.n
+        else:
+            n_train, n_val = _write_tail_split(out_dir, tok, docs, val_fraction, where)
+    except BaseException:
+        if created:  # leave no empty directory behind (one holding files stays)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     tok.save(out_dir / "tokenizer.json")
     return {
         "out_dir": str(out_dir),
@@ -306,8 +384,8 @@ def prepare(
         "split": "files" if val_idx else "tail",
         "tokenizer": tok.kind,
         "vocab_size": int(tok.vocab_size),
-        "train_tokens": int(len(train)),
-        "val_tokens": int(len(val)),
+        "train_tokens": int(n_train),
+        "val_tokens": int(n_val),
         "seed": int(seed),
         "val_fraction": val_fraction,
         "max_bytes": None if max_bytes is None else int(max_bytes),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .data import prepare
+from .data import prepare, source_fingerprint
 from .errors import CLLMError
 from .files import atomic_write
 
@@ -88,7 +88,7 @@ def claim_run_dir(out_dir: Path, overwrite: bool, say: Callable[[str], None]) ->
     """A fresh run never mixes with, nor silently deletes, another run's files: they are an error, or with
     overwrite deleted first."""
     old = [out_dir / n for n in ("last.safetensors", "best.safetensors", "metrics.jsonl", "loss.png")
-           if (out_dir / n).exists()]
+           if (out_dir / n).exists() or (out_dir / n).is_symlink()]  # a link, dangling or not, is never written through
     if old and not overwrite:
         raise CLLMError(f"{out_dir}: holds a previous run ({', '.join(p.name for p in old)}); continue it with "
                         f"--resume, or start over with --overwrite (which deletes them)")
@@ -106,7 +106,8 @@ def is_prepared_data(path: Path) -> bool:
 def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer, *, val_fraction: float,
                       seed: int, max_bytes: Optional[int], say: Callable[[str], None]) -> None:
     """Prepare `inputs` (None: the Python standard library) into data_dir (see data.prepare), unless its
-    prepare.json records this very preparation and its files are all there."""
+    prepare.json records this very preparation, of the inputs as they are now (each file's size, mtime and
+    CRC-32, see source_fingerprint), and its files are all there. Says why it prepares again."""
     spec = {
         "inputs": None if inputs is None else [os.path.abspath(p) for p in inputs],
         "tokenizer": tokenizer if isinstance(tokenizer, str) else
@@ -116,20 +117,47 @@ def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer
     if inputs is None:
         import sysconfig
         spec["stdlib"] = sysconfig.get_paths()["stdlib"]
-    stamp = data_dir / "prepare.json"
-    try:
-        cached = json.loads(stamp.read_text())["spec"] == spec
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = False
-    if cached and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
+    if data_dir.is_symlink():
+        raise CLLMError(f"{data_dir}: is a symbolic link; a run writes its prepared data only inside its directory "
+                        f"(give prepared data with --data instead)")
+    sources = source_fingerprint(None if inputs is None else list(inputs))  # before reading: an edit during
+    stamp = data_dir / "prepare.json"                                         # preparation shows next time
+    why = _out_of_date(stamp, spec, sources)
+    if why is None and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
         say(f"using prepared data in {data_dir}")
         return
-    say(f"preparing data in {data_dir} ...")
+    say(f"preparing data in {data_dir}{f' ({why})' if why else ''} ...")
     summary = prepare(None if inputs is None else list(inputs), data_dir, tokenizer, val_fraction=val_fraction,
                       seed=seed, max_bytes=max_bytes)
-    write_json_atomic(stamp, {"spec": spec, "summary": summary})
+    write_json_atomic(stamp, {"spec": spec, "sources": sources, "summary": summary})
     say(f"  {summary['files']} files, {summary['bytes']:,} bytes -> {summary['train_tokens']:,} train / "
         f"{summary['val_tokens']:,} val tokens ({summary['tokenizer']}, vocab {summary['vocab_size']})")
+
+
+def _out_of_date(stamp: Path, spec: dict, sources: List[dict]) -> Optional[str]:
+    """Why the data that `stamp` describes is not the data asked for (None: it is; "" with no stamp)."""
+    try:
+        old = json.loads(stamp.read_text())
+        old_spec, old_sources = old["spec"], {f["path"]: f for f in old["sources"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "" if not stamp.exists() else f"{stamp.name} is unreadable or from an older CLLM"
+    if old_spec != spec:
+        changed = sorted(k for k in set(spec) | set(old_spec) if spec.get(k) != old_spec.get(k))
+        return f"settings changed: {', '.join(changed)}"
+    now = {f["path"]: f for f in sources}
+    for path, f in now.items():
+        if path not in old_sources:
+            return f"{path} was added"
+        if f != old_sources[path]:
+            was = old_sources[path]
+            what = "size" if f["size"] != was.get("size") else "content" if f["crc32"] != was.get("crc32") else "mtime"
+            return f"{path} changed ({what})"
+    for path in old_sources:
+        if path not in now:
+            return f"{path} was removed"
+    if list(now) != list(old_sources):
+        return "the order of the input files changed"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,11 +168,18 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        # never through a symbolic link planted in the run directory (to append to a file outside it)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the error names no file by itself
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, f"cannot write the metrics log: {e.strerror}", str(self.path)) from e
 
     def close(self) -> None:
         self._file.close()
@@ -162,17 +197,28 @@ def read_metrics(path) -> List[dict]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint). A damaged
+    line (cut short by a crash, not JSON, not a record with an integer step) is dropped with a warning naming
+    the file and the line: the log is a report, the checkpoint holds the run's state."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    kept, damaged = [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    text = "".join(kept).encode("utf-8")
+            record = json.loads(raw.decode("utf-8"))
+            ok = isinstance(record, dict) and type(record.get("step")) is int
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            ok = False
+        if not ok:
+            if raw.strip():
+                damaged.append(number)
+        elif record["step"] <= step:
+            kept.append(raw + b"\n")
+    if damaged:
+        shown = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        warnings.warn(f"{path}: dropped damaged line{'s' if len(damaged) > 1 else ''} {shown}", RuntimeWarning,
+                      stacklevel=3)
+    text = b"".join(kept)
     atomic_write(path, lambda f: f.write(text), what="file", missing_dir="run directory not found")
 
 
@@ -205,7 +251,8 @@ def plot_losses(metrics_path, png_path) -> Optional[str]:
     if train or val:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(str(png_path))
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"), what="loss plot",
+                 missing_dir="run directory not found")
     return str(png_path)
 
 
@@ -254,30 +301,39 @@ class Console:
 
 
 class InterruptFlag:
-    """While active, the first Ctrl-C only asks the loop to stop after the current step (so that the last
-    checkpoint is consistent); a second one interrupts at once."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only asks the loop to stop after the current step (so
+    that the run ends with a consistent checkpoint, as `kill` or a job scheduler's time limit expects); a second
+    one acts at once (KeyboardInterrupt, or the termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self._set = False
-        self._old = None
+        self._old = {}
 
     def is_set(self) -> bool:
         return self._set
 
     def _handler(self, signum, frame):
         self._set = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
-        print("\ninterrupt: stopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        self._restore()
+        name = "interrupt" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step (again to abort)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        self._restore()
         return False
 
 

@@ -1,12 +1,16 @@
 """Reading safetensors files: the header checked (CLLM's checkpoints and other tools' weights alike), tensors
 memory-mapped and converted to float32 from F32, F16 or BF16 (NumPy has no bfloat16, so safetensors' own NumPy
-reader cannot give those). Every problem is a ValueError naming the file and the tensor."""
+reader cannot give those). Every problem is a ValueError naming the file and the tensor.
+
+Writing one (`write_float32`) streams the tensors from the caller's arrays: no copy of the whole set is made
+(safetensors' own `save` builds the file in memory first, doubling a checkpoint's peak memory)."""
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import BinaryIO, Dict, Tuple
 
 import numpy as np
 
@@ -79,3 +83,27 @@ def read_float32(path: Path) -> Dict[str, np.ndarray]:
             arr = raw.astype(np.float32, copy=False)
         out[name] = arr.reshape(shape)
     return out
+
+
+def crc32(a: np.ndarray) -> int:
+    """CRC-32 of a C-contiguous array's bytes (zlib: about 2 GB/s, no copy)."""
+    return zlib.crc32(memoryview(a).cast("B")) if a.size else 0
+
+
+def write_float32(f: BinaryIO, tensors: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
+    """A safetensors file of C-contiguous float32 `tensors` (in the given order) and string `metadata`, written
+    to the open binary file `f` tensor by tensor."""
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        if a.dtype != np.dtype("<f4") or not a.flags.c_contiguous:
+            raise ValueError(f"tensor {name}: expected a C-contiguous float32 array, got {a.dtype}")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for a in tensors.values():
+        if a.size:
+            f.write(memoryview(a).cast("B"))

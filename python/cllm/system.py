@@ -54,10 +54,10 @@ def bound_threads_from_environment() -> None:
 # ----------------------------------------------------------------------------------------------------
 # memory
 # ----------------------------------------------------------------------------------------------------
-_CGROUP_FILES = (  # (limit, usage, stat, the stat key of reclaimable page cache): cgroup v2, then v1
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+# (controller directory, limit, usage, stat, the stat key of reclaimable page cache): cgroup v2, then v1
+_CGROUP_KINDS = (
+    ("", "memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
 )
 _CHECK_FROM_BYTES = 16 << 20  # smaller allocations are not checked (reading /proc costs ~0.1 ms)
 
@@ -85,15 +85,41 @@ def _stat_value(path: str, key: str) -> int:
     return value
 
 
-def _cgroup_room() -> Optional[int]:
-    """Bytes left under this process's cgroup memory limit (v2 or v1), None when there is no limit."""
-    for limit_f, usage_f, stat_f, inactive in _CGROUP_FILES:
-        limit, usage = _read_int(limit_f), _read_int(usage_f)
-        if limit is None or usage is None or limit >= 1 << 60:
-            continue
-        reclaimable = _stat_value(stat_f, inactive)  # page cache the kernel drops before it reaches the limit
-        return max(0, limit - max(0, usage - reclaimable))
-    return None
+def _cgroup_dirs(proc_cgroup: str, root: str, controller: str) -> list:
+    """This process's cgroup directory of one hierarchy (v2 when `controller` is "", else v1's) and every
+    ancestor up to the hierarchy's root, as listed in /proc/self/cgroup; a limit may sit on any of them (a
+    Slurm job, a systemd service). The root alone when the path cannot be read or does not exist here."""
+    base = os.path.join(root, controller)
+    path = None
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                _, controllers, rel = line.rstrip("\n").split(":", 2)
+                if (controller == "" and controllers == "") or controller in controllers.split(","):
+                    path = rel
+    except (OSError, ValueError):
+        pass
+    dirs = []
+    parts = [p for p in (path or "").split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        d = os.path.join(base, *parts[:depth])
+        if os.path.isdir(d):
+            dirs.append(d)
+    return dirs
+
+
+def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes left under the tightest cgroup memory limit (v2 or v1) of this process's cgroup and its ancestors,
+    None when there is none."""
+    rooms = []
+    for controller, limit_f, usage_f, stat_f, inactive in _CGROUP_KINDS:
+        for d in _cgroup_dirs(proc_cgroup, root, controller):
+            limit, usage = _read_int(os.path.join(d, limit_f)), _read_int(os.path.join(d, usage_f))
+            if limit is None or usage is None or limit >= 1 << 60:
+                continue
+            reclaimable = _stat_value(os.path.join(d, stat_f), inactive)  # page cache dropped before the limit
+            rooms.append(max(0, limit - max(0, usage - reclaimable)))
+    return min(rooms) if rooms else None
 
 
 def _meminfo_available() -> Optional[int]:
@@ -119,7 +145,8 @@ def _meminfo_available() -> Optional[int]:
 
 def available_memory() -> Optional[int]:
     """Bytes this process can still allocate without swapping out the machine or meeting the OOM killer:
-    MemAvailable + SwapFree (Linux /proc/meminfo, else sysconf), capped by a cgroup limit; None if unknown."""
+    MemAvailable + SwapFree (Linux /proc/meminfo, else sysconf), capped by the tightest cgroup limit of this
+    process's cgroup hierarchy; None if unknown."""
     avail = _meminfo_available()
     room = _cgroup_room()
     if room is not None:

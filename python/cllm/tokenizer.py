@@ -246,13 +246,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"BPE vocab_size {vocab_size} is too large")
         if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
-        if isinstance(files_or_texts, (str, os.PathLike)):
-            items = [files_or_texts]
-        else:
-            items = list(files_or_texts)
-        texts = [_read_training_item(item) for item in items]
-        if not any(texts):
-            raise ValueError("cannot train a BPE tokenizer: the training text is empty")
+        items = [files_or_texts] if isinstance(files_or_texts, (str, os.PathLike)) else files_or_texts
+        chars = 0  # read as the trainer goes: an iterator of texts is never held whole
 
         hf = _hf()
         tok = hf.Tokenizer(hf.models.BPE())
@@ -267,10 +262,15 @@ class BPETokenizer(Tokenizer):
         )
 
         def pieces():
-            for text in texts:
+            nonlocal chars
+            for item in items:
+                text = _read_training_item(item)
+                chars += len(text)
                 yield from _chunk_text(text, cls.chunk_chars)
 
         tok.train_from_iterator(pieces(), trainer=trainer)
+        if not chars:
+            raise ValueError("cannot train a BPE tokenizer: the training text is empty")
         return cls(tok)
 
     @property

@@ -107,10 +107,13 @@ class Trainer:
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = self._model_config(pretrained)
-        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
-        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len),
+        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated; a resume
+        # also holds the checkpoint's model (weights, gradients) and its three tensor sets while it loads them.
+        # (Saving a checkpoint streams the tensors: it needs no more.)
+        resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
+        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len) + resume_peak,
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
-                     f"batches of {c.batch_size} x {c.max_seq_len} tokens")
+                     f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
         if init and isinstance(init[0], Model):
             self.model.load_parameters(init[0].parameters())
@@ -193,21 +196,24 @@ class Trainer:
         if ckpt.tokenizer != self.tokenizer:
             raise ValueError(f"{self.last_path}: cannot resume, the checkpoint's tokenizer differs from the data's")
         st = ckpt.trainer_state
+        field = _StateReader(self.last_path, st)
         try:
             self.model.load_parameters(ckpt.model.parameters())
-            self.model.dropout_step = int(st["dropout_step"])
+            self.model.dropout_step = field("dropout_step", "count")
             restore_optimizer(self.optimizer, ckpt.optimizer_state)
+            if not isinstance(st.get("loader"), dict):
+                raise ValueError(f"trainer_state field 'loader' must be a JSON object, got {st.get('loader')!r}")
             self.loader.load_state_dict(st["loader"])
-            self.step = int(st["step"])
-            self.best_val_loss = st["best_val_loss"]
-            self.best_step = st["best_step"]
-            self.evals_since_best = int(st["evals_since_best"])
-            self.last_val_loss = st.get("last_val_loss")
-            self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
-            self.elapsed_before = float(st.get("elapsed", 0.0))
-        except KeyError as e:
-            raise ValueError(f"{self.last_path}: cannot resume, trainer_state lacks {e}") from None
-        except ValueError as e:
+            self.step = field("step", "count")
+            self.best_val_loss = field("best_val_loss", "loss")
+            self.best_step = field("best_step", "count", none=True)
+            self.evals_since_best = field("evals_since_best", "count")
+            self.last_val_loss = field("last_val_loss", "loss", default=None)
+            self.nonfinite_steps = field("nonfinite_steps", "count", default=0)
+            self.elapsed_before = field("elapsed", "seconds", default=0.0)
+        except (ValueError, TypeError, KeyError) as e:
+            if str(e).startswith(str(self.last_path)):
+                raise
             raise ValueError(f"{self.last_path}: cannot resume: {e}") from None
         changed = c.changes_breaking_resume(st.get("train_config", {}))
         if changed:
@@ -264,7 +270,7 @@ class Trainer:
             return True
         for what, buf in (("weights", self.model.flat_parameters()), ("optimizer moments", self.optimizer.exp_avg),
                           ("optimizer moments", self.optimizer.exp_avg_sq)):
-            if not np.isfinite(buf).all():
+            if not _all_finite(buf):
                 self._warn(f"step {self.step}: {what} are not finite, not writing {path.name}")
                 return False
         save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed))
@@ -483,9 +489,39 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
+class _StateReader:
+    """Typed fields of a checkpoint's trainer_state: a missing or wrongly typed one is a ValueError naming the
+    file and the field (a hand-edited or damaged state must not become a traceback or a silent cast)."""
+
+    _KINDS = {"count": "a non-negative int", "loss": "a finite number or null", "seconds": "a non-negative number"}
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+
+    def __call__(self, key: str, kind: str, none: bool = False, default=...):
+        if key not in self.state:
+            if default is ...:
+                raise ValueError(f"{self.path}: cannot resume, trainer_state lacks {key!r}")
+            return default
+        v = self.state[key]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"count": isinstance(v, int) and number and v >= 0,
+              "loss": v is None or (number and math.isfinite(v)),
+              "seconds": number and math.isfinite(v) and v >= 0}[kind] or (none and v is None)
+        if not ok:
+            what = self._KINDS[kind] + (" or null" if none else "")
+            raise ValueError(f"{self.path}: cannot resume, trainer_state field {key!r} must be {what}, got {v!r}")
+        return v
+
+
 def _num(x):
     """A float for JSON, None when missing or non-finite (metrics stay standard JSON)."""
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _all_finite(buf: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Whether a flat buffer holds no NaN/Inf, checked in chunks (no temporary the size of the buffer)."""
+    return all(np.isfinite(buf[i:i + chunk]).all() for i in range(0, buf.size, chunk))
 
 
 def _fmt(x) -> str:
