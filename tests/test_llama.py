@@ -160,3 +160,21 @@ def test_30_adamw_steps_equal_pytorch(tie, capsys):
     out = capsys.readouterr().out
     assert out.count("step ") == 30
     assert ok, out
+
+
+def test_llama_checkpoint_round_trip(tmp_path):
+    """A checkpoint of a llama (GQA, untied) loads back bit for bit with its config and optimizer state."""
+    from cllm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = cllm.ModelConfig(architecture="llama", vocab_size=256, max_seq_len=16, embedding_dim=32, num_layers=2,
+                           num_heads=4, num_kv_heads=2, ff_dim=40, tie_embeddings=False, rope_theta=5e5)
+    model = cllm.Model(cfg, seed=3)
+    opt = cllm.AdamW(model, lr=1e-3)
+    x = np.random.default_rng(0).integers(0, 256, (2, 16))
+    model.forward_backward(x, x)
+    opt.step()
+    ck = load_checkpoint(save_checkpoint(tmp_path / "c.safetensors", model, opt, ByteTokenizer()))
+    assert ck.config == cfg
+    for name, arr in model.parameters().items():
+        assert np.array_equal(ck.model.parameters()[name], arr), name
+    assert np.array_equal(ck.model.forward(x), model.forward(x))
