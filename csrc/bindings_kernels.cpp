@@ -24,9 +24,9 @@ void qkv_dims(const FloatArray& qkv, int H, int& KV, int& B, int& T, int& C) {
     if (KV == 0) KV = H;
     require(H > 0 && KV > 0 && H % KV == 0, "KV must divide H");
     B = qkv.shape(0), T = qkv.shape(1);
-    const int hs = qkv.shape(2) / (H + 2 * KV);
-    C = H * hs;
-    require(hs > 0 && qkv.shape(2) == (py::ssize_t)(H + 2 * KV) * hs, "qkv last dim must be (H + 2KV) * head size");
+    const int64_t heads = (int64_t)H + 2 * (int64_t)KV, hs = qkv.shape(2) / heads;
+    require(hs > 0 && qkv.shape(2) == heads * hs, "qkv last dim must be (H + 2KV) * head size");
+    C = (int)(H * hs);
 }
 
 // logits [N, V] and targets [N] in [0, V)
