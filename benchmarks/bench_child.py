@@ -66,12 +66,17 @@ def _make_torch(name: str, threads: int, compiled: bool, bf16: bool):
     master weights, as CLLM's bf16), the fair peer of cllm-bf16."""
     import torch
 
-    from torch_gpt2 import build_torch_gpt2, load_cllm_parameters
+    import torch_gpt2
+    import torch_llama
 
     torch.set_num_threads(threads)
     cfg = model_config(name)
-    model = build_torch_gpt2(cfg.vocab_size, cfg.max_seq_len, cfg.embedding_dim, cfg.num_layers, cfg.num_heads,
-                             cfg.ff_dim)
+    if cfg.architecture == "llama":
+        model, load_cllm_parameters = torch_llama.build_torch_llama(cfg), torch_llama.load_cllm_parameters
+    else:
+        model = torch_gpt2.build_torch_gpt2(cfg.vocab_size, cfg.max_seq_len, cfg.embedding_dim, cfg.num_layers,
+                                            cfg.num_heads, cfg.ff_dim)
+        load_cllm_parameters = torch_gpt2.load_cllm_parameters
     # start from CLLM's initial weights: both engines then train the same model from the same point, and
     # their loss columns agree to float rounding (a check that the comparison is like for like)
     import cllm

@@ -10,14 +10,19 @@ import os
 import sys
 import time
 
-# name -> shape and default (steps, warmup); ff_dim = 4 * C
+# name -> shape and default (steps, warmup). GPT-2 configs: ff_dim = 4 * C. Llama configs (arch "llama"): KV K/V
+# heads, SwiGLU hidden size F, tied head.
 CONFIGS = {
     "tiny": dict(V=256, T=128, C=128, L=4, H=4, B=16, steps=20, warmup=3),
     "small": dict(V=8192, T=256, C=384, L=6, H=6, B=8, steps=6, warmup=2),
     "gpt2": dict(V=50257, T=256, C=768, L=12, H=12, B=4, steps=1, warmup=1),
+    "tiny-llama": dict(V=256, T=128, C=128, L=4, H=4, KV=2, F=344, B=16, steps=20, warmup=3, arch="llama"),
+    "llama": dict(V=8192, T=256, C=384, L=6, H=6, KV=2, F=1024, B=8, steps=6, warmup=2, arch="llama"),
 }
 ENGINES = ("cllm", "cllm-bf16", "torch", "torch-compile", "torch-bf16", "torch-bf16-compile")
 FLOP_FORMULA = "6*N + 6*L*T*C per token (N = parameters without wpe; causal attention)"
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")  # nn.Linear weights [out, in]
 RESULT_TAG = "CLLM_BENCH_RESULT "
 # Set on some machines to steer OpenBLAS; they can slow NumPy down, so the children run without them.
 BLAS_ENV_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -29,6 +34,9 @@ def model_config(name: str):
     from cllm import ModelConfig
 
     c = CONFIGS[name]
+    if c.get("arch") == "llama":
+        return ModelConfig(architecture="llama", vocab_size=c["V"], max_seq_len=c["T"], embedding_dim=c["C"],
+                           num_layers=c["L"], num_heads=c["H"], num_kv_heads=c["KV"], ff_dim=c["F"])
     return ModelConfig(vocab_size=c["V"], max_seq_len=c["T"], embedding_dim=c["C"], num_layers=c["L"],
                        num_heads=c["H"], ff_dim=4 * c["C"])
 
@@ -44,7 +52,7 @@ def flops_per_token(name: str) -> float:
     from cllm.model import parameter_shapes
 
     c = CONFIGS[name]
-    T, C = parameter_shapes(model_config(name))["wpe"]
+    T, C = parameter_shapes(model_config(name)).get("wpe", (0, 0))
     n = param_count(name) - T * C  # wpe is a lookup
     return 6.0 * n + 6.0 * c["L"] * c["T"] * c["C"]
 
@@ -58,6 +66,10 @@ def linear_shapes(name: str):
     c = CONFIGS[name]
     N = c["B"] * c["T"]
     shapes = parameter_shapes(model_config(name))
+    if c.get("arch") == "llama":  # as [in, out] products of the same FLOPs
+        V, C = shapes["embed_tokens.weight"]
+        return ([(layer, N, *shapes[f"layers.0.{layer}.weight"][::-1]) for layer in LLAMA_LINEARS]
+                + [("lm_head", N, C, V)])
     V, C = shapes["wte"]
     return [(layer, N, *shapes[f"h.0.{layer}.weight"]) for layer in LINEARS] + [("lm_head", N, C, V)]
 

@@ -280,11 +280,11 @@ int run_config(const BenchConfig& c, int threads) {
         const double fwd_flops = 2.0 * B * C * (double)T * (T + 1);  // QK^T + PV over the causal triangle
         const std::string s = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
                               " H=" + std::to_string(H);
-        report("attention.fwd", s, [&] { cllm::attention_forward(out, lse, qkv, B, T, C, H, nodrop, 0); },
+        report("attention.fwd", s, [&] { cllm::attention_forward(out, lse, qkv, B, T, C, H, H, nodrop, 0); },
                fwd_flops, Unit::GFLOPS);
         // backward: dV, dP, dQ, dK products = 2x the forward (the recomputed QK^T is not counted)
         report("attention.bwd", s,
-               [&] { cllm::attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, nodrop, 0); },
+               [&] { cllm::attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, H, nodrop, 0); },
                2 * fwd_flops, Unit::GFLOPS);
     }
 

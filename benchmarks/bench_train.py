@@ -12,9 +12,10 @@ peak RSS is its own and no engine inherits another's thread pools or caches: `wa
 random tokens.
 
 Engines: ``cllm`` (float32), ``cllm-bf16`` (``cllm.Model(..., precision="bf16")``), ``torch`` (PyTorch eager,
-the model of torch_gpt2.py), ``torch-compile`` (``torch.compile`` of the same model), and ``torch-bf16`` /
-``torch-bf16-compile`` (the same under PyTorch's own bf16 mixed precision, ``torch.autocast("cpu", bfloat16)``
-with fp32 master weights: the fair peer of cllm-bf16), the PyTorch ones only when torch is installed. PyTorch is an optional dependency of the benchmarks and of nothing else.
+the model of torch_gpt2.py, or of torch_llama.py for the llama configs), ``torch-compile`` (``torch.compile`` of
+the same model), and ``torch-bf16`` / ``torch-bf16-compile`` (the same under PyTorch's own bf16 mixed precision,
+``torch.autocast("cpu", bfloat16)`` with fp32 master weights: the fair peer of cllm-bf16), the PyTorch ones only
+when torch is installed. PyTorch is an optional dependency of the benchmarks and of nothing else.
 
 Model FLOPs per token (stated in the output too): ``6 * N + 6 * L * T * C`` where N counts every parameter
 except the position table wpe (a lookup, no matmul; wte counts once, as the tied LM head's matmul), and
@@ -119,7 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options."""
     p.add_argument("--configs", type=lambda v: _csv(v, CONFIGS, what="config"), default=list(CONFIGS),
                    help="comma-separated configs: " + ", ".join(
-                       f"{k} (V={c['V']} T={c['T']} C={c['C']} L={c['L']} H={c['H']} B={c['B']})"
+                       f"{k} (V={c['V']} T={c['T']} C={c['C']} L={c['L']} H={c['H']} B={c['B']}"
+                       + (f" llama KV={c['KV']} SwiGLU {c['F']})" if c.get("arch") == "llama" else ")")
                        for k, c in CONFIGS.items()) + " (default: all)")
     p.add_argument("--threads", type=_threads, default=[1, 2], help="comma-separated thread counts (default 1,2)")
     p.add_argument("--engines", type=lambda v: _csv(v, ENGINES, what="engine"), default=list(ENGINES),

@@ -111,6 +111,7 @@ py::array flat_grads(py::object self) {
 
 FloatArray position_table(PyModel& pm) {
     const Config& c = pm.cfg();
+    require(pm.m.positions() != nullptr, "a llama model has no position table: its positions are rotary (RoPE)");
     FloatArray out = empty({c.max_seq_len, c.embedding_dim});
     std::copy(pm.m.positions(), pm.m.positions() + (size_t)c.max_seq_len * c.embedding_dim, out.mutable_data());
     return out;
@@ -250,14 +251,24 @@ py::list layout_tensors(const ParamLayout& l) {
 void bind_config(py::module_& mod) {
     py::class_<Config>(mod, "Config")
         .def(py::init<>())
+        .def_property(
+            "architecture", [](const Config& c) { return c.llama() ? "llama" : "gpt2"; },
+            [](Config& c, const std::string& a) {
+                require(a == "gpt2" || a == "llama", "architecture must be 'gpt2' or 'llama', got '" + a + "'");
+                c.arch = a == "llama" ? Arch::LLAMA : Arch::GPT2;
+            })
         .def_readwrite("vocab_size", &Config::vocab_size)
         .def_readwrite("max_seq_len", &Config::max_seq_len)
         .def_readwrite("embedding_dim", &Config::embedding_dim)
         .def_readwrite("num_layers", &Config::num_layers)
         .def_readwrite("num_heads", &Config::num_heads)
+        .def_readwrite("num_kv_heads", &Config::num_kv_heads)
         .def_readwrite("ff_dim", &Config::ff_dim)
         .def_readwrite("dropout", &Config::dropout)
         .def_readwrite("learned_pos", &Config::learned_pos)
+        .def_readwrite("rope_theta", &Config::rope_theta)
+        .def_readwrite("rms_norm_eps", &Config::rms_norm_eps)
+        .def_readwrite("tie_embeddings", &Config::tie_embeddings)
         .def_readwrite("bf16", &Config::bf16);
     // The parameter layout of a config, without allocating: the one source of names, shapes and offsets.
     py::class_<ParamLayout>(mod, "ParamLayout")

@@ -1,5 +1,6 @@
 // _core.kernels: each part's forward and backward on float32 NumPy arrays, for the oracle tests and benchmarks.
 // Shapes are checked and outputs allocated with the GIL held; the kernel itself runs without it.
+#include <algorithm>
 #include <vector>
 
 #include "bindings.h"
@@ -17,11 +18,15 @@ void dims(const FloatArray& a, int nd, const char* what) {
 
 FloatArray like(const FloatArray& x) { return FloatArray(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim())); }
 
-// qkv [B, T, 3C] with C % H == 0
-void qkv_dims(const FloatArray& qkv, int H, int& B, int& T, int& C) {
+// qkv [B, T, (H + 2KV) hs], C = H hs; KV 0 means H
+void qkv_dims(const FloatArray& qkv, int H, int& KV, int& B, int& T, int& C) {
     dims(qkv, 3, "qkv");
-    B = qkv.shape(0), T = qkv.shape(1), C = qkv.shape(2) / 3;
-    require(qkv.shape(2) % 3 == 0 && H > 0 && C % H == 0, "qkv last dim must be 3C with C % H == 0");
+    if (KV == 0) KV = H;
+    require(H > 0 && KV > 0 && H % KV == 0, "KV must divide H");
+    B = qkv.shape(0), T = qkv.shape(1);
+    const int64_t heads = (int64_t)H + 2 * (int64_t)KV, hs = qkv.shape(2) / heads;
+    require(hs > 0 && qkv.shape(2) == heads * hs, "qkv last dim must be (H + 2KV) * head size");
+    C = (int)(H * hs);
 }
 
 // logits [N, V] and targets [N] in [0, V)
@@ -124,24 +129,85 @@ FloatArray gelu_bwd(FloatArray dout, FloatArray x) {
     return out;
 }
 
-py::tuple attention_fwd(FloatArray qkv, int H) {
+py::tuple attention_fwd(FloatArray qkv, int H, int KV) {
     int B, T, C;
-    qkv_dims(qkv, H, B, T, C);
+    qkv_dims(qkv, H, KV, B, T, C);
     FloatArray out = empty({B, T, C}), lse = empty({B, H, T});
     float *o = out.mutable_data(), *l = lse.mutable_data();
-    nogil([&] { attention_forward(o, l, qkv.data(), B, T, C, H, Dropout{}, 0); });
+    nogil([&] { attention_forward(o, l, qkv.data(), B, T, C, H, KV, Dropout{}, 0); });
     return py::make_tuple(out, lse);
 }
 
-FloatArray attention_bwd(FloatArray dout, FloatArray qkv, FloatArray out, FloatArray lse, int H) {
+FloatArray attention_bwd(FloatArray dout, FloatArray qkv, FloatArray out, FloatArray lse, int H, int KV) {
     int B, T, C;
-    qkv_dims(qkv, H, B, T, C);
+    qkv_dims(qkv, H, KV, B, T, C);
     require(dout.size() == (py::ssize_t)B * T * C && out.size() == dout.size() && lse.size() == (py::ssize_t)B * H * T,
             "shape mismatch");
-    FloatArray dqkv = empty({B, T, 3 * C});
+    FloatArray dqkv = like(qkv);
     float* d = dqkv.mutable_data();
-    nogil([&] { attention_backward(d, dout.data(), qkv.data(), out.data(), lse.data(), B, T, C, H, Dropout{}, 0); });
+    nogil([&] {
+        attention_backward(d, dout.data(), qkv.data(), out.data(), lse.data(), B, T, C, H, KV, Dropout{}, 0);
+    });
     return dqkv;
+}
+
+py::tuple rmsnorm_fwd(FloatArray x, FloatArray w, float eps) {
+    dims(x, 2, "x");
+    const int N = x.shape(0), C = x.shape(1);
+    require(w.size() == C, "w must have C elements");
+    FloatArray out = empty({N, C}), rstd = empty({N});
+    float *o = out.mutable_data(), *r = rstd.mutable_data();
+    nogil([&] { rmsnorm_forward(o, r, x.data(), w.data(), N, C, eps); });
+    return py::make_tuple(out, rstd);
+}
+
+py::tuple rmsnorm_bwd(FloatArray dout, FloatArray x, FloatArray w, FloatArray rstd) {
+    dims(x, 2, "x");
+    const int N = x.shape(0), C = x.shape(1);
+    require(dout.size() == (py::ssize_t)N * C && w.size() == C && rstd.size() == N, "shape mismatch");
+    FloatArray dx = zeros({N, C}), dw = zeros({C});
+    float *dxp = dx.mutable_data(), *dwp = dw.mutable_data();
+    nogil([&] { rmsnorm_backward(dxp, dwp, dout.data(), x.data(), w.data(), rstd.data(), N, C); });
+    return py::make_tuple(dx, dw);
+}
+
+// x [B, T, heads, hs] rotated by position t (forward) or back (backward); a copy
+FloatArray rope(FloatArray x, float theta, bool backward) {
+    dims(x, 4, "x");
+    const int B = x.shape(0), T = x.shape(1), heads = x.shape(2), hs = x.shape(3);
+    require(hs % 2 == 0, "the head size must be even");
+    FloatArray out = like(x);
+    float* o = out.mutable_data();
+    nogil([&] {
+        std::vector<float> cos((size_t)T * (hs / 2)), sin(cos.size());
+        rope_table(cos.data(), sin.data(), T, hs, theta);
+        std::copy(x.data(), x.data() + x.size(), o);
+        (backward ? rope_backward : rope_forward)(o, heads * hs, heads, hs, B, T, cos.data(), sin.data());
+    });
+    return out;
+}
+FloatArray rope_fwd(FloatArray x, float theta) { return rope(x, theta, false); }
+FloatArray rope_bwd(FloatArray dx, float theta) { return rope(dx, theta, true); }
+
+// gu [N, 2F] = gate | up
+FloatArray swiglu_fwd(FloatArray gu) {
+    dims(gu, 2, "gu");
+    const int N = gu.shape(0), F = gu.shape(1) / 2;
+    require(gu.shape(1) % 2 == 0, "gu must be [N, 2F]");
+    FloatArray out = empty({N, F});
+    float* o = out.mutable_data();
+    nogil([&] { swiglu_forward(o, gu.data(), N, F); });
+    return out;
+}
+
+FloatArray swiglu_bwd(FloatArray dout, FloatArray gu) {
+    dims(gu, 2, "gu");
+    const int N = gu.shape(0), F = gu.shape(1) / 2;
+    require(gu.shape(1) % 2 == 0 && dout.size() == (py::ssize_t)N * F, "shape mismatch");
+    FloatArray dgu = like(gu);
+    float* d = dgu.mutable_data();
+    nogil([&] { swiglu_backward(d, dout.data(), gu.data(), N, F); });
+    return dgu;
 }
 
 // The MLP's weights from x [N, C], w_fc [C, F], b_fc [F], w_proj [F, C], b_proj [C]
@@ -152,7 +218,7 @@ FeedForward mlp_args(const FloatArray& x, const FloatArray& wfc, const FloatArra
     const int C = x.shape(1), F = wfc.shape(1);
     require(wfc.shape(0) == C && bfc.size() == F && wproj.size() == (py::ssize_t)F * C && bproj.size() == C,
             "shape mismatch");
-    return {wfc.data(), bfc.data(), wproj.data(), bproj.data(), C, F};
+    return {.fc_w = wfc.data(), .fc_b = bfc.data(), .proj_w = wproj.data(), .proj_b = bproj.data(), .C = C, .F = F};
 }
 
 FloatArray feedforward_fwd(FloatArray x, FloatArray wfc, FloatArray bfc, FloatArray wproj, FloatArray bproj) {
@@ -174,7 +240,8 @@ py::tuple feedforward_bwd(FloatArray dout, FloatArray x, FloatArray wfc, FloatAr
     require(dout.size() == (py::ssize_t)N * C, "shape mismatch");
     FloatArray dx = empty({N, C}), dwfc = zeros({C, F}), dbfc = zeros({F}), dwp = zeros({F, C}), dbp = zeros({C});
     float* dxp = dx.mutable_data();
-    const FeedForwardGrads g{dwfc.mutable_data(), dbfc.mutable_data(), dwp.mutable_data(), dbp.mutable_data()};
+    const FeedForwardGrads g{.fc_w = dwfc.mutable_data(), .fc_b = dbfc.mutable_data(), .proj_w = dwp.mutable_data(),
+                             .proj_b = dbp.mutable_data()};
     nogil([&] {
         std::vector<float> out((size_t)N * C), fch((size_t)N * F), act((size_t)N * F), dfch((size_t)N * F);
         feedforward_forward(out.data(), fch.data(), act.data(), x.data(), ff, N);
@@ -229,7 +296,12 @@ void bind_kernels(py::module_& mod) {
     k.def("matmul", &matmul_kernel, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
           py::arg("bf16") = false);
     k.def("gelu_forward", &gelu_fwd).def("gelu_backward", &gelu_bwd);
-    k.def("attention_forward", &attention_fwd).def("attention_backward", &attention_bwd);
+    k.def("attention_forward", &attention_fwd, py::arg("qkv"), py::arg("H"), py::arg("KV") = 0)
+        .def("attention_backward", &attention_bwd, py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"),
+             py::arg("H"), py::arg("KV") = 0);
+    k.def("rmsnorm_forward", &rmsnorm_fwd).def("rmsnorm_backward", &rmsnorm_bwd);
+    k.def("rope_forward", &rope_fwd).def("rope_backward", &rope_bwd);
+    k.def("swiglu_forward", &swiglu_fwd).def("swiglu_backward", &swiglu_bwd);
     k.def("feedforward_forward", &feedforward_fwd).def("feedforward_backward", &feedforward_bwd);
     k.def("cross_entropy_forward", &cross_entropy_fwd).def("cross_entropy_backward", &cross_entropy_bwd);
 }

@@ -10,16 +10,34 @@
 
 namespace cllm {
 
+// GPT2: LayerNorm, learned or sinusoidal positions, GELU MLP, biases, tied head, weights [in, out] (Conv1D).
+// LLAMA: RMSNorm, rotary positions (RoPE), SwiGLU MLP, grouped-query attention, no biases, tied or untied head,
+// weights [out, in] (nn.Linear).
+enum class Arch { GPT2, LLAMA };
+
 struct Config {
+    Arch arch = Arch::GPT2;
     int vocab_size = 256;
     int max_seq_len = 128;
     int embedding_dim = 128;
     int num_layers = 4;
     int num_heads = 4;
-    int ff_dim = 512;
+    int num_kv_heads = 0;     // K/V heads (LLAMA); 0 means num_heads. GPT2 has num_heads.
+    int ff_dim = 512;         // the MLP's hidden size (SwiGLU's for LLAMA)
     float dropout = 0.0f;
-    bool learned_pos = true;  // false: fixed sinusoidal table
+    bool learned_pos = true;  // GPT2; false: fixed sinusoidal table. LLAMA: must be false (RoPE)
+    float rope_theta = 10000.0f;  // LLAMA
+    float rms_norm_eps = 1e-5f;   // LLAMA
+    bool tie_embeddings = true;   // the LM head is wte; LLAMA may untie it (lm_head.weight). GPT2: true
     bool bf16 = false;        // matmul inputs in bfloat16, fp32 accumulation; weights/optimizer stay fp32
+
+    bool llama() const { return arch == Arch::LLAMA; }
+    int kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
+    int head_dim() const { return embedding_dim / num_heads; }
+    // qkv row: q [H*hs] | k [KV*hs] | v [KV*hs] (3C for GPT2)
+    int qkv_width() const { return (num_heads + 2 * kv_heads()) * head_dim(); }
+    // the MLP's kept pre-activations per token: GELU's input [F], or SwiGLU's gate | up [2F]
+    int mlp_width() const { return llama() ? 2 * ff_dim : ff_dim; }
 };
 
 // ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
@@ -40,16 +58,25 @@ struct TensorInfo {
     bool decay;     // 2-D weights get weight decay; biases and LayerNorm parameters do not
 };
 
-// Pointers to one layer's tensors; built over the parameter buffer or the gradient buffer alike.
+// Pointers to one layer's tensors; built over the parameter buffer or the gradient buffer alike. A tensor the
+// architecture does not have stays null. GPT2 uses ln*, qkv_*, attproj_*, fc_*, fcproj_* ([in, out] weights);
+// LLAMA uses ln1_w, ln2_w (RMSNorm) and q_w, k_w, v_w, o_w, gate_w, up_w, down_w ([out, in], no biases).
 struct LayerTensors {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *attproj_w, *attproj_b;
-    float *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w, *fcproj_b;
+    float *ln1_w = nullptr, *ln1_b = nullptr, *qkv_w = nullptr, *qkv_b = nullptr, *attproj_w = nullptr,
+          *attproj_b = nullptr;
+    float *ln2_w = nullptr, *ln2_b = nullptr, *fc_w = nullptr, *fc_b = nullptr, *fcproj_w = nullptr,
+          *fcproj_b = nullptr;
+    float *q_w = nullptr, *k_w = nullptr, *v_w = nullptr, *o_w = nullptr;
+    float *gate_w = nullptr, *up_w = nullptr, *down_w = nullptr;
 };
 struct ModelTensors {
-    float* wte;
-    float* wpe;  // nullptr for sinusoidal
+    float* wte = nullptr;
+    float* wpe = nullptr;  // GPT2 with learned positions only
     std::vector<LayerTensors> layers;
-    float *lnf_w, *lnf_b;
+    float *lnf_w = nullptr, *lnf_b = nullptr;  // lnf_b: GPT2 only
+    float* lm_head = nullptr;                  // an untied head only
+    const float* head() const { return lm_head ? lm_head : wte; }  // logits = lnf head^T
+    float* head() { return lm_head ? lm_head : wte; }
 };
 
 struct ParamLayout {
@@ -57,6 +84,16 @@ struct ParamLayout {
     size_t total = 0;
     explicit ParamLayout(const Config& c);
     ModelTensors bind(float* base) const;
+
+  private:
+    // where bind() puts each tensor: a field of ModelTensors, or of LayerTensors in layer `layer`
+    struct Slot {
+        float* ModelTensors::*top = nullptr;
+        int layer = -1;
+        float* LayerTensors::*field = nullptr;
+    };
+    std::vector<Slot> slots;  // one per tensor
+    int num_layers = 0;
 };
 
 // Activations of one training step for a (B, T): one arena, sized once. LayerNorm outputs and GELU outputs
@@ -64,8 +101,8 @@ struct ParamLayout {
 // writes them to one shared buffer each and the backward recomputes them (saves 2C + F floats per token
 // per layer).
 struct LayerActs {
-    float *ln1_mean, *ln1_rstd, *qkv, *atty, *att_lse, *res2;
-    float *ln2_mean, *ln2_rstd, *fch, *res3;
+    float *ln1_mean, *ln1_rstd, *qkv, *atty, *att_lse, *res2;  // qkv [N, qkv_width] (q, k after RoPE); means: GPT2
+    float *ln2_mean, *ln2_rstd, *fch, *res3;                   // fch [N, mlp_width]
 };
 struct Activations {
     int B = 0, T = 0;
@@ -73,7 +110,7 @@ struct Activations {
     size_t arena_floats = 0;
     float* encoded;  // x0 [B,T,C]
     std::vector<LayerActs> layers;
-    float *ln_out, *gelu_out;  // shared by all layers (see above)
+    float *ln_out, *act_out;  // shared by all layers (see above); act_out: the MLP's activation [N, F]
     float *lnf, *lnf_mean, *lnf_rstd;
     float* logits;  // [B,T,V]; holds dlogits after a forward_backward
     float* losses;  // [B,T]
@@ -191,48 +228,83 @@ void linear_forward_row(float* out, const float* inp, const float* w, const floa
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
+// A bias-free linear layer with nn.Linear's weight layout w [OC, IC] (LLAMA's projections):
+// out[N,OC] (row stride ldo) = inp[N,IC] (row stride ldi) @ w^T. One fp32 row takes one dot per output (decode).
+void projection_forward(float* out, int ldo, const float* inp, int ldi, const float* w, int N, int IC, int OC,
+                        bool bf16 = false);
+// dinp (row stride ldi) (+)= dout @ w, dw += dout^T @ inp; dinp or dw may be null
+void projection_backward(float* dinp, int ldi, float* dw, const float* dout, int ldo, const float* inp,
+                         const float* w, int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
 
-// cllm_embedding.cpp
+// cllm_embedding.cpp. pos null: no positions added (LLAMA, whose positions are rotary)
 void sinusoidal_table(float* out, int P, int C);
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int B, int T, int C);
 void embedding_backward(float* dwte, float* dpos, const float* dout, const int32_t* tokens, int B, int T, int C);
 
-// cllm_layernorm.cpp (eps 1e-5)
+// cllm_layernorm.cpp: LayerNorm (GPT2, eps 1e-5) and RMSNorm (LLAMA)
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
                        int N, int C);
 // dinp += ..., dw += ..., db += ...
 void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
                         const float* mean, const float* rstd, int N, int C);
+// out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2) + eps) per row; keeps rstd [N]
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps);
+// dinp += ..., dw += ...
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int N, int C);
 
-// cllm_attention.cpp: causal multi-head self-attention over qkv [B,T,3C]; out [B,T,C], lse [B,H,T].
-// Only the per-row log-sum-exp is kept, so memory is linear in T; the backward recomputes probabilities.
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
+// cllm_rope.cpp: rotary position embedding, Hugging Face's rotate_half convention (LlamaForCausalLM): the two
+// halves x1, x2 of a head vector become x1 cos - x2 sin and x2 cos + x1 sin, angle p * theta^(-2i/hs) for the
+// pair i at position p.
+// cos, sin [P, hs/2], computed in double.
+void rope_table(float* cos, float* sin, int P, int hs, float theta);
+// In place over the first `heads` head vectors of every row of x [B*T rows, row stride ld]: row t of each sequence
+// is rotated by table row t (offset the tables by p rows for a sequence starting at position p).
+void rope_forward(float* x, int ld, int heads, int hs, int B, int T, const float* cos, const float* sin);
+// The gradient through rope_forward, in place: the inverse (transposed) rotation.
+void rope_backward(float* dx, int ld, int heads, int hs, int B, int T, const float* cos, const float* sin);
+
+// cllm_attention.cpp: causal grouped-query self-attention over qkv [B,T,(H+2KV)hs], rows q [H*hs] | k [KV*hs] |
+// v [KV*hs] (hs = C/H; KV = H is multi-head, GPT2's [B,T,3C]); query head h uses K/V head h / (H/KV).
+// out [B,T,C], lse [B,H,T]. Only the per-row log-sum-exp is kept, so memory is linear in T; the backward
+// recomputes probabilities.
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, int KV, const Dropout& d,
                        uint64_t site, bool bf16 = false);
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16 = false);
+                        int B, int T, int C, int H, int KV, const Dropout& d, uint64_t site, bool bf16 = false);
 // The attention dropout mask [B,H,T,T] (zeros above the diagonal), for tests.
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
-// Decode: the query of row t of qkv [t+1, 3C] (one sequence, the training layout) against rows 0..t; out [C].
-void attention_decode(float* out, const float* qkv, int t, int C, int H);
+// Decode: the query of row t of qkv [t+1, (H+2KV)hs] (one sequence, the training layout) against rows 0..t; out [C].
+void attention_decode(float* out, const float* qkv, int t, int C, int H, int KV);
 
-// cllm_feedforward.cpp: GELU (tanh approximation) and the block's MLP, c_fc -> GELU -> c_proj.
+// cllm_feedforward.cpp: the block's MLP, GPT2's c_fc -> GELU (tanh approximation) -> c_proj or LLAMA's SwiGLU
+// down(silu(gate) * up), and the activations themselves.
 void gelu_forward(float* out, const float* inp, size_t n);
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n);  // dinp = dout * gelu'(inp)
-struct FeedForward {  // the MLP's weights: c_fc [C,F] + [F], c_proj [F,C] + [C]
-    const float *fc_w, *fc_b, *proj_w, *proj_b;
-    int C, F;
+// out[N,F] = silu(gu[:, :F]) * gu[:, F:] over gu [N, 2F] (gate | up), silu(x) = x sigmoid(x)
+void swiglu_forward(float* out, const float* gu, int N, int F);
+// dgu [N, 2F] = the gradients of gate | up (written)
+void swiglu_backward(float* dgu, const float* dout, const float* gu, int N, int F);
+struct FeedForward {  // the MLP's weights
+    const float *fc_w = nullptr, *fc_b = nullptr, *proj_w = nullptr, *proj_b = nullptr;  // GPT2: [C,F]+[F], [F,C]+[C]
+    const float *gate_w = nullptr, *up_w = nullptr, *down_w = nullptr;                    // SwiGLU: [F,C], [F,C], [C,F]
+    int C = 0, F = 0;
     bool bf16 = false;
+    bool swiglu() const { return gate_w != nullptr; }
+    int width() const { return swiglu() ? 2 * F : F; }  // of the kept pre-activations fch
 };
-struct FeedForwardGrads {  // accumulated into (+=)
-    float *fc_w, *fc_b, *proj_w, *proj_b;
+struct FeedForwardGrads {  // accumulated into (+=); the same fields as FeedForward
+    float *fc_w = nullptr, *fc_b = nullptr, *proj_w = nullptr, *proj_b = nullptr;
+    float *gate_w = nullptr, *up_w = nullptr, *down_w = nullptr;
 };
-// out[N,C] = c_proj(gelu(c_fc(inp))). Keeps the pre-activation fch [N,F] for the backward; gelu_out [N,F]
-// receives GELU's output (from c_fc's GEMM epilogue).
-void feedforward_forward(float* out, float* fch, float* gelu_out, const float* inp, const FeedForward& ff, int N);
-// dinp[N,C] = the input's gradient (written, not added), g += the weight gradients. GELU is recomputed from fch into
-// gelu_scratch [N,F]; dfch [N,F] is scratch. dinp may alias dout (dout is read before dinp is written).
+// out[N,C] = the MLP of inp. Keeps the pre-activations fch [N, ff.width()] for the backward (GELU's input, or
+// SwiGLU's gate | up); act_out [N,F] receives the activation's output (GELU from c_fc's GEMM epilogue).
+void feedforward_forward(float* out, float* fch, float* act_out, const float* inp, const FeedForward& ff, int N);
+// dinp[N,C] = the input's gradient (written, not added), g += the weight gradients. The activation is recomputed
+// from fch into act_scratch [N,F]; dfch [N, ff.width()] is scratch. dinp may alias dout (dout is read before dinp
+// is written).
 void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
-                          const float* fch, float* gelu_scratch, float* dfch, const FeedForward& ff, int N);
+                          const float* fch, float* act_scratch, float* dfch, const FeedForward& ff, int N);
 
 // cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
 // dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
@@ -249,14 +321,29 @@ struct Model {
     ParamLayout layout;
     FloatBuffer params, grads;
     ModelTensors p, g;
-    std::vector<float> pos_table;  // sinusoidal table, when not learned
+    std::vector<float> pos_table;  // GPT2's sinusoidal table, when not learned
+    std::vector<float> rope_cos, rope_sin;  // LLAMA: [max_seq_len, hs/2]
     Activations acts;
     uint64_t dropout_seed = 0;   // base seed
     uint64_t dropout_stream = 0; // independent mask streams for the same seed and step (a data-parallel rank)
     uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
 
     Model(const Config& c, uint64_t seed);
-    const float* positions() const { return cfg.learned_pos ? p.wpe : pos_table.data(); }
+    // the table added to the embeddings: GPT2's wpe or sinusoidal table; null for LLAMA (rotary)
+    const float* positions() const { return cfg.llama() ? nullptr : cfg.learned_pos ? p.wpe : pos_table.data(); }
+    // The block's parts for this architecture (cllm_block.cpp). The training forward, its backward and the cached
+    // decode wire the same parts, so the block is written once per direction.
+    // Pre-norm: LayerNorm (mean, rstd) or RMSNorm (rstd only; b and mean unused).
+    void norm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
+                      int N) const;
+    void norm_backward(float* dinp, float* dw, float* db, const float* dout, const float* x, const float* w,
+                       const float* mean, const float* rstd, int N) const;  // dinp, dw, db +=
+    // qkv [B*T, qkv_width] of layer l from its normed input; LLAMA rotates q and k for positions pos0 + t.
+    void qkv_forward(int l, float* qkv, const float* x, int B, int T, int pos0, bool bf16) const;
+    // dx [N,C] = the input's gradient (written); dqkv is consumed (LLAMA un-rotates it in place).
+    void qkv_backward(int l, float* dx, float* dqkv, const float* x, int B, int T, bool bf16);
+    void attn_out_forward(int l, float* out, const float* att, int N, bool bf16) const;  // c_proj / o_proj
+    void attn_out_backward(int l, float* datt, const float* dout, const float* att, int N, bool bf16);  // datt written
     FeedForward mlp(int layer) const;  // layer's MLP weights as the feed-forward kernels take them
     FeedForwardGrads mlp_grads(int layer) const;
     Dropout step_dropout() const;

@@ -1,5 +1,6 @@
-// Causal multi-head self-attention, scale 1/sqrt(head_dim), over qkv [B,T,3C] laid out as GPT-2's c_attn
-// output: q = [:, :, 0:C], k = [C:2C], v = [2C:3C], head h in columns h*hs:(h+1)*hs.
+// Causal grouped-query self-attention, scale 1/sqrt(head_dim), over qkv [B,T,(H+2KV)hs]: q = [:, :, 0:H*hs],
+// k = [H*hs:(H+KV)hs], v = [(H+KV)hs:], head h in columns h*hs:(h+1)*hs of its part. Query head h reads K/V head
+// h / (H/KV). With KV = H this is GPT-2's c_attn output, q | k | v of C columns each.
 //
 // Tiled in blocks of query rows (flash-attention style): for a block, the scores against all earlier keys
 // live in a per-thread scratch of BQ x T floats, never a T x T matrix, and the forward keeps only each row's
@@ -23,14 +24,19 @@ inline size_t drop_index(int b, int h, int t, int j, int H, int T) {
 
 // What the forward and the backward share: the shape of the heads, the softmax scale, dropout's constants.
 struct Heads {
-    int T, H, hs, ld;  // sequence length, heads, head size, row stride of qkv
-    int nblk;          // blocks of query rows
+    int T, H, KV, group, hs, ld;  // sequence length, query and K/V heads, H/KV, head size, row stride of qkv
+    int nblk;                     // blocks of query rows
     float scale;
     uint32_t threshold;  // dropout's
     float keep_scale;
-    Heads(int T, int C, int H, const Dropout& d)
-        : T(T), H(H), hs(C / H), ld(3 * C), nblk((T + BQ - 1) / BQ), scale(1.0f / std::sqrt((float)hs)),
-          threshold(dropout_threshold(d.p)), keep_scale(d.active() ? 1.0f / (1.0f - d.p) : 1.0f) {}
+    Heads(int T, int C, int H, int KV, const Dropout& d)
+        : T(T), H(H), KV(KV), group(H / KV), hs(C / H), ld((H + 2 * KV) * (C / H)), nblk((T + BQ - 1) / BQ),
+          scale(1.0f / std::sqrt((float)hs)), threshold(dropout_threshold(d.p)),
+          keep_scale(d.active() ? 1.0f / (1.0f - d.p) : 1.0f) {}
+    // column offsets within a qkv row: query head h, and the K and V of K/V head g
+    size_t q_col(int h) const { return (size_t)h * hs; }
+    size_t k_col(int g) const { return (size_t)(H + g) * hs; }
+    size_t v_col(int g) const { return (size_t)(H + KV + g) * hs; }
     // whether dropout keeps the probability of query i for key j in head h of sequence b
     bool keeps(const Dropout& d, uint64_t site, int b, int h, int i, int j) const {
         return dropout_keep(d.seed, site, drop_index(b, h, i, j, H, T), threshold);
@@ -86,9 +92,9 @@ static inline float softmax_row(float* s, int n, float scale) {
     return mx + std::log(sum);
 }
 
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, int KV, const Dropout& d,
                        uint64_t site, bool bf16) {
-    const Heads hd(T, C, H, d);
+    const Heads hd(T, C, H, KV, d);
     #pragma omp parallel firstprivate(hd)  // a copy per thread: its fields stay in registers
     {
         float* S = block_scratch(T).a.get();
@@ -98,9 +104,9 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                 for (int blk = 0; blk < hd.nblk; blk++) {
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
                     const BlockCausal causal(i0);
-                    const float* q = qkv + ((size_t)b * T + i0) * hd.ld + h * hd.hs;
-                    const float* k = qkv + (size_t)b * T * hd.ld + C + h * hd.hs;
-                    const float* v = k + C;
+                    const float* q = qkv + ((size_t)b * T + i0) * hd.ld + hd.q_col(h);
+                    const float* k = qkv + (size_t)b * T * hd.ld + hd.k_col(h / hd.group);
+                    const float* v = qkv + (size_t)b * T * hd.ld + hd.v_col(h / hd.group);
                     // S = Q K^T for keys j < i1, the causal part only
                     gemm({.c = S, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
                           .parallel = false, .bf16 = bf16, .causal = causal.scores});
@@ -121,10 +127,11 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int B, int T, int C, int H, const Dropout& d, uint64_t site, bool bf16) {
-    const Heads hd(T, C, H, d);
-    // Each (b, h) owns its q/k/v columns of dqkv: no races; its query blocks run in a fixed order (last
-    // first), so dK and dV are summed in the same order whatever the thread count.
+                        int B, int T, int C, int H, int KV, const Dropout& d, uint64_t site, bool bf16) {
+    const Heads hd(T, C, H, KV, d);
+    // Each (b, K/V head) owns the q columns of its query heads and its k/v columns of dqkv: no races. Its query
+    // heads run in order and each one's blocks last first, so dK and dV are summed in the same order whatever the
+    // thread count.
     #pragma omp parallel firstprivate(hd)
     {
         Rows& scratch = block_scratch(T);
@@ -132,58 +139,61 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         float* dS = scratch.b.get();  // dP, then the score gradient
         #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                const float* q_all = qkv + (size_t)b * T * hd.ld + h * hd.hs;
-                const float* k = q_all + C;
-                const float* v = q_all + 2 * C;
-                float* dq_all = dqkv + (size_t)b * T * hd.ld + h * hd.hs;
-                float* dk = dq_all + C;
-                float* dv = dq_all + 2 * C;
-                // the last query block reaches every key: its products store dK and dV, the others add
-                for (int blk = hd.nblk - 1; blk >= 0; blk--) {
-                    const bool add = blk < hd.nblk - 1;
-                    const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
-                    const BlockCausal causal(i0);
-                    const float* q = q_all + (size_t)i0 * hd.ld;
-                    const float* go = dout + ((size_t)b * T + i0) * C + h * hd.hs;
-                    const float* o = out + ((size_t)b * T + i0) * C + h * hd.hs;
-                    // S = Q K^T (into P) and dP' = dO V^T (into dS), the causal part only
-                    gemm({.c = P, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
-                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
-                    gemm({.c = dS, .ldc = T, .a = {go, C}, .b = {v, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
-                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
-                    for (int r = 0; r < rows; r++) {
-                        const int i = i0 + r;
-                        float* p = P + (size_t)r * T;
-                        float* ds = dS + (size_t)r * T;
-                        const float l = lse[((size_t)b * H + h) * T + i];
-                        float D = 0.0f;  // sum_j p_j dp_j = dO_i . O_i
-                        #pragma omp simd reduction(+ : D)
-                        for (int c = 0; c < hd.hs; c++) D += go[(size_t)r * C + c] * o[(size_t)r * C + c];
-                        #pragma omp simd
-                        for (int j = 0; j <= i; j++) p[j] = fast_exp(p[j] * hd.scale - l);
-                        if (d.active()) {
-                            for (int j = 0; j <= i; j++) {
-                                const float m = hd.keeps(d, site, b, h, i, j) ? hd.keep_scale : 0.0f;
-                                ds[j] = p[j] * (m * ds[j] - D) * hd.scale;
-                                p[j] *= m;
-                            }
-                        } else {
+            for (int g = 0; g < hd.KV; g++) {
+                const float* seq = qkv + (size_t)b * T * hd.ld;
+                float* dseq = dqkv + (size_t)b * T * hd.ld;
+                const float* k = seq + hd.k_col(g);
+                const float* v = seq + hd.v_col(g);
+                float* dk = dseq + hd.k_col(g);
+                float* dv = dseq + hd.v_col(g);
+                for (int h = g * hd.group; h < (g + 1) * hd.group; h++)
+                    // the group's first head's last query block reaches every key: it stores dK and dV, the
+                    // other blocks and heads add
+                    for (int blk = hd.nblk - 1; blk >= 0; blk--) {
+                        const bool add = h > g * hd.group || blk < hd.nblk - 1;
+                        const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
+                        const BlockCausal causal(i0);
+                        const float* q = seq + (size_t)i0 * hd.ld + hd.q_col(h);
+                        const float* go = dout + ((size_t)b * T + i0) * C + h * hd.hs;
+                        const float* o = out + ((size_t)b * T + i0) * C + h * hd.hs;
+                        // S = Q K^T (into P) and dP' = dO V^T (into dS), the causal part only
+                        gemm({.c = P, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1,
+                              .k = hd.hs, .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                        gemm({.c = dS, .ldc = T, .a = {go, C}, .b = {v, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
+                              .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                        for (int r = 0; r < rows; r++) {
+                            const int i = i0 + r;
+                            float* p = P + (size_t)r * T;
+                            float* ds = dS + (size_t)r * T;
+                            const float l = lse[((size_t)b * H + h) * T + i];
+                            float D = 0.0f;  // sum_j p_j dp_j = dO_i . O_i
+                            #pragma omp simd reduction(+ : D)
+                            for (int c = 0; c < hd.hs; c++) D += go[(size_t)r * C + c] * o[(size_t)r * C + c];
                             #pragma omp simd
-                            for (int j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - D) * hd.scale;
+                            for (int j = 0; j <= i; j++) p[j] = fast_exp(p[j] * hd.scale - l);
+                            if (d.active()) {
+                                for (int j = 0; j <= i; j++) {
+                                    const float m = hd.keeps(d, site, b, h, i, j) ? hd.keep_scale : 0.0f;
+                                    ds[j] = p[j] * (m * ds[j] - D) * hd.scale;
+                                    p[j] *= m;
+                                }
+                            } else {
+                                #pragma omp simd
+                                for (int j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - D) * hd.scale;
+                            }
+                            for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
                         }
-                        for (int j = i + 1; j < i1; j++) p[j] = ds[j] = 0.0f;  // causal mask
+                        // dV (+)= P^T dO
+                        gemm({.c = dv, .ldc = hd.ld, .a = {P, T, true}, .b = {go, C}, .m = i1, .n = hd.hs, .k = rows,
+                              .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
+                        // dQ = dS K for this block's query rows
+                        gemm({.c = dseq + (size_t)i0 * hd.ld + hd.q_col(h), .ldc = hd.ld, .a = {dS, T},
+                              .b = {k, hd.ld}, .m = rows, .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16,
+                              .causal = causal.rows});
+                        // dK (+)= dS^T Q
+                        gemm({.c = dk, .ldc = hd.ld, .a = {dS, T, true}, .b = {q, hd.ld}, .m = i1, .n = hd.hs,
+                              .k = rows, .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
                     }
-                    // dV (+)= P^T dO
-                    gemm({.c = dv, .ldc = hd.ld, .a = {P, T, true}, .b = {go, C}, .m = i1, .n = hd.hs, .k = rows,
-                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
-                    // dQ = dS K for this block's query rows
-                    gemm({.c = dq_all + (size_t)i0 * hd.ld, .ldc = hd.ld, .a = {dS, T}, .b = {k, hd.ld}, .m = rows,
-                          .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = causal.rows});
-                    // dK (+)= dS^T Q
-                    gemm({.c = dk, .ldc = hd.ld, .a = {dS, T, true}, .b = {q, hd.ld}, .m = i1, .n = hd.hs, .k = rows,
-                          .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});
-                }
             }
     }
 }
@@ -203,26 +213,25 @@ void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, u
 }
 
 
-void attention_decode(float* out, const float* qkv, int t, int C, int H) {
-    const int hs = C / H, ld = 3 * C;
-    const float scale = 1.0f / std::sqrt((float)hs);
+void attention_decode(float* out, const float* qkv, int t, int C, int H, int KV) {
+    const Heads hd(t + 1, C, H, KV, Dropout{});
     #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
         thread_local std::vector<float> scores;  // grows with the context, amortised
         if (scores.size() < (size_t)t + 1) scores.resize((size_t)t + 1);
         float* s = scores.data();
-        const float* q = qkv + (size_t)t * ld + h * hs;
-        const float* k = qkv + C + h * hs;
-        const float* v = k + C;
-        for (int j = 0; j <= t; j++) s[j] = dot(q, k + (size_t)j * ld, hs);
-        softmax_row(s, t + 1, scale);
-        float* o = out + h * hs;
-        std::fill(o, o + hs, 0.0f);
+        const float* q = qkv + (size_t)t * hd.ld + hd.q_col(h);
+        const float* k = qkv + hd.k_col(h / hd.group);
+        const float* v = qkv + hd.v_col(h / hd.group);
+        for (int j = 0; j <= t; j++) s[j] = dot(q, k + (size_t)j * hd.ld, hd.hs);
+        softmax_row(s, t + 1, hd.scale);
+        float* o = out + h * hd.hs;
+        std::fill(o, o + hd.hs, 0.0f);
         for (int j = 0; j <= t; j++) {
             const float p = s[j];
-            const float* vj = v + (size_t)j * ld;
+            const float* vj = v + (size_t)j * hd.ld;
             #pragma omp simd
-            for (int i = 0; i < hs; i++) o[i] += p * vj[i];
+            for (int i = 0; i < hd.hs; i++) o[i] += p * vj[i];
         }
     }
 }

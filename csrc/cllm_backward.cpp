@@ -8,7 +8,7 @@ namespace cllm {
 
 void Model::backward(const int32_t* tokens, const Dropout& d) {
     const int B = acts.B, T = acts.T;
-    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads;
+    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads, KV = cfg.kv_heads();
     const int N = B * T;
     const size_t NC = (size_t)N * C;
     const float* dlogits = acts.logits;
@@ -22,14 +22,14 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         return acts.dln;
     };
 
-    // tied LM head: logits = lnf @ wte^T
-    gemm({.c = acts.dln, .ldc = C, .a = {dlogits, V}, .b = {p.wte, C}, .m = N, .n = C, .k = V,
-          .bf16 = cfg.bf16});  // dlnf = dlogits wte
-    gemm({.c = g.wte, .ldc = C, .a = {dlogits, V, true}, .b = {acts.lnf, C}, .m = V, .n = C, .k = N,
-          .accumulate = true, .bf16 = cfg.bf16});  // dwte += dlogits^T lnf
+    // LM head: logits = lnf @ head^T (head = wte when tied)
+    gemm({.c = acts.dln, .ldc = C, .a = {dlogits, V}, .b = {p.head(), C}, .m = N, .n = C, .k = V,
+          .bf16 = cfg.bf16});  // dlnf = dlogits head
+    gemm({.c = g.head(), .ldc = C, .a = {dlogits, V, true}, .b = {acts.lnf, C}, .m = V, .n = C, .k = N,
+          .accumulate = true, .bf16 = cfg.bf16});  // dhead += dlogits^T lnf
     const float* x_last = cfg.num_layers > 0 ? acts.layers[cfg.num_layers - 1].res3 : acts.encoded;
     std::memset(dres, 0, NC * sizeof(float));
-    layernorm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N, C);
+    norm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N);
 
     for (int l = cfg.num_layers - 1; l >= 0; l--) {
         const LayerTensors& w = p.layers[l];
@@ -37,23 +37,24 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         const LayerActs& a = acts.layers[l];
         const float* x_in = l == 0 ? acts.encoded : acts.layers[l - 1].res3;
 
-        // res3 = res2 + drop(fcproj(gelu(fc(ln2(res2))))): dres flows to res2 unchanged, plus the MLP branch
+        // res3 = res2 + drop(mlp(norm_2(res2))): dres flows to res2 unchanged, plus the MLP branch
         const float* dmlp = branch_grad(dres, site_mlp_resid(l));
-        layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);  // recompute
-        feedforward_backward(acts.dln, mlp_grads(l), dmlp, acts.ln_out, a.fch, acts.gelu_out, acts.dfch, mlp(l), N);
-        layernorm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
+        norm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N);  // recompute
+        feedforward_backward(acts.dln, mlp_grads(l), dmlp, acts.ln_out, a.fch, acts.act_out, acts.dfch, mlp(l), N);
+        norm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N);
 
-        // res2 = x_in + drop(attproj(attn(qkv(ln1(x_in)))))
+        // res2 = x_in + drop(attn_out(attn(qkv(norm_1(x_in)))))
         const float* dattn = branch_grad(dres, site_attn_resid(l));
-        linear_backward(acts.datty, gw.attproj_w, gw.attproj_b, dattn, a.atty, w.attproj_w, N, C, C, false, cfg.bf16);
-        attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, d, site_attn(l), cfg.bf16);
-        layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N, C);  // recompute
-        linear_backward(acts.dln, gw.qkv_w, gw.qkv_b, acts.dqkv, acts.ln_out, w.qkv_w, N, C, 3 * C, false, cfg.bf16);
-        layernorm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N, C);
+        attn_out_backward(l, acts.datty, dattn, a.atty, N, cfg.bf16);
+        attention_backward(acts.dqkv, acts.datty, a.qkv, a.atty, a.att_lse, B, T, C, H, KV, d, site_attn(l),
+                           cfg.bf16);
+        norm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N);  // recompute
+        qkv_backward(l, acts.dln, acts.dqkv, acts.ln_out, B, T, cfg.bf16);
+        norm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N);
     }
 
     dropout_backward(dres, NC, d, site_embedding());
-    embedding_backward(g.wte, g.wpe, dres, tokens, B, T, C);  // g.wpe is null for the fixed table
+    embedding_backward(g.wte, g.wpe, dres, tokens, B, T, C);  // g.wpe is null without a learned table
 }
 
 }  // namespace cllm

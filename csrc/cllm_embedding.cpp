@@ -1,4 +1,5 @@
-// Token embedding + positional encoding (learned table or fixed sinusoidal), forward and backward.
+// Token embedding + positional encoding (learned table, fixed sinusoidal, or none: rotary), forward and backward.
+#include <algorithm>
 #include <cmath>
 
 #include "cllm.h"
@@ -20,6 +21,10 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, cons
         for (int t = 0; t < T; t++) {
             float* o = out + ((size_t)b * T + t) * C;
             const float* e = wte + (size_t)tokens[b * T + t] * C;
+            if (!pos) {  // rotary positions are applied in attention
+                std::copy(e, e + C, o);
+                continue;
+            }
             const float* q = pos + (size_t)t * C;
             #pragma omp simd
             for (int c = 0; c < C; c++) o[c] = e[c] + q[c];

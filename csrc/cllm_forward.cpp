@@ -1,13 +1,14 @@
-// The whole-model training forward: every layer in order, keeping the activations the backward needs.
-//   x = drop(wte[tokens] + pos); per block: x += drop(attn(ln_1(x))); x += drop(mlp(ln_2(x)));
-//   logits = ln_f(x) @ wte^T
+// The whole-model training forward: every layer in order, keeping the activations the backward needs. One block
+// wiring for both architectures; the parts differ (cllm_block.cpp):
+//   x = drop(wte[tokens] + pos); per block: x += drop(attn(norm_1(x))); x += drop(mlp(norm_2(x)));
+//   logits = norm_f(x) @ head^T     (pos: none for LLAMA, whose positions rotate q and k; head: wte or lm_head)
 #include "cllm.h"
 
 namespace cllm {
 
 void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
     if (acts.B != B || acts.T != T) acts.allocate(cfg, B, T);
-    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads;
+    const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads, KV = cfg.kv_heads();
     const int N = B * T;
     const size_t NC = (size_t)N * C;
 
@@ -17,23 +18,23 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
     for (int l = 0; l < cfg.num_layers; l++) {
         const LayerTensors& w = p.layers[l];
         LayerActs& a = acts.layers[l];
-        layernorm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C);
-        linear_forward(a.qkv, acts.ln_out, w.qkv_w, w.qkv_b, N, C, 3 * C, cfg.bf16);
-        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, d, site_attn(l), cfg.bf16);
-        linear_forward(a.res2, a.atty, w.attproj_w, w.attproj_b, N, C, C, cfg.bf16);
+        norm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N);
+        qkv_forward(l, a.qkv, acts.ln_out, B, T, 0, cfg.bf16);
+        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, H, KV, d, site_attn(l), cfg.bf16);
+        attn_out_forward(l, a.res2, a.atty, N, cfg.bf16);
         dropout_forward(a.res2, NC, d, site_attn_resid(l));
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res2[i] += x[i];
-        layernorm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, C);
-        feedforward_forward(a.res3, a.fch, acts.gelu_out, acts.ln_out, mlp(l), N);
+        norm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N);
+        feedforward_forward(a.res3, a.fch, acts.act_out, acts.ln_out, mlp(l), N);
         dropout_forward(a.res3, NC, d, site_mlp_resid(l));
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < NC; i++) a.res3[i] += a.res2[i];
         x = a.res3;
     }
-    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, x, p.lnf_w, p.lnf_b, N, C);
-    gemm({.c = acts.logits, .ldc = V, .a = {acts.lnf, C}, .b = {p.wte, C, true}, .m = N, .n = V, .k = C,
-          .bf16 = cfg.bf16});  // tied head: logits = lnf wte^T
+    norm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, x, p.lnf_w, p.lnf_b, N);
+    gemm({.c = acts.logits, .ldc = V, .a = {acts.lnf, C}, .b = {p.head(), C, true}, .m = N, .n = V, .k = C,
+          .bf16 = cfg.bf16});  // logits = lnf head^T
 }
 
 float Model::loss_only(const int32_t* targets) {

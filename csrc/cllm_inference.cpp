@@ -14,18 +14,22 @@ namespace cllm {
 
 namespace {
 
-size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * 3 * c.embedding_dim; }
-size_t scratch_floats(const Config& c) { return 4 * (size_t)c.embedding_dim + 2 * (size_t)c.ff_dim; }
+size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * c.qkv_width(); }
+size_t scratch_floats(const Config& c) {
+    return 4 * (size_t)c.embedding_dim + (size_t)c.mlp_width() + (size_t)c.ff_dim;
+}
 
-// Per layer the qkv rows of the context [max_seq_len, 3C], the training layout, and one token's scratch.
+// Per layer the qkv rows of the context [max_seq_len, qkv_width] (q, then k and v of the num_kv_heads K/V heads,
+// the training layout, q and k rotated at their positions), and one token's scratch.
 struct Cache {
     int len = 0;
     std::vector<FloatBuffer> qkv;
-    FloatBuffer x, ln, att, proj, fch, gelu;  // scratch_floats(c) in all
+    FloatBuffer x, ln, att, proj, fch, act;  // scratch_floats(c) in all
     explicit Cache(const Config& c) {
         for (int l = 0; l < c.num_layers; l++) qkv.push_back(alloc_floats(cache_floats_per_layer(c)));
         for (FloatBuffer* b : {&x, &ln, &att, &proj}) *b = alloc_floats(c.embedding_dim);
-        for (FloatBuffer* b : {&fch, &gelu}) *b = alloc_floats(c.ff_dim);
+        fch = alloc_floats(c.mlp_width());
+        act = alloc_floats(c.ff_dim);
     }
 };
 
@@ -36,39 +40,42 @@ void add_inplace(float* x, const float* y, int n) {
 
 // Append one token at position cache.len; logits [V] of the next token. Runs in fp32 whatever the model's
 // precision (one row is bound by reading the weights, not by the products).
+// The block is Model::forward's, on one row, from the same parts (cllm_block.cpp).
 void decode_step(Model& m, Cache& cache, int32_t token, float* logits) {
     const Config& c = m.cfg;
     const int C = c.embedding_dim, t = cache.len;
     float *x = cache.x.get(), *ln = cache.ln.get(), *att = cache.att.get(), *proj = cache.proj.get();
     float mean, rstd;
-    embedding_forward(x, &token, m.p.wte, m.positions() + (size_t)t * C, 1, 1, C);
+    const float* pos = m.positions();
+    embedding_forward(x, &token, m.p.wte, pos ? pos + (size_t)t * C : nullptr, 1, 1, C);
     for (int l = 0; l < c.num_layers; l++) {
         const LayerTensors& w = m.p.layers[l];
         float* qkv = cache.qkv[l].get();
-        layernorm_forward(ln, &mean, &rstd, x, w.ln1_w, w.ln1_b, 1, C);
-        linear_forward(qkv + (size_t)t * 3 * C, ln, w.qkv_w, w.qkv_b, 1, C, 3 * C);
-        attention_decode(att, qkv, t, C, c.num_heads);
-        linear_forward(proj, att, w.attproj_w, w.attproj_b, 1, C, C);
+        m.norm_forward(ln, &mean, &rstd, x, w.ln1_w, w.ln1_b, 1);
+        m.qkv_forward(l, qkv + (size_t)t * c.qkv_width(), ln, 1, 1, t, false);
+        attention_decode(att, qkv, t, C, c.num_heads, c.kv_heads());
+        m.attn_out_forward(l, proj, att, 1, false);
         add_inplace(x, proj, C);
-        layernorm_forward(ln, &mean, &rstd, x, w.ln2_w, w.ln2_b, 1, C);
+        m.norm_forward(ln, &mean, &rstd, x, w.ln2_w, w.ln2_b, 1);
         FeedForward ff = m.mlp(l);
         ff.bf16 = false;
-        feedforward_forward(proj, cache.fch.get(), cache.gelu.get(), ln, ff, 1);
+        feedforward_forward(proj, cache.fch.get(), cache.act.get(), ln, ff, 1);
         add_inplace(x, proj, C);
     }
-    layernorm_forward(ln, &mean, &rstd, x, m.p.lnf_w, m.p.lnf_b, 1, C);
-    // tied head, one row: the training forward's GEMM would pack all of wte for it
+    m.norm_forward(ln, &mean, &rstd, x, m.p.lnf_w, m.p.lnf_b, 1);
+    // the head, one row: the training forward's GEMM would pack all of it
+    const float* head = m.p.head();
     #pragma omp parallel for schedule(static)
-    for (int v = 0; v < c.vocab_size; v++) logits[v] = dot(m.p.wte + (size_t)v * C, ln, C);
+    for (int v = 0; v < c.vocab_size; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
     cache.len++;
 }
 
 // Fill the cache from a batched forward over ctx; logits of the last position.
 void prefill(Model& m, Cache& cache, const std::vector<int32_t>& ctx, float* logits) {
-    const int T = (int)ctx.size(), C = m.cfg.embedding_dim, V = m.cfg.vocab_size;
+    const int T = (int)ctx.size(), V = m.cfg.vocab_size;
     m.forward(ctx.data(), 1, T, Dropout{});
     for (int l = 0; l < m.cfg.num_layers; l++)
-        std::memcpy(cache.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * 3 * C * sizeof(float));
+        std::memcpy(cache.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * m.cfg.qkv_width() * sizeof(float));
     std::memcpy(logits, m.acts.logits + (size_t)(T - 1) * V, V * sizeof(float));
     cache.len = T;
 }

@@ -1,4 +1,5 @@
-// LayerNorm over the channel dimension (eps 1e-5, biased variance), forward and backward.
+// The pre-norms over the channel dimension, forward and backward: GPT-2's LayerNorm (eps 1e-5, biased variance)
+// and Llama's RMSNorm (no mean, no bias).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -6,6 +7,9 @@
 #include "cllm.h"
 
 namespace cllm {
+
+static void norm_param_grads(float* dw, float* db, const float* dout, const float* inp, const float* mean,
+                             const float* rstd, int N, int C);
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
                        int N, int C) {
@@ -52,19 +56,59 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
             dx[c] += r * (d[c] * w[c] - s1 - xh * s2);
         }
     }
-    // parameter gradients: channels split across threads, rows summed in order
+    norm_param_grads(dw, db, dout, inp, mean, rstd, N, C);
+}
+
+// The parameter gradient of a norm: channels split across threads, rows summed in order (deterministic).
+// dw += sum_n dout * xhat with xhat = (x - mean) * rstd (mean null: 0); db += sum_n dout when db is given.
+static void norm_param_grads(float* dw, float* db, const float* dout, const float* inp, const float* mean,
+                             const float* rstd, int N, int C) {
     #pragma omp parallel for schedule(static)
     for (int c0 = 0; c0 < C; c0 += 16) {
         int c1 = std::min(C, c0 + 16);
         for (int n = 0; n < N; n++) {
             const float* x = inp + (size_t)n * C;
             const float* d = dout + (size_t)n * C;
-            for (int c = c0; c < c1; c++) {
-                dw[c] += d[c] * (x[c] - mean[n]) * rstd[n];
-                db[c] += d[c];
-            }
+            const float m = mean ? mean[n] : 0.0f;
+            for (int c = c0; c < c1; c++) dw[c] += d[c] * (x[c] - m) * rstd[n];
+            if (db)
+                for (int c = c0; c < c1; c++) db[c] += d[c];
         }
     }
+}
+
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        float ss = 0.0f;
+        #pragma omp simd reduction(+ : ss)
+        for (int c = 0; c < C; c++) ss += x[c] * x[c];
+        const float r = 1.0f / std::sqrt(ss / C + eps);
+        float* o = out + (size_t)n * C;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) o[c] = x[c] * r * w[c];
+        rstd[n] = r;
+    }
+}
+
+// dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), dxhat = dout * w, xhat = x * rstd.
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int N, int C) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        const float* d = dout + (size_t)n * C;
+        const float r = rstd[n];
+        float s = 0.0f;
+        #pragma omp simd reduction(+ : s)
+        for (int c = 0; c < C; c++) s += d[c] * w[c] * x[c] * r;
+        s /= C;
+        float* dx = dinp + (size_t)n * C;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) dx[c] += r * (d[c] * w[c] - x[c] * r * s);
+    }
+    norm_param_grads(dw, nullptr, dout, inp, nullptr, rstd, N, C);
 }
 
 }  // namespace cllm

@@ -630,4 +630,26 @@ void linear_forward_row(float* out, const float* inp, const float* w, const floa
     }
 }
 
+// nn.Linear's layout w [OC, IC]: out = inp w^T. One fp32 row: a dot per output row of w, in order (as
+// linear_forward_row, no packing); otherwise the GEMM with w as its transposed operand.
+void projection_forward(float* out, int ldo, const float* inp, int ldi, const float* w, int N, int IC, int OC,
+                        bool bf16) {
+    if (N == 1 && !bf16) {
+        #pragma omp parallel for schedule(static)
+        for (int j = 0; j < OC; j++) out[j] = dot(w + (size_t)j * IC, inp, IC);
+        return;
+    }
+    gemm({.c = out, .ldc = ldo, .a = {inp, ldi}, .b = {w, IC, true}, .m = N, .n = OC, .k = IC, .bf16 = bf16});
+}
+
+void projection_backward(float* dinp, int ldi, float* dw, const float* dout, int ldo, const float* inp,
+                         const float* w, int N, int IC, int OC, bool accumulate_dinp, bool bf16) {
+    if (dinp)  // dinp (+)= dout w
+        gemm({.c = dinp, .ldc = ldi, .a = {dout, ldo}, .b = {w, IC}, .m = N, .n = IC, .k = OC,
+              .accumulate = accumulate_dinp, .bf16 = bf16});
+    if (dw)  // dw += dout^T inp
+        gemm({.c = dw, .ldc = IC, .a = {dout, ldo, true}, .b = {inp, ldi}, .m = OC, .n = IC, .k = N,
+              .accumulate = true, .bf16 = bf16});
+}
+
 }  // namespace cllm

@@ -1,4 +1,4 @@
-// The model's buffers (parameters, gradients), GPT-2 initialisation, and the thread count.
+// The model's buffers (parameters, gradients), their initialisation (GPT-2's), and the thread count.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -55,34 +55,33 @@ Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(c) {
     p = layout.bind(params.get());
     g = layout.bind(grads.get());
     dropout_seed = mix64(seed ^ 0xD1B54A32D192ED03ULL);
-    if (!cfg.learned_pos) {
+    if (cfg.llama()) {
+        const size_t n = (size_t)cfg.max_seq_len * (cfg.head_dim() / 2);
+        rope_cos.resize(n);
+        rope_sin.resize(n);
+        rope_table(rope_cos.data(), rope_sin.data(), cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta);
+    } else if (!cfg.learned_pos) {
         pos_table.resize((size_t)cfg.max_seq_len * cfg.embedding_dim);
         sinusoidal_table(pos_table.data(), cfg.max_seq_len, cfg.embedding_dim);
     }
-    // GPT-2 init: weights N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), biases 0, LayerNorm 1/0.
+    // GPT-2 init, for both architectures: weights N(0, 0.02), the projections into the residual stream
+    // N(0, 0.02/sqrt(2L)), biases 0, norm weights 1.
     const float resid_std = 0.02f / std::sqrt(2.0f * cfg.num_layers);
     for (size_t t = 0; t < layout.tensors.size(); t++) {
         const TensorInfo& ti = layout.tensors[t];
         float* w = params.get() + ti.offset;
         const std::string& n = ti.name;
-        if (ends_with(n, "ln_1.weight") || ends_with(n, "ln_2.weight") || n == "ln_f.weight") {
+        if (ends_with(n, "ln_1.weight") || ends_with(n, "ln_2.weight") || n == "ln_f.weight" ||
+            ends_with(n, "norm.weight")) {
             for (size_t i = 0; i < ti.size; i++) w[i] = 1.0f;
         } else if (ti.shape.size() == 2) {
-            float std = ends_with(n, "c_proj.weight") ? resid_std : 0.02f;
+            const bool resid = ends_with(n, "c_proj.weight") || ends_with(n, "o_proj.weight") ||
+                               ends_with(n, "down_proj.weight");
+            float std = resid ? resid_std : 0.02f;
             #pragma omp parallel for schedule(static)
             for (size_t i = 0; i < ti.size; i++) w[i] = std * normal_at(seed, t, i);
         }  // biases and LayerNorm biases stay 0
     }
-}
-
-FeedForward Model::mlp(int layer) const {
-    const LayerTensors& w = p.layers[layer];
-    return {w.fc_w, w.fc_b, w.fcproj_w, w.fcproj_b, cfg.embedding_dim, cfg.ff_dim, cfg.bf16};
-}
-
-FeedForwardGrads Model::mlp_grads(int layer) const {
-    const LayerTensors& w = g.layers[layer];
-    return {w.fc_w, w.fc_b, w.fcproj_w, w.fcproj_b};
 }
 
 void Model::zero_grad() { std::memset(grads.get(), 0, layout.total * sizeof(float)); }

@@ -14,8 +14,10 @@ namespace cllm {
 // call needs no slot: within a variant, calls stay inside it.
 #define CLLM_KERNEL_FUNCTIONS(X)                                                                          \
     X(gemm) X(linear_forward) X(linear_backward) X(sinusoidal_table) X(embedding_forward)                 \
-    X(embedding_backward) X(layernorm_forward) X(layernorm_backward) X(attention_forward)                 \
-    X(attention_backward) X(attention_dropout_mask) X(gelu_forward) X(gelu_backward)                      \
+    X(embedding_backward) X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward)                   \
+    X(rmsnorm_backward) X(rope_table) X(rope_forward) X(rope_backward) X(attention_forward)               \
+    X(attention_backward) X(attention_dropout_mask) X(gelu_forward) X(gelu_backward) X(swiglu_forward)    \
+    X(swiglu_backward)                                                                                     \
     X(feedforward_forward) X(feedforward_backward) X(cross_entropy_forward) X(cross_entropy_backward)     \
     X(cross_entropy_fused) X(grad_norm) X(scale_inplace) X(adamw_step) X(sgd_step) X(generate)            \
     X(generation_floats)

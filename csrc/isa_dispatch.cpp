@@ -209,19 +209,37 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
                         const float* mean, const float* rstd, int N, int C) {
     kernels().layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, const Dropout& d,
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
+    kernels().rmsnorm_forward(out, rstd, inp, w, N, C, eps);
+}
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int N, int C) {
+    kernels().rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+}
+void rope_table(float* cos, float* sin, int P, int hs, float theta) { kernels().rope_table(cos, sin, P, hs, theta); }
+void rope_forward(float* x, int ld, int heads, int hs, int B, int T, const float* cos, const float* sin) {
+    kernels().rope_forward(x, ld, heads, hs, B, T, cos, sin);
+}
+void rope_backward(float* dx, int ld, int heads, int hs, int B, int T, const float* cos, const float* sin) {
+    kernels().rope_backward(dx, ld, heads, hs, B, T, cos, sin);
+}
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int H, int KV, const Dropout& d,
                        uint64_t site, bool bf16) {
-    kernels().attention_forward(out, lse, qkv, B, T, C, H, d, site, bf16);
+    kernels().attention_forward(out, lse, qkv, B, T, C, H, KV, d, site, bf16);
 }
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse, int B,
-                        int T, int C, int H, const Dropout& d, uint64_t site, bool bf16) {
-    kernels().attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, d, site, bf16);
+                        int T, int C, int H, int KV, const Dropout& d, uint64_t site, bool bf16) {
+    kernels().attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, KV, d, site, bf16);
 }
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site) {
     kernels().attention_dropout_mask(out, B, T, H, d, site);
 }
 void gelu_forward(float* out, const float* inp, size_t n) { kernels().gelu_forward(out, inp, n); }
 void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) { kernels().gelu_backward(dinp, dout, inp, n); }
+void swiglu_forward(float* out, const float* gu, int N, int F) { kernels().swiglu_forward(out, gu, N, F); }
+void swiglu_backward(float* dgu, const float* dout, const float* gu, int N, int F) {
+    kernels().swiglu_backward(dgu, dout, gu, N, F);
+}
 void feedforward_forward(float* out, float* fch, float* gelu_out, const float* inp, const FeedForward& ff, int N) {
     kernels().feedforward_forward(out, fch, gelu_out, inp, ff, N);
 }

@@ -146,10 +146,10 @@ def snapshot(arrays: dict) -> dict:
 
 
 def perturb_params(model, rng, ln_scale=0.1, bias_scale=0.05):
-    """Add noise, through the views, to LayerNorm weights/biases and all biases (zero/one at GPT-2 init),
-    so that their gradients are non-trivial."""
+    """Add noise, through the views, to LayerNorm/RMSNorm weights, LayerNorm biases and all biases (zero/one at
+    initialisation), so that their gradients are non-trivial."""
     for name, p in model.parameters().items():
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+        if name.endswith(("ln_1.weight", "ln_2.weight", "norm.weight")) or name == "ln_f.weight":
             p += (ln_scale * rng.standard_normal(p.shape)).astype(np.float32)
         elif name.endswith(".bias"):
             p += (bias_scale * rng.standard_normal(p.shape)).astype(np.float32)

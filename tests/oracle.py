@@ -21,6 +21,17 @@ The model (GPT-2, pre-LayerNorm, LM head tied to ``wte``)::
         x = x + drop_resid(c_proj(gelu(c_fc(ln_2(x)))))
     logits = ln_f(x) @ wte.T
     loss = mean cross-entropy(logits, targets)
+
+The Llama model (``cfg.architecture == "llama"``; LlamaForCausalLM's names without ``model.``, nn.Linear
+weights ``[out, in]``: ``y = x @ W.T``, no biases)::
+
+    x = embed_tokens[tokens]              (dropout "emb")
+    per block i:
+        q, k, v = x' @ Wq.T, x' @ Wk.T, x' @ Wv.T with x' = rmsnorm(x; input_layernorm)
+        q, k = rope(q), rope(k)            (rotate_half convention, angle t * theta^(-2j/hs))
+        x = x + drop_resid(o_proj(attn(q, k, v)))      K/V head h // (H/KV) serves query head h
+        x = x + drop_resid(down_proj(silu(gate_proj(x'')) * up_proj(x'')))   x'' = rmsnorm(x; post_attention_layernorm)
+    logits = rmsnorm(x; norm) @ head.T    (head: lm_head.weight, or embed_tokens.weight when tied)
 """
 
 from __future__ import annotations
@@ -115,6 +126,54 @@ def layernorm_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------------
+# RMSNorm (over the last axis)
+# ----------------------------------------------------------------------------------------------------
+def rmsnorm_forward(x, w, eps):
+    """Returns (out, rstd, cache): out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps)."""
+    x = _f64(x)
+    w = _f64(w)
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=-1) + eps)
+    xhat = x * rstd[..., None]
+    return xhat * w, rstd, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dout, cache):
+    """Returns (dx, dw)."""
+    xhat, rstd, w = cache
+    dout = _f64(dout)
+    C = xhat.shape[-1]
+    dw = (dout * xhat).sum(axis=tuple(range(dout.ndim - 1)))
+    dxhat = dout * w
+    # dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+    dx = rstd[..., None] * (dxhat - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / C)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary position embedding, Hugging Face's rotate_half convention, on x [B, T, heads, hs]
+# ----------------------------------------------------------------------------------------------------
+def rope_tables(P, hs, theta):
+    """(cos, sin) [P, hs/2] of the angles p * theta^(-2i/hs)."""
+    angle = np.arange(P, dtype=np.float64)[:, None] * np.power(float(theta), -2.0 * np.arange(hs // 2) / hs)[None, :]
+    return np.cos(angle), np.sin(angle)
+
+
+def rope_forward(x, theta, sign=1.0):
+    """Head halves x1, x2 at position t become x1 cos - x2 sin and x2 cos + x1 sin (sign -1: the inverse)."""
+    x = _f64(x)
+    B, T, heads, hs = x.shape
+    cos, sin = rope_tables(T, hs, theta)
+    cos, sin = cos[None, :, None, :], sign * sin[None, :, None, :]
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope_backward(dout, theta):
+    """The rotation is orthogonal: its gradient is the inverse rotation."""
+    return rope_forward(dout, theta, sign=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # linear: y = x @ W + b, W [K, M]
 # ----------------------------------------------------------------------------------------------------
 def linear_forward(x, w, b=None):
@@ -158,7 +217,25 @@ def gelu_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------------
-# causal multi-head self-attention on a packed qkv [B, T, 3C]
+# SwiGLU: silu(gate) * up over gu [..., 2F] = gate | up
+# ----------------------------------------------------------------------------------------------------
+def swiglu_forward(gu):
+    gu = _f64(gu)
+    F = gu.shape[-1] // 2
+    g, u = gu[..., :F], gu[..., F:]
+    s = 1.0 / (1.0 + np.exp(-g))
+    return g * s * u, (g, u, s)
+
+
+def swiglu_backward(dout, cache):
+    """Returns dgu [..., 2F]: silu'(g) = s (1 + g (1 - s))."""
+    g, u, s = cache
+    dout = _f64(dout)
+    return np.concatenate([dout * u * s * (1.0 + g * (1.0 - s)), dout * g * s], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# causal grouped-query self-attention on a packed qkv [B, T, (H + 2KV) hs] (KV = H: GPT-2's [B, T, 3C])
 # ----------------------------------------------------------------------------------------------------
 def _split_heads(a, H):
     B, T, C = a.shape
@@ -170,21 +247,25 @@ def _merge_heads(a):
     return a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
 
 
-def attention_forward(qkv, num_heads, mask=None):
+def attention_forward(qkv, num_heads, mask=None, num_kv_heads=None):
     """Returns (out [B, T, C], lse [B, H, T], cache).
 
     ``lse`` is the log-sum-exp of the scaled, causally masked scores of each query row. ``mask`` is an
-    optional pre-scaled dropout mask [B, H, T, T] applied to the probabilities after the softmax.
+    optional pre-scaled dropout mask [B, H, T, T] applied to the probabilities after the softmax. Query head h
+    uses K/V head h // (H / KV) (``num_kv_heads`` None: KV = H).
     """
     qkv = _f64(qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
     H = num_heads
-    assert C % H == 0
-    hs = C // H
+    KV = H if num_kv_heads is None else num_kv_heads
+    assert H % KV == 0
+    B, T, W = qkv.shape
+    hs = W // (H + 2 * KV)
+    assert W == (H + 2 * KV) * hs
+    C = H * hs
     q = _split_heads(qkv[..., 0:C], H)
-    k = _split_heads(qkv[..., C:2 * C], H)
-    v = _split_heads(qkv[..., 2 * C:3 * C], H)
+    # each K/V head repeated for the query heads of its group
+    k = np.repeat(_split_heads(qkv[..., C:C + KV * hs], KV), H // KV, axis=1)
+    v = np.repeat(_split_heads(qkv[..., C + KV * hs:], KV), H // KV, axis=1)
     scale = 1.0 / math.sqrt(hs)
     s = (q @ k.transpose(0, 1, 3, 2)) * scale  # [B, H, T, T]
     causal = np.tril(np.ones((T, T), dtype=bool))
@@ -197,13 +278,13 @@ def attention_forward(qkv, num_heads, mask=None):
     pd = p if mask is None else p * _f64(mask)
     y = pd @ v  # [B, H, T, hs]
     out = _merge_heads(y)
-    cache = (q, k, v, p, None if mask is None else _f64(mask), scale, H)
+    cache = (q, k, v, p, None if mask is None else _f64(mask), scale, H, KV)
     return out, lse, cache
 
 
 def attention_backward(dout, cache):
-    """Returns dqkv [B, T, 3C]."""
-    q, k, v, p, mask, scale, H = cache
+    """Returns dqkv [B, T, (H + 2KV) hs]."""
+    q, k, v, p, mask, scale, H, KV = cache
     dy = _split_heads(_f64(dout), H)  # [B, H, T, hs]
     pd = p if mask is None else p * mask
     dv = pd.transpose(0, 1, 3, 2) @ dy
@@ -213,7 +294,12 @@ def attention_backward(dout, cache):
     ds = ds * scale
     dq = ds @ k
     dk = ds.transpose(0, 1, 3, 2) @ q
-    return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+
+    def group_sum(d):  # a K/V head's gradient sums over the query heads of its group
+        B, _, T, hs = d.shape
+        return d.reshape(B, KV, H // KV, T, hs).sum(axis=2)
+
+    return np.concatenate([_merge_heads(dq), _merge_heads(group_sum(dk)), _merge_heads(group_sum(dv))], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,10 +369,43 @@ class Config:
     ff_dim: int = 12
     dropout: float = 0.0
     pos_encoding: str = "learned"
+    architecture: str = "gpt2"
+    num_kv_heads: int = None  # None: num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+def _llama(cfg) -> bool:
+    return getattr(cfg, "architecture", "gpt2") == "llama"
+
+
+def _kv_heads(cfg) -> int:
+    return getattr(cfg, "num_kv_heads", None) or cfg.num_heads
+
+
+def _llama_param_shapes(cfg) -> dict:
+    """Name -> shape of LlamaForCausalLM's state dict without "model." (nn.Linear weights [out, in])."""
+    V, C, F = cfg.vocab_size, cfg.embedding_dim, cfg.ff_dim
+    KVD = _kv_heads(cfg) * (C // cfg.num_heads)
+    shapes = {"embed_tokens.weight": (V, C)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (C,), p + "self_attn.q_proj.weight": (C, C),
+                       p + "self_attn.k_proj.weight": (KVD, C), p + "self_attn.v_proj.weight": (KVD, C),
+                       p + "self_attn.o_proj.weight": (C, C), p + "post_attention_layernorm.weight": (C,),
+                       p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
+                       p + "mlp.down_proj.weight": (C, F)})
+    shapes["norm.weight"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
 
 
 def param_shapes(cfg) -> dict:
-    """Name -> shape, in the order of the Hugging Face GPT-2 state dict."""
+    """Name -> shape, in the order of the Hugging Face GPT-2 state dict (or Llama's, see _llama_param_shapes)."""
+    if _llama(cfg):
+        return _llama_param_shapes(cfg)
     V, C, F, L = cfg.vocab_size, cfg.embedding_dim, cfg.ff_dim, cfg.num_layers
     shapes = {"wte": (V, C)}
     if cfg.pos_encoding == "learned":
@@ -315,7 +434,7 @@ def init_params(cfg, rng, scale=0.02) -> dict:
     so that every gradient is non-trivial."""
     params = {}
     for name, shape in param_shapes(cfg).items():
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+        if name.endswith(("ln_1.weight", "ln_2.weight", "norm.weight")) or name == "ln_f.weight":
             params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith(".bias"):
             params[name] = 0.1 * rng.standard_normal(shape)
@@ -338,8 +457,18 @@ def _apply_mask(x, masks, key):
     return x * _f64(masks[key])
 
 
+def _head_loss(logits, targets, B, T):
+    if targets is None:
+        return None, None
+    targets = np.asarray(targets, dtype=np.int64)
+    losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+    return float(losses.mean()), ce_c
+
+
 def model_forward(params, cfg, tokens, targets=None, masks=None):
     """Returns (logits [B, T, V], loss or None, cache)."""
+    if _llama(cfg):
+        return _llama_forward(params, cfg, tokens, targets, masks)
     tokens = np.asarray(tokens, dtype=np.int64)
     B, T = tokens.shape
     assert T <= cfg.max_seq_len
@@ -365,12 +494,7 @@ def model_forward(params, cfg, tokens, targets=None, masks=None):
     lnf, _, _, lnf_c = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
     logits = lnf @ P["wte"].T
 
-    loss = None
-    ce_c = None
-    if targets is not None:
-        targets = np.asarray(targets, dtype=np.int64)
-        losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
-        loss = float(losses.mean())
+    loss, ce_c = _head_loss(logits, targets, B, T)
     cache = dict(cfg=cfg, params=P, masks=masks, B=B, T=T, emb=emb_cache, blocks=blocks,
                  lnf=lnf, lnf_c=lnf_c, ce=ce_c)
     return logits, loss, cache
@@ -380,6 +504,8 @@ def model_backward(cache, dloss=1.0) -> dict:
     """Gradients (float64) of ``dloss * mean loss`` w.r.t. every parameter, by name."""
     if cache["ce"] is None:
         raise ValueError("model_forward was called without targets")
+    if _llama(cache["cfg"]):
+        return _llama_backward(cache, dloss)
     cfg, P, masks = cache["cfg"], cache["params"], cache["masks"]
     B, T = cache["B"], cache["T"]
     C = cfg.embedding_dim
@@ -418,6 +544,100 @@ def model_backward(cache, dloss=1.0) -> dict:
 
 def model_loss(params, cfg, tokens, targets, masks=None) -> float:
     return model_forward(params, cfg, tokens, targets, masks)[1]
+
+
+def _proj_forward(x, w):
+    """nn.Linear without bias: x @ w.T, w [out, in]."""
+    return linear_forward(x, _f64(w).T)
+
+
+def _proj_backward(dout, cache):
+    """Returns (dx, dw [out, in])."""
+    dx, dw, _ = linear_backward(dout, cache)
+    return dx, dw.T
+
+
+def _llama_forward(params, cfg, tokens, targets, masks):
+    tokens = np.asarray(tokens, dtype=np.int64)
+    B, T = tokens.shape
+    assert T <= cfg.max_seq_len
+    H, KV, C = cfg.num_heads, _kv_heads(cfg), cfg.embedding_dim
+    hs = C // H
+    P = {k: _f64(v) for k, v in params.items()}
+    eps, theta = cfg.rms_norm_eps, cfg.rope_theta
+
+    x = P["embed_tokens.weight"][tokens]
+    x = _apply_mask(x, masks, "emb")
+    blocks = []
+    for i in range(cfg.num_layers):
+        p, m = f"layers.{i}.", f"h.{i}."  # parameter names, dropout mask names
+        n1, _, n1_c = rmsnorm_forward(x, P[p + "input_layernorm.weight"], eps)
+        q, q_c = _proj_forward(n1, P[p + "self_attn.q_proj.weight"])
+        k, k_c = _proj_forward(n1, P[p + "self_attn.k_proj.weight"])
+        v, v_c = _proj_forward(n1, P[p + "self_attn.v_proj.weight"])
+        q = rope_forward(q.reshape(B, T, H, hs), theta).reshape(B, T, H * hs)
+        k = rope_forward(k.reshape(B, T, KV, hs), theta).reshape(B, T, KV * hs)
+        att, _, att_c = attention_forward(np.concatenate([q, k, v], axis=-1), H,
+                                          None if masks is None else masks[m + "attn"], KV)
+        ao, ao_c = _proj_forward(att, P[p + "self_attn.o_proj.weight"])
+        x = x + _apply_mask(ao, masks, m + "attn_resid")
+        n2, _, n2_c = rmsnorm_forward(x, P[p + "post_attention_layernorm.weight"], eps)
+        g, g_c = _proj_forward(n2, P[p + "mlp.gate_proj.weight"])
+        u, u_c = _proj_forward(n2, P[p + "mlp.up_proj.weight"])
+        a, sw_c = swiglu_forward(np.concatenate([g, u], axis=-1))
+        fo, d_c = _proj_forward(a, P[p + "mlp.down_proj.weight"])
+        x = x + _apply_mask(fo, masks, m + "mlp_resid")
+        blocks.append((n1_c, q_c, k_c, v_c, att_c, ao_c, n2_c, g_c, u_c, sw_c, d_c))
+    nf, _, nf_c = rmsnorm_forward(x, P["norm.weight"], eps)
+    head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
+    logits = nf @ head.T
+    loss, ce_c = _head_loss(logits, targets, B, T)
+    cache = dict(cfg=cfg, params=P, masks=masks, B=B, T=T, tokens=tokens, blocks=blocks, lnf=nf, lnf_c=nf_c,
+                 ce=ce_c, head=head)
+    return logits, loss, cache
+
+
+def _llama_backward(cache, dloss):
+    cfg, P, masks = cache["cfg"], cache["params"], cache["masks"]
+    B, T = cache["B"], cache["T"]
+    H, KV, C = cfg.num_heads, _kv_heads(cfg), cfg.embedding_dim
+    hs = C // H
+    theta = cfg.rope_theta
+    grads = {}
+
+    dlogits = cross_entropy_backward(cache["ce"], dloss / (B * T)).reshape(B, T, -1)
+    dhead = dlogits.reshape(B * T, -1).T @ cache["lnf"].reshape(B * T, C)
+    dx, grads["norm.weight"] = rmsnorm_backward(dlogits @ cache["head"], cache["lnf_c"])
+    for i in reversed(range(cfg.num_layers)):
+        p, m = f"layers.{i}.", f"h.{i}."
+        n1_c, q_c, k_c, v_c, att_c, ao_c, n2_c, g_c, u_c, sw_c, d_c = cache["blocks"][i]
+        dfo = _apply_mask(dx, masks, m + "mlp_resid")
+        da, grads[p + "mlp.down_proj.weight"] = _proj_backward(dfo, d_c)
+        dgu = swiglu_backward(da, sw_c)
+        F = dgu.shape[-1] // 2
+        dn2, grads[p + "mlp.gate_proj.weight"] = _proj_backward(dgu[..., :F], g_c)
+        dn2u, grads[p + "mlp.up_proj.weight"] = _proj_backward(dgu[..., F:], u_c)
+        d, grads[p + "post_attention_layernorm.weight"] = rmsnorm_backward(dn2 + dn2u, n2_c)
+        dx = dx + d
+        dao = _apply_mask(dx, masks, m + "attn_resid")
+        datt, grads[p + "self_attn.o_proj.weight"] = _proj_backward(dao, ao_c)
+        dqkv = attention_backward(datt, att_c)
+        dq = rope_backward(dqkv[..., :C].reshape(B, T, H, hs), theta).reshape(B, T, C)
+        dk = rope_backward(dqkv[..., C:C + KV * hs].reshape(B, T, KV, hs), theta).reshape(B, T, KV * hs)
+        dv = dqkv[..., C + KV * hs:]
+        dn1, grads[p + "self_attn.q_proj.weight"] = _proj_backward(dq, q_c)
+        dn1k, grads[p + "self_attn.k_proj.weight"] = _proj_backward(dk, k_c)
+        dn1v, grads[p + "self_attn.v_proj.weight"] = _proj_backward(dv, v_c)
+        d, grads[p + "input_layernorm.weight"] = rmsnorm_backward(dn1 + dn1k + dn1v, n1_c)
+        dx = dx + d
+    dx = _apply_mask(dx, masks, "emb")
+    demb = np.zeros_like(P["embed_tokens.weight"])
+    np.add.at(demb, cache["tokens"].reshape(-1), dx.reshape(-1, C))
+    if cfg.tie_embeddings:
+        grads["embed_tokens.weight"] = demb + dhead
+    else:
+        grads["embed_tokens.weight"], grads["lm_head.weight"] = demb, dhead
+    return {name: grads[name] for name in param_shapes(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------------

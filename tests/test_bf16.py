@@ -63,10 +63,15 @@ def test_matmul_wide_output_in_column_strips(bf16, tb):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 
 
+LLAMA = dict(architecture="llama", num_heads=6, num_kv_heads=2, tie_embeddings=False)
+
+
+# 150: several attention query blocks, the last one ragged
 @EACH_VARIANT
-@pytest.mark.parametrize("T", [16, 150])  # 150: several attention query blocks, the last one ragged
-def test_bf16_gradients_close_to_oracle(T):
-    cfg = cllm.ModelConfig(vocab_size=67, max_seq_len=T, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)
+@pytest.mark.parametrize("T,arch", [(16, {}), (150, {}), (150, LLAMA)], ids=["T16", "T150", "llama-T150"])
+def test_bf16_gradients_close_to_oracle(T, arch):
+    cfg = cllm.ModelConfig(**{**dict(vocab_size=67, max_seq_len=T, embedding_dim=48, num_layers=2, num_heads=3,
+                                     ff_dim=100), **arch})
     m = cllm.Model(cfg, seed=0, precision="bf16")
     rng = np.random.default_rng(1)
     for v in m.parameters().values():

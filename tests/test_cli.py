@@ -68,6 +68,24 @@ def test_train_then_sample(trained_run):
     assert again.returncode == 0, again.stderr  # a run directory works too (its best.safetensors)
 
 
+def test_train_llama_then_sample_and_export(corpus, tmp_path):
+    """--architecture llama end to end: the llama defaults (rope, SwiGLU 8C/3 rounded to 32), grouped-query
+    attention, a checkpoint that samples and exports."""
+    out = tmp_path / "llama"
+    r = run_cllm("train", "--architecture", "llama", "--num-kv-heads", 2, "--no-tie-embeddings", "--data", corpus,
+                 "--out-dir", out, "--max-steps", 5, "--sample-tokens", 10, "--val-fraction", 0.4, *TINY_FLAGS[:8],
+                 *TINY_FLAGS[10:])  # without --ff-dim: the llama default
+    assert r.returncode == 0, r.stderr
+    cfg = read_metadata(out / "last.safetensors")["config"]
+    assert (cfg["architecture"], cfg["pos_encoding"], cfg["num_kv_heads"], cfg["ff_dim"], cfg["tie_embeddings"]) == \
+        ("llama", "rope", 2, 96, False)
+    s = run_cllm("sample", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", 10, "--temperature", 0)
+    assert s.returncode == 0 and s.stdout.startswith("def "), s.stderr
+    e = run_cllm("export", out, "--format", "hf", "--out", tmp_path / "hf")
+    assert e.returncode == 0, e.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+
+
 def test_resume_uses_the_runs_own_settings(trained_run, tmp_path):
     out, _ = trained_run
     import shutil
@@ -128,6 +146,9 @@ def test_bad_input_subprocess(tmp_path):
     (["prepare", "{tmp}/missing_dir", "--out", "{tmp}/o"], ["missing_dir"]),
     (["prepare", "--out", "{tmp}/o", "--val-fraction", "0.9"], ["val_fraction"]),
     (["frobnicate"], ["invalid choice"]),
+    (["train", "--num-kv-heads", "2", "--out-dir", "{tmp}/o"], ["num_kv_heads 2 needs architecture 'llama'"]),
+    (["train", "--architecture", "llama", "--pos-encoding", "learned", "--out-dir", "{tmp}/o"],
+     ["pos_encoding of a llama model"]),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, words):
     (tmp_path / "bad.toml").write_text("learning_rate = 1\n")

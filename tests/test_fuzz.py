@@ -676,6 +676,12 @@ def kernel_args(name, d, rng):
         "feedforward_forward": lambda: (_f(rng, N, C), _f(rng, C, F), _f(rng, F), _f(rng, F, C), _f(rng, C)),
         "feedforward_backward": lambda: (_f(rng, N, C), _f(rng, N, C), _f(rng, C, F), _f(rng, F), _f(rng, F, C),
                                          _f(rng, C)),
+        "rmsnorm_forward": lambda: (_f(rng, N, C), _f(rng, C), 1e-5),
+        "rmsnorm_backward": lambda: (_f(rng, N, C), _f(rng, N, C), _f(rng, C), _f(rng, N)),
+        "rope_forward": lambda: (_f(rng, B, T, H, 2 * C), 10000.0),  # an even head size
+        "rope_backward": lambda: (_f(rng, B, T, H, 2 * C), 10000.0),
+        "swiglu_forward": lambda: (_f(rng, N, 2 * F),),
+        "swiglu_backward": lambda: (_f(rng, N, F), _f(rng, N, 2 * F)),
         "cross_entropy_forward": lambda: (_f(rng, N, V), tok(N)),
         "cross_entropy_backward": lambda: (_f(rng, N, V), tok(N), 0.5),
     }[name]()

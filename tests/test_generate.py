@@ -9,9 +9,14 @@ EACH_VARIANT = pytest.mark.usefixtures("each_variant")  # the oracle tests run o
 CFG = cllm.ModelConfig(vocab_size=67, max_seq_len=24, embedding_dim=48, num_layers=2, num_heads=3, ff_dim=100)
 
 
-@pytest.fixture(scope="module", params=["learned", "sinusoidal"])
+# llama: RoPE at each cached position, a cache of 2 K/V heads for 6 query heads, an untied head
+LLAMA = dict(architecture="llama", pos_encoding="rope", num_heads=6, num_kv_heads=2, tie_embeddings=False)
+
+
+@pytest.fixture(scope="module", params=["learned", "sinusoidal", "llama"])
 def model(request):
-    m = cllm.Model(CFG.replace(pos_encoding=request.param), seed=1)
+    kw = LLAMA if request.param == "llama" else dict(pos_encoding=request.param)
+    m = cllm.Model(CFG.replace(**kw), seed=1)
     rng = np.random.default_rng(0)
     for v in m.parameters().values():  # a non-trivial model: larger weights, non-zero biases
         v += rng.normal(0, 0.05, v.shape).astype(np.float32)

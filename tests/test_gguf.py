@@ -136,3 +136,59 @@ def test_gguf_refuses_nonfinite_weights(tmp_path):
     with pytest.raises(ValueError, match="blk.1.attn_output.bias holds NaN or Inf"):
         export_gguf(model, tok, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def _llama(tie, seed=1, V=320):
+    model = cllm.Model(cllm.ModelConfig(architecture="llama", vocab_size=V, max_seq_len=64, embedding_dim=48,
+                                        num_layers=2, num_heads=6, num_kv_heads=2, ff_dim=80, tie_embeddings=tie,
+                                        rope_theta=20000.0), seed=seed)
+    rng = np.random.default_rng(seed)
+    for p in model.parameters().values():  # norm weights off 1, larger weights: non-trivial logits
+        p += rng.normal(0, 0.2 if p.ndim == 1 else 0.05, p.shape).astype(np.float32)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_gguf_llama_reads_back(tmp_path, tie):
+    model = _llama(tie)
+    _, tok = from_hf(FIXTURE)
+    fields, tensors = read(export_gguf(model, tok, tmp_path / "l.gguf"))
+    expected = dict(gguf_tensors(model))
+    assert set(tensors) == set(expected) and len(expected) == len(model.parameters())
+    assert ("output.weight" in tensors) == (not tie)  # tied: llama.cpp reuses token_embd
+    for name, arr in expected.items():
+        assert tensors[name].dtype == np.float32 and np.array_equal(tensors[name], arr), name
+    p, c = model.parameters(), model.config
+    assert np.array_equal(tensors["blk.1.ffn_gate.weight"], p["layers.1.mlp.gate_proj.weight"])
+    # q/k rows: head h's pair i moves from rows (i, i + hs/2) to (2i, 2i + 1)
+    q, hs = p["layers.0.self_attn.q_proj.weight"], c.head_dim
+    got = tensors["blk.0.attn_q.weight"]
+    for h in range(c.num_heads):
+        for i in range(hs // 2):
+            assert np.array_equal(got[h * hs + 2 * i], q[h * hs + i])
+            assert np.array_equal(got[h * hs + 2 * i + 1], q[h * hs + hs // 2 + i])
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"],
+            fields["llama.rope.freq_base"], fields["llama.rope.dimension_count"], fields["llama.feed_forward_length"]) \
+        == (6, 2, 20000.0, 8, 80)
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_gguf_llama_runs_in_llama_cpp(tmp_path, tie):
+    """llama.cpp computes the exported llama's logits (its rotary embedding on the permuted q/k rows)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (CI installs it)")
+    model = _llama(tie)
+    _, tok = from_hf(FIXTURE)
+    path = export_gguf(model, tok, tmp_path / "l.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=model.config.max_seq_len,
+                          n_threads=2, type_k=0, type_v=0)  # float32 KV cache
+    text = "def greet(name):\n    return name  # héllo"
+    ids = tok.encode(text).tolist()
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = model.forward(np.array([ids]))[0]
+    err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    print(f"llama.cpp vs CLLM logits (llama, tied={tie}): {err:.2e} (tol 1e-3)")
+    assert err < 1e-3

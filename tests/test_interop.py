@@ -105,7 +105,7 @@ def test_from_hf_reads_vocab_and_merges(hf_dir):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("model_type", "llama", "model_type"),
+    ("model_type", "llama", "field .hidden_size. is missing"),  # a GPT-2 config relabelled
     ("model_type", "bert", "model_type"),
     ("activation_function", "gelu", "activation_function"),
     ("activation_function", "relu", "activation_function"),

@@ -147,7 +147,7 @@ def _bad_dir(tmp_path, kind):
     ("no-config", ["config.json"]),
     ("no-weights", ["model.safetensors"]),
     ("pickle", ["pytorch_model.bin", "safetensors"]),
-    ("llama", ["config.json", "model_type"]),
+    ("llama", ["config.json", "hidden_size"]),  # a GPT-2 config relabelled: a llama field is missing
     ("bert", ["config.json", "model_type"]),
     ("shapes", ["model.safetensors", "has shape"]),
     ("vocab", ["model.safetensors", "has shape"]),

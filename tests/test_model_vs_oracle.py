@@ -33,9 +33,21 @@ CONFIGS = [
     pytest.param(dict(vocab_size=256, max_seq_len=128, embedding_dim=128, num_layers=4, num_heads=4, ff_dim=512,
                       pos_encoding="learned"), 2, 64, id="default-V256-C128-H4-L4-T64"),
 ]
+# Llama blocks: grouped-query (KV < H), multi-query (KV = 1) and multi-head (KV = H); tied and untied heads; T = 70
+# spans two of attention's query blocks
+LLAMA = dict(architecture="llama", vocab_size=67, max_seq_len=16, embedding_dim=48, num_layers=2, ff_dim=100)
+LLAMA_CONFIGS = [
+    pytest.param(dict(LLAMA, num_heads=6, num_kv_heads=2), 2, 13, id="llama-H6-KV2-tied-T13"),
+    pytest.param(dict(LLAMA, num_heads=3, tie_embeddings=False), 3, 16, id="llama-H3-KV3-untied-B3-T16"),
+    pytest.param(dict(LLAMA, max_seq_len=80, embedding_dim=32, num_layers=1, num_heads=4, num_kv_heads=1,
+                      tie_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-6), 1, 70,
+                 id="llama-H4-KV1-untied-theta5e5-T70"),
+]
 DROPOUT_CONFIGS = [
     pytest.param(dict(ODD, pos_encoding="learned", dropout=0.1), 2, 16, id="dropout0.1-learned"),
     pytest.param(dict(ODD, pos_encoding="sinusoidal", dropout=0.1), 3, 9, id="dropout0.1-sinusoidal-T9"),
+    pytest.param(dict(LLAMA, num_heads=6, num_kv_heads=3, tie_embeddings=False, dropout=0.1), 2, 16,
+                 id="dropout0.1-llama-H6-KV3"),
 ]
 
 
@@ -71,15 +83,20 @@ def loss_err(got, ref):
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,B,T", CONFIGS)
+@pytest.mark.parametrize("kw,B,T", CONFIGS + LLAMA_CONFIGS)
 def test_model_matches_oracle(cllm, helpers, errs, rng, kw, B, T):
     model, ocfg = make_model(cllm, helpers, rng, kw)
     params = helpers.snapshot(model.parameters())
     shapes = oracle.param_shapes(ocfg)
     assert {k: tuple(v.shape) for k, v in params.items()} == shapes
-    assert not np.all(params["ln_f.weight"] == 1.0), "perturbation through the views did not reach the model"
+    final_norm = "norm.weight" if model.config.architecture == "llama" else "ln_f.weight"
+    assert not np.all(params[final_norm] == 1.0), "perturbation through the views did not reach the model"
 
-    errs.maxabs("position_table", model.position_table(), oracle.position_table(params, ocfg), 1e-6)
+    if model.config.architecture == "llama":
+        with pytest.raises(ValueError, match="rotary"):
+            model.position_table()
+    else:
+        errs.maxabs("position_table", model.position_table(), oracle.position_table(params, ocfg), 1e-6)
 
     x, y = batch(rng, ocfg.vocab_size, B, T)
     ref_logits, ref_loss, cache = oracle.model_forward(params, ocfg, x, y)
@@ -142,7 +159,7 @@ def test_dropout_matches_oracle(cllm, helpers, errs, rng, kw, B, T):
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,B,T", [CONFIGS[0], CONFIGS[2]])
+@pytest.mark.parametrize("kw,B,T", [CONFIGS[0], CONFIGS[2], LLAMA_CONFIGS[0]])
 @pytest.mark.parametrize("first_accumulates", [True, False], ids=["zero_grad+acc+acc", "noacc+acc"])
 def test_accumulation_equals_concatenated_batch(cllm, helpers, errs, rng, kw, B, T, first_accumulates):
     model, ocfg = make_model(cllm, helpers, rng, kw)
@@ -169,7 +186,7 @@ def test_accumulation_equals_concatenated_batch(cllm, helpers, errs, rng, kw, B,
     errs.finish()
 
 
-@pytest.mark.parametrize("kw,B,T", [CONFIGS[0], CONFIGS[1]])
+@pytest.mark.parametrize("kw,B,T", [CONFIGS[0], CONFIGS[1], LLAMA_CONFIGS[0], LLAMA_CONFIGS[2]])
 def test_every_parameter_matters(cllm, helpers, errs, rng, kw, B, T):
     """No tensor is dead weight (a constant loss would go unnoticed otherwise): every tensor gets a nonzero
     gradient and perturbing any single tensor changes the loss (by what the oracle says it should)."""
@@ -238,8 +255,10 @@ def test_views_and_determinism(cllm, helpers, errs, rng):
     assert not np.array_equal(a["wte"], c["wte"])
 
 
-def test_thread_count_does_not_change_results(cllm, helpers, errs, rng):
-    kw = dict(CONFIGS[4].values[0])
+@pytest.mark.parametrize("kw", [dict(CONFIGS[4].values[0]),
+                                dict(LLAMA, max_seq_len=128, embedding_dim=128, num_heads=4, num_kv_heads=2)],
+                         ids=["gpt2", "llama-KV2"])
+def test_thread_count_does_not_change_results(cllm, helpers, errs, rng, kw):
     model, ocfg = make_model(cllm, helpers, rng, kw)
     x, y = batch(rng, ocfg.vocab_size, 2, 32)
     orig = cllm.get_num_threads()
@@ -276,6 +295,25 @@ def test_gpt2_initialisation(cllm, errs):
     rng = np.random.default_rng(0)
     x, y = batch(rng, kw["vocab_size"], 2, 32)
     errs.record("loss at init vs ln(V)", abs(model.loss(x, y) - math.log(kw["vocab_size"])), 0.05)
+    errs.finish()
+
+
+def test_llama_initialisation(cllm, errs):
+    """The same scheme as GPT-2's: RMSNorm weights 1, weights N(0, 0.02), o_proj and down_proj (into the residual
+    stream) N(0, 0.02/sqrt(2L)); an untied head like the embedding."""
+    L = 3
+    cfg = cllm.ModelConfig(architecture="llama", vocab_size=256, embedding_dim=128, num_layers=L, num_heads=4,
+                           num_kv_heads=2, ff_dim=256, tie_embeddings=False)
+    model = cllm.Model(cfg, seed=0)
+    for name, p in model.parameters().items():
+        if name.endswith("norm.weight"):
+            assert np.all(p == 1.0), f"{name} must start at 1"
+        else:
+            std = 0.02 / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            errs.record(f"std({name}) rel. to {std:.4g}", abs(float(np.std(p)) / std - 1.0), 0.05)
+    rng = np.random.default_rng(0)
+    x, y = batch(rng, 256, 2, 32)
+    errs.record("loss at init vs ln(V)", abs(model.loss(x, y) - math.log(256)), 0.05)
     errs.finish()
 
 

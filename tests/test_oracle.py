@@ -130,6 +130,76 @@ def test_fd_attention(errs, rng, H, dropout):
     errs.finish()
 
 
+@pytest.mark.parametrize("H,KV,dropout", [(4, 2, False), (3, 1, False), (4, 2, True)],
+                         ids=["H4-KV2", "H3-KV1", "H4-KV2-dropout"])
+def test_fd_grouped_query_attention(errs, rng, H, KV, dropout):
+    B, T, hs = 2, 5, 3
+    qkv = rng.standard_normal((B, T, (H + 2 * KV) * hs))
+    mask = (rng.random((B, H, T, T)) >= 0.3) / 0.7 if dropout else None
+    dout = rng.standard_normal((B, T, H * hs))
+    _, _, cache = oracle.attention_forward(qkv, H, mask, KV)
+    dqkv = oracle.attention_backward(dout, cache)
+    f = lambda: scalarize(oracle.attention_forward(qkv, H, mask, KV)[0], dout)
+    fd_check(errs, "dqkv", f, qkv, dqkv, rng)
+    errs.finish()
+
+
+def test_grouped_query_attention_is_repeated_heads(errs, rng):
+    """KV < H equals multi-head attention with each K/V head copied to the query heads of its group."""
+    B, T, H, KV, hs = 2, 6, 6, 2, 4
+    qkv = rng.standard_normal((B, T, (H + 2 * KV) * hs))
+    q, k, v = np.split(qkv, [H * hs, (H + KV) * hs], axis=-1)
+    rep = lambda a: np.repeat(a.reshape(B, T, KV, hs), H // KV, axis=2).reshape(B, T, H * hs)
+    got = oracle.attention_forward(qkv, H, None, KV)[0]
+    ref = oracle.attention_forward(np.concatenate([q, rep(k), rep(v)], axis=-1), H)[0]
+    errs.maxabs("out", got, ref, 1e-12)
+    errs.finish()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 6)], ids=["2d", "3d"])
+def test_fd_rmsnorm(errs, rng, shape):
+    x = rng.standard_normal(shape) * 2 + 0.5
+    w = 1 + 0.3 * rng.standard_normal(shape[-1])
+    dout = rng.standard_normal(shape)
+    _, _, cache = oracle.rmsnorm_forward(x, w, 1e-5)
+    dx, dw = oracle.rmsnorm_backward(dout, cache)
+    f = lambda: scalarize(oracle.rmsnorm_forward(x, w, 1e-5)[0], dout)
+    fd_check(errs, "dx", f, x, dx, rng)
+    fd_check(errs, "dw", f, w, dw, rng)
+    errs.finish()
+
+
+def test_rope_formula_and_gradient(errs, rng):
+    """rope_forward against the rotate_half formula written per element, and its backward against FD."""
+    B, T, heads, hs, theta = 2, 5, 3, 6, 100.0
+    x = rng.standard_normal((B, T, heads, hs))
+    out = oracle.rope_forward(x, theta)
+    ref = np.empty_like(x)
+    for t in range(T):
+        for i in range(hs):
+            j = i % (hs // 2)
+            a = t * theta ** (-2.0 * j / hs)
+            rot = -x[:, t, :, i + hs // 2] if i < hs // 2 else x[:, t, :, i - hs // 2]  # rotate_half(x)[i]
+            ref[:, t, :, i] = x[:, t, :, i] * math.cos(a) + rot * math.sin(a)
+    errs.maxabs("rope vs formula", out, ref, 1e-12)
+    errs.maxabs("backward(forward(x)) = x", oracle.rope_backward(out, theta), x, 1e-12)
+    dout = rng.standard_normal(x.shape)
+    fd_check(errs, "dx", lambda: scalarize(oracle.rope_forward(x, theta), dout), x,
+             oracle.rope_backward(dout, theta), rng)
+    errs.finish()
+
+
+def test_fd_swiglu(errs, rng):
+    gu = rng.standard_normal((4, 10)) * 3
+    dout = rng.standard_normal((4, 5))
+    out, cache = oracle.swiglu_forward(gu)
+    g, u = gu[:, :5], gu[:, 5:]
+    errs.maxabs("silu(g) * u", out, g / (1 + np.exp(-g)) * u, 1e-12)
+    fd_check(errs, "dgu", lambda: scalarize(oracle.swiglu_forward(gu)[0], dout), gu,
+             oracle.swiglu_backward(dout, cache), rng)
+    errs.finish()
+
+
 def test_fd_feedforward(errs, rng):
     N, C, F = 4, 5, 7
     x = rng.standard_normal((N, C))
@@ -198,6 +268,25 @@ def test_fd_model_all_parameters(errs, rng, pos_encoding, max_seq_len, dropout):
     assert abs(f() - loss) == 0.0
     for name, p in params.items():
         assert grads[name].shape == p.shape
+        fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
+    errs.finish()
+
+
+@pytest.mark.parametrize("tie,dropout", [(True, False), (False, False), (False, True)],
+                         ids=["tied", "untied", "untied-dropout"])
+def test_fd_llama_all_parameters(errs, rng, tie, dropout):
+    cfg = oracle.Config(architecture="llama", max_seq_len=6, num_kv_heads=2, rope_theta=50.0, rms_norm_eps=1e-5,
+                        tie_embeddings=tie, **dict(TINY, embedding_dim=16, num_heads=4))
+    B, T = 2, 5
+    params = oracle.init_params(cfg, rng, scale=0.3)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    targets = rng.integers(0, cfg.vocab_size, (B, T))
+    masks = _random_masks(cfg, B, T, 0.2, rng) if dropout else None
+    _, loss, cache = oracle.model_forward(params, cfg, tokens, targets, masks)
+    grads = oracle.model_backward(cache)
+    assert set(grads) == set(params) and ("lm_head.weight" in params) == (not tie)
+    f = lambda: oracle.model_loss(params, cfg, tokens, targets, masks)
+    for name, p in params.items():
         fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
     errs.finish()
 

@@ -145,6 +145,58 @@ def test_attention(kernels, errs, rng, B, T, C, H):
     errs.finish()
 
 
+@pytest.mark.parametrize("B,T,H,KV,hs", [(2, 13, 6, 2, 8), (1, 130, 4, 1, 16), (3, 7, 3, 3, 4)],
+                         ids=["B2-T13-H6-KV2", "B1-T130-H4-KV1", "B3-T7-H3-KV3"])
+def test_grouped_query_attention(kernels, errs, rng, B, T, H, KV, hs):
+    qkv = rng.standard_normal((B, T, (H + 2 * KV) * hs)) * 1.5
+    dout = rng.standard_normal((B, T, H * hs))
+    ref, lse_ref, cache = oracle.attention_forward(qkv, H, None, KV)
+    out, lse = kernels.attention_forward(f32(qkv), H, KV)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    errs.maxabs("lse", lse, lse_ref, FWD_TOL)
+    dqkv = kernels.attention_backward(f32(dout), f32(qkv), out, lse, H, KV)
+    dref = oracle.attention_backward(dout, cache)
+    assert dqkv.shape == dref.shape
+    for part, sl in (("dq", slice(0, H * hs)), ("dk", slice(H * hs, (H + KV) * hs)), ("dv", slice((H + KV) * hs, None))):
+        errs.normwise(part, dqkv[..., sl], dref[..., sl], BWD_TOL)
+    errs.finish()
+
+
+@pytest.mark.parametrize("N,C,eps", [(37, 48, 1e-5), (5, 33, 1e-6), (1, 7, 1e-5)], ids=["37x48", "5x33", "1x7"])
+def test_rmsnorm(kernels, errs, rng, N, C, eps):
+    x = rng.standard_normal((N, C)) * 2 + 0.5
+    w = 1 + 0.3 * rng.standard_normal(C)
+    dout = rng.standard_normal((N, C))
+    ref, rstd_ref, cache = oracle.rmsnorm_forward(x, w, eps)
+    out, rstd = kernels.rmsnorm_forward(f32(x), f32(w), eps)
+    errs.maxabs("out", out, ref, FWD_TOL)
+    errs.maxabs("rstd", rstd, rstd_ref, FWD_TOL)
+    dx, dw = kernels.rmsnorm_backward(f32(dout), f32(x), f32(w), rstd)
+    dx_ref, dw_ref = oracle.rmsnorm_backward(dout, cache)
+    errs.normwise("dx", dx, dx_ref, BWD_TOL)
+    errs.normwise("dw", dw, dw_ref, BWD_TOL)
+    errs.finish()
+
+
+@pytest.mark.parametrize("B,T,heads,hs,theta", [(2, 13, 3, 16, 10000.0), (1, 200, 2, 64, 500000.0), (3, 1, 1, 2, 10.0)],
+                         ids=["B2-T13-hs16", "T200-hs64-theta5e5", "T1-hs2"])
+def test_rope(kernels, errs, rng, B, T, heads, hs, theta):
+    x = rng.standard_normal((B, T, heads, hs))
+    errs.maxabs("forward", kernels.rope_forward(f32(x), theta), oracle.rope_forward(x, theta), FWD_TOL)
+    errs.maxabs("backward", kernels.rope_backward(f32(x), theta), oracle.rope_backward(x, theta), FWD_TOL)
+    errs.finish()
+
+
+@pytest.mark.parametrize("N,F,scale", [(37, 100, 3.0), (5, 33, 12.0), (1, 1, 1.0)], ids=["37x100", "5x33-wide", "1x1"])
+def test_swiglu(kernels, errs, rng, N, F, scale):
+    gu = rng.standard_normal((N, 2 * F)) * scale
+    dout = rng.standard_normal((N, F))
+    ref, cache = oracle.swiglu_forward(gu)
+    errs.maxabs("out", kernels.swiglu_forward(f32(gu)), ref, FWD_TOL)
+    errs.normwise("dgu", kernels.swiglu_backward(f32(dout), f32(gu)), oracle.swiglu_backward(dout, cache), BWD_TOL)
+    errs.finish()
+
+
 def test_attention_is_causal(kernels, rng):
     """Changing a later token's k/v must not change earlier outputs."""
     B, T, C, H = 1, 9, 12, 3

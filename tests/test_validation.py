@@ -28,11 +28,50 @@ def ok(B=2, T=4):
     (dict(vocab_size=2**31), ValueError, "vocab_size 2,147,483,648 is too large"),
     (dict(embedding_dim=2**30, num_heads=1), ValueError, "embedding_dim 1,073,741,824 is too large"),
     (dict(num_heads=True), TypeError, "num_heads must be an int"),
+    (dict(architecture="mistral"), ValueError, "architecture must be one of"),
+    (dict(num_kv_heads=2), ValueError, "num_kv_heads 2 needs architecture 'llama'"),
+    (dict(tie_embeddings=False), ValueError, "tie_embeddings=False needs architecture 'llama'"),
+    (dict(rope_theta=500000.0), ValueError, "rope_theta 500000.0 needs architecture 'llama'"),
+    (dict(pos_encoding="rope"), ValueError, "pos_encoding of a gpt2 model"),
+    (dict(architecture="llama", pos_encoding="learned"), ValueError, "pos_encoding of a llama model"),
+    (dict(architecture="llama", num_heads=4, num_kv_heads=3), ValueError, "num_kv_heads 3 does not divide"),
+    (dict(architecture="llama", embedding_dim=12, num_heads=4), ValueError, "even head size"),
+    (dict(architecture="llama", rms_norm_eps=0.0), ValueError, "rms_norm_eps"),
+    (dict(architecture="llama", rope_theta=float("nan")), ValueError, "rope_theta"),
+    (dict(architecture="llama", tie_embeddings="no"), TypeError, "tie_embeddings"),
 ], ids=["heads-divide", "vocab0", "layers-neg", "seq0", "ff0", "float-dim", "dropout1", "posenc", "vocab-int32",
-        "qkv-int32", "bool"])
+        "qkv-int32", "bool", "arch", "gpt2-kv", "gpt2-untied", "gpt2-theta", "gpt2-rope", "llama-learned",
+        "kv-divide", "odd-head", "eps0", "theta-nan", "tie-str"])
 def test_bad_config(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         cllm.ModelConfig(**kwargs)
+
+
+def test_config_defaults_per_architecture():
+    """The defaults resolve per architecture, and an older checkpoint's config (no llama keys) is a gpt2."""
+    gpt2, llama = cllm.ModelConfig(), cllm.ModelConfig(architecture="llama", num_heads=4)
+    assert (gpt2.pos_encoding, gpt2.num_kv_heads, gpt2.tie_embeddings) == ("learned", 4, True)
+    assert (llama.pos_encoding, llama.num_kv_heads) == ("rope", 4)
+    old = {k: v for k, v in gpt2.to_dict().items()
+           if k not in ("architecture", "num_kv_heads", "rope_theta", "rms_norm_eps", "tie_embeddings")}
+    assert cllm.ModelConfig.from_dict(old) == gpt2
+    assert cllm.ModelConfig.from_dict(llama.to_dict()) == llama
+
+
+def test_core_refuses_what_python_would():
+    """The C++ core checks the llama fields too (one line, naming the field), for callers of _core directly."""
+    from cllm import _core
+
+    c = _core.Config()
+    c.architecture = "llama"
+    with pytest.raises(ValueError, match="learned_pos must be false"):
+        _core.ParamLayout(c)
+    c.learned_pos = False
+    c.num_kv_heads = 3
+    with pytest.raises(ValueError, match="num_kv_heads 3 must divide num_heads 4"):
+        _core.ParamLayout(c)
+    with pytest.raises(ValueError, match="architecture must be 'gpt2' or 'llama'"):
+        c.architecture = "bert"
 
 
 def test_config_stores_plain_python_numbers():

@@ -2,7 +2,7 @@
 
 File layout (safetensors, float32, little-endian):
 
-    <gpt2 name>                    model weights under their Hugging Face GPT-2 names ("wte", "h.0.ln_1.weight", ...)
+    <name>                         model weights under their Hugging Face names ("wte", "h.0.ln_1.weight", ...)
     optimizer.exp_avg.<name>       AdamW first moments  (optional: absent when saved without an optimizer)
     optimizer.exp_avg_sq.<name>    AdamW second moments
     __metadata__ (str -> str):
@@ -142,7 +142,7 @@ def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenize
 
 
 def export_weights(path: PathLike, model: Model) -> Path:
-    """Write only the GPT-2-named weights (plus the model config in the metadata), atomically."""
+    """Write only the weights under their Hugging Face names (plus the model config in the metadata), atomically."""
     path = Path(path)
     params = model.parameters()
     _check_finite(params, "weights", path)

@@ -2,8 +2,12 @@
 
 Architecture `gpt2`: the hyperparameters llama.cpp's GPT-2 loader reads, tensors under llama.cpp's names, linear
 weights stored [out, in] (GPT-2's Conv1D keeps [in, out]; llama.cpp's converter transposes them), the tied
-LM head written out as `output.weight`, and the tokenizer embedded as a `gpt2` BPE (tokens, merges, token
-types, special ids). The byte tokenizer has no merges, which llama.cpp's loader refuses; it gets one merge of
+LM head written out as `output.weight`.
+Architecture `llama`: llama.cpp's Llama hyperparameters (K/V heads, rope base, RMSNorm epsilon) and names, the
+weights as stored ([out, in]) except q and k, whose rows are permuted as llama.cpp's converter does (its rotary
+embedding pairs adjacent elements, Hugging Face's pairs the two halves of a head); `output.weight` only when untied
+(llama.cpp reuses token_embd otherwise).
+Both embed the tokenizer as a `gpt2` BPE (tokens, merges, token types, special ids). The byte tokenizer has no merges, which llama.cpp's loader refuses; it gets one merge of
 two NUL bytes into a token that is not in the vocabulary, which text practically never holds.
 """
 from __future__ import annotations
@@ -26,20 +30,46 @@ _BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "
                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 
 
+_LLAMA_BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                      "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                      "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                      "mlp.down_proj": "ffn_down"}
+
+
 def gguf_name(name: str) -> str:
-    """llama.cpp's tensor name of a CLLM parameter ("h.3.mlp.c_fc.weight" -> "blk.3.ffn_up.weight")."""
+    """llama.cpp's tensor name of a CLLM parameter ("h.3.mlp.c_fc.weight" -> "blk.3.ffn_up.weight",
+    "layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
     fixed = {"wte": "token_embd.weight", "wpe": "position_embd.weight", "ln_f.weight": "output_norm.weight",
-             "ln_f.bias": "output_norm.bias"}
+             "ln_f.bias": "output_norm.bias", "embed_tokens.weight": "token_embd.weight",
+             "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
     if name in fixed:
         return fixed[name]
-    _, layer, rest = name.split(".", 2)
+    top, layer, rest = name.split(".", 2)
     part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return f"blk.{layer}.{(_LLAMA_BLOCK_NAMES if top == 'layers' else _BLOCK_NAMES)[part]}.{kind}"
+
+
+def _interleave_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """q_proj / k_proj rows reordered from Hugging Face's rotary layout (pair i = elements i and i + hs/2 of a head)
+    to llama.cpp's (pair i = elements 2i and 2i + 1), as convert_hf_to_gguf.py's LlamaModel.permute does."""
+    out, inp = w.shape
+    return w.reshape(heads, 2, out // heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
 def gguf_tensors(model: Model) -> List[Tuple[str, np.ndarray]]:
     """(llama.cpp name, array in llama.cpp's layout) of every tensor, in the order written."""
     params = model.parameters()
+    c = model.config
+    if c.architecture == "llama":
+        out = []
+        for name, arr in params.items():
+            arr = np.asarray(arr, dtype=np.float32)
+            if name.endswith("q_proj.weight"):
+                arr = _interleave_rope_rows(arr, c.num_heads)
+            elif name.endswith("k_proj.weight"):
+                arr = _interleave_rope_rows(arr, c.num_kv_heads)
+            out.append((gguf_name(name), np.ascontiguousarray(arr)))
+        return out
     if "wpe" not in params:
         params["wpe"] = model.position_table()
     out = []
@@ -81,14 +111,21 @@ def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str =
             raise ValueError(f"cannot export: tensor {name} holds NaN or Inf")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), arch="gpt2")
-    w.add_name("cllm-gpt2")
+    w = gguf.GGUFWriter(str(tmp), arch=c.architecture)
+    w.add_name(f"cllm-{c.architecture}")
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.embedding_dim)
     w.add_feed_forward_length(c.ff_dim)
     w.add_block_count(c.num_layers)
     w.add_head_count(c.num_heads)
-    w.add_layer_norm_eps(1e-5)
+    if c.architecture == "llama":
+        w.add_head_count_kv(c.num_kv_heads)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_vocab_size(c.vocab_size)
+    else:
+        w.add_layer_norm_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     # the embedding may have more rows than the tokenizer has tokens: the rest are unused placeholders
     tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), c.vocab_size)]

@@ -24,6 +24,9 @@ def core_config(config: ModelConfig, precision: str = "fp32") -> "_core.Config":
     c.embedding_dim, c.num_layers = config.embedding_dim, config.num_layers
     c.num_heads, c.ff_dim = config.num_heads, config.ff_dim
     c.dropout, c.learned_pos = float(config.dropout), config.pos_encoding == "learned"
+    c.architecture, c.num_kv_heads = config.architecture, config.num_kv_heads
+    c.rope_theta, c.rms_norm_eps = config.rope_theta, config.rms_norm_eps
+    c.tie_embeddings = config.tie_embeddings
     c.bf16 = precision == "bf16"
     return c
 
@@ -66,7 +69,7 @@ def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[
 
 
 class Model:
-    """A GPT-2-style decoder-only transformer whose kernels run in C++.
+    """A decoder-only transformer (GPT-2 or Llama blocks, `ModelConfig.architecture`) whose kernels run in C++.
 
     precision="bf16" runs every matmul on bfloat16 inputs with fp32 accumulation (mixed precision);
     master weights, gradients and optimizer state are fp32 either way.
@@ -96,7 +99,8 @@ class Model:
 
     # -- buffers ------------------------------------------------------------------------------
     def parameters(self) -> dict:
-        """name -> float32 view into the parameter buffer, Hugging Face GPT-2 names and shapes."""
+        """name -> float32 view into the parameter buffer, Hugging Face names and shapes (GPT2LMHeadModel's without
+        "transformer.", LlamaForCausalLM's without "model.")."""
         return dict(self._params)
 
     def gradients(self) -> dict:
@@ -115,7 +119,8 @@ class Model:
         return sum(t["size"] for t in self.tensor_info)
 
     def position_table(self) -> np.ndarray:
-        """The [max_seq_len, C] positional table in use (a copy of wpe, or the sinusoidal table)."""
+        """The [max_seq_len, C] positional table in use (a copy of wpe, or the sinusoidal table); a llama model has
+        none (ValueError): its positions are rotary."""
         return self._core.position_table()
 
     def load_parameters(self, params: dict) -> None:

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .config import POS_ENCODINGS, ModelConfig
+from .config import ARCHITECTURES, POS_ENCODINGS, ModelConfig
 from .errors import MissingFileError
 from .model import PRECISIONS
 from .system import MAX_THREADS
@@ -48,13 +48,21 @@ class TrainConfig:
                                         "dir, or a Hugging Face GPT-2 dir; its shape replaces the model settings "
                                         "(max_seq_len may be shorter) and the data is encoded with its tokenizer",
                                   "opt_path")
+    architecture: str = _f("gpt2", "the blocks: gpt2 (LayerNorm, GELU, biases) or llama (RMSNorm, rotary "
+                                   "positions, SwiGLU, grouped-query attention, no biases)", "choice", ARCHITECTURES)
     max_seq_len: int = _f(128, "context length T (tokens per training sequence)", "int")
     embedding_dim: int = _f(128, "embedding dimension C", "int")
     num_layers: int = _f(4, "transformer blocks L", "int")
     num_heads: int = _f(4, "attention heads H", "int")
-    ff_dim: Optional[int] = _f(None, "feed-forward hidden size (none: 4 * embedding_dim)", "opt_int")
+    num_kv_heads: Optional[int] = _f(None, "llama: K/V heads of the grouped-query attention, dividing num_heads "
+                                           "(none: num_heads)", "opt_int")
+    ff_dim: Optional[int] = _f(None, "feed-forward hidden size (none: 4 * embedding_dim for gpt2; for llama's SwiGLU "
+                                     "8/3 * embedding_dim rounded up to a multiple of 32)", "opt_int")
+    tie_embeddings: bool = _f(True, "llama: the LM head is the token embedding (--no-tie-embeddings: a separate "
+                                    "lm_head; gpt2's is always tied)", "bool")
     dropout: float = _f(0.0, "dropout probability", "float")
-    pos_encoding: str = _f("learned", "positional encoding", "choice", POS_ENCODINGS)
+    pos_encoding: str = _f("auto", "positional encoding (auto: learned for gpt2, rope for llama)", "choice",
+                           ("auto",) + POS_ENCODINGS)
     precision: str = _f("fp32", "matmul precision: fp32, or bf16 (bfloat16 inputs, fp32 accumulation, fp32 "
                                 "weights and optimizer)", "choice", PRECISIONS)
     # optimisation
@@ -133,10 +141,14 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=int(vocab_size), max_seq_len=self.max_seq_len,
-                           embedding_dim=self.embedding_dim, num_layers=self.num_layers, num_heads=self.num_heads,
-                           ff_dim=self.ff_dim or 4 * self.embedding_dim, dropout=self.dropout,
-                           pos_encoding=self.pos_encoding)
+        llama = self.architecture == "llama"
+        C = self.embedding_dim
+        ff_default = -(-8 * C // (3 * 32)) * 32 if llama else 4 * C  # llama: 8C/3 up to a multiple of 32
+        return ModelConfig(vocab_size=int(vocab_size), max_seq_len=self.max_seq_len, embedding_dim=C,
+                           num_layers=self.num_layers, num_heads=self.num_heads, ff_dim=self.ff_dim or ff_default,
+                           dropout=self.dropout, architecture=self.architecture, num_kv_heads=self.num_kv_heads,
+                           tie_embeddings=self.tie_embeddings,
+                           pos_encoding=None if self.pos_encoding == "auto" else self.pos_encoding)
 
     @property
     def schedule_horizon(self) -> int:
@@ -251,7 +263,7 @@ def _check_ranges(c: TrainConfig) -> None:
     for name in ("bpe_vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "batch_size",
                  "grad_accum", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
         need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
-    for name in ("ff_dim", "threads", "patience", "max_data_bytes"):
+    for name in ("ff_dim", "num_kv_heads", "threads", "patience", "max_data_bytes"):
         v = getattr(c, name)
         need(v is None or v > 0, f"{name} must be positive or none, got {v}")
     need(c.threads is None or c.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS}, got {c.threads}")
@@ -272,6 +284,7 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.min_delta >= 0, f"min_delta must be non-negative, got {c.min_delta}")
     need(c.seed >= 0, f"seed must be non-negative, got {c.seed}")
     need(c.sample_tokens >= 0, f"sample_tokens must be non-negative, got {c.sample_tokens}")
+    c.model_config(vocab_size=256)  # the architecture's own checks (num_kv_heads, pos_encoding, ...), now
     need(c.sample_temperature >= 0, f"sample_temperature must be non-negative, got {c.sample_temperature}")
 
 
