@@ -123,6 +123,9 @@ def test_fit_writes_metrics_plot_checkpoints(data_dir, tmp_path):
     for key in ("train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"):
         assert all(isinstance(r[key], float) for r in steps), key
     assert [r["step"] for r in records if r.get("val_loss") is not None] == [4, 8, 10]  # + final evaluation
+    for r in records:  # bits per byte beside each validation loss: loss / ln 2 for the byte tokenizer
+        if r.get("val_loss") is not None:
+            assert abs(r["val_bpb"] - r["val_loss"] / np.log(2)) < 1e-12
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     # the lr follows the schedule
     t = Trainer(tiny(data_dir, out, max_steps=10))

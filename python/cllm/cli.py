@@ -1,9 +1,10 @@
-"""The `cllm` command line: train, sample, prepare.
+"""The `cllm` command line: train, sample, eval, prepare, export.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
     cllm train --resume --out-dir runs/cllm     # continue exactly where last.safetensors stopped
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
+    cllm eval runs/cllm --data test.txt --json  # loss, perplexity, bits per byte, accuracy
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
 
 User errors (a bad file, a bad value: USER_ERRORS) print one line to stderr and exit with status 2.
@@ -148,6 +149,63 @@ def _run_sample(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint file, a run directory (its best, else last, checkpoint) or an HF directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", metavar="FILE",
+                      help="UTF-8 text files or CLLM token files (.bin): loss, perplexity, bits per byte, accuracy "
+                           "and top-5 accuracy over all of them")
+    what.add_argument("--choices", metavar="FILE.jsonl",
+                      help="multiple choice, one JSON object a line: context, endings (list), label (index); "
+                           "accuracy and length-normalised accuracy (acc_norm) as lm-evaluation-harness")
+    p.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="--data: windows of max_seq_len tokens start every N tokens; each token is predicted once "
+                        "from at least max_seq_len - N tokens of context (default: max_seq_len // 2)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="--data: windows per forward (default: 4)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar on stderr (default: on)")
+    p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
+                   help="CPU threads (default: OpenMP default)")
+
+
+def _run_eval(args) -> int:
+    import json
+    from .evaluation import evaluate_choices, evaluate_files
+    from .pretrained import load_pretrained
+
+    if args.batch_size < 1:
+        raise CLLMError(f"--batch-size must be positive, got {args.batch_size}")
+    _set_threads(args.threads)
+    model, tokenizer = load_pretrained(args.checkpoint)
+    T = model.config.max_seq_len
+    if args.stride is not None and not 1 <= args.stride <= T:
+        raise CLLMError(f"--stride must be in [1, max_seq_len = {T}], got {args.stride}")
+    if args.data:
+        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=args.batch_size,
+                                 progress=args.progress)
+        text = (f"loss {figures['loss']:.4f}  perplexity {figures['perplexity']:.3f}  bits/byte "
+                f"{figures['bits_per_byte']:.4f}  accuracy {figures['accuracy']:.4f}  top-5 "
+                f"{figures['top5_accuracy']:.4f}  ({figures['tokens']:,} tokens, {figures['bytes']:,} bytes)")
+    else:
+        figures = evaluate_choices(model, tokenizer, args.choices, progress=args.progress)
+        text = (f"accuracy {figures['accuracy']:.4f}  acc_norm {figures['acc_norm']:.4f}  "
+                f"({figures['examples']:,} examples)")
+    print(json.dumps(figures) if args.json else text)
+    return 0
+
+
+def _set_threads(threads) -> None:
+    from . import set_num_threads
+
+    if threads is not None:
+        set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
 # prepare
 # ----------------------------------------------------------------------------------------------------
 def _prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,6 +274,7 @@ def _run_export(args) -> int:
 
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)
 register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
+register_command("eval", "evaluate a model on text files or a multiple-choice task", _eval_arguments, _run_eval)
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
 register_command("export", "write a model as a Hugging Face directory or a GGUF file", _export_arguments,

@@ -129,6 +129,9 @@ class Trainer:
                                             rank=self.comm.rank, world_size=self.comm.world_size)
         except ValueError as e:
             raise ValueError(f"{val.path}: {e}") from None
+        token_bytes = self.tokenizer.token_bytes()  # bits per byte = val loss / ln 2 / bytes per target token
+        self.val_bytes_per_token = self.comm.allreduce_mean(float(np.mean([token_bytes[y].mean()
+                                                                             for _, y in self.val_batches])))
         self.tokens_per_step = c.batch_size * c.grad_accum * c.max_seq_len * self.comm.world_size
         # the state that a checkpoint carries besides weights and moments
         self.step = 0
@@ -245,6 +248,10 @@ class Trainer:
         """Mean validation loss over the fixed validation batches (no dropout)."""
         losses = [self.model.loss(x, y) for x, y in self.val_batches]
         return self.comm.allreduce_mean(float(np.mean(losses)))
+
+    def bits_per_byte(self, val_loss: float) -> float:
+        """A validation loss (nats per token) as bits per byte of the validation text."""
+        return val_loss / math.log(2) / self.val_bytes_per_token
 
     def trainer_state(self, elapsed: float) -> Dict[str, Any]:
         return {
@@ -398,7 +405,7 @@ class Trainer:
             return
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), self.step
-        step.record["val_loss"] = _num(val)
+        step.record.update(val_loss=_num(val), val_bpb=_num(self.bits_per_byte(val)))
         improved = math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss - c.min_delta)
         if improved:
             self.best_val_loss, self.best_step, self.evals_since_best = val, self.step, 0
@@ -406,7 +413,7 @@ class Trainer:
         else:
             self.evals_since_best += 1
         best = "best" if improved else f"best {_fmt(self.best_val_loss)} at step {self.best_step}"
-        self.console.say(f"step {self.step}: val loss {val:.4f} ({best})")
+        self.console.say(f"step {self.step}: val loss {val:.4f}, {self.bits_per_byte(val):.4f} bits/byte ({best})")
         if c.patience is not None and self.evals_since_best >= c.patience:
             self.console.say(f"early stopping: no improvement in {c.patience} evaluations")
             s.stop_reason = "early_stop"
@@ -444,7 +451,8 @@ class Trainer:
         final_val = self.last_val_loss
         if self.step > 0 and s.last_eval_step != self.step and s.stop_reason not in ("nonfinite", "interrupted"):
             final_val = self.evaluate()  # reported only: early stopping sees the regular evaluations alone
-            self._log({"step": self.step, "val_loss": _num(final_val), "final_eval": True})
+            self._log({"step": self.step, "val_loss": _num(final_val), "val_bpb": _num(self.bits_per_byte(final_val)),
+                       "final_eval": True})
         self._close_metrics()
         summary = self._summary(s, session_time, final_val)
         if self.main:
