@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -281,14 +282,30 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
 // ---- inference (cllm_inference.cpp) ------------------------------------------------------------
 // temperature <= 0 is greedy; top_k <= 0 and top_p outside (0, 1) disable those filters.
 int32_t sample_token(float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed, uint64_t step);
-// New tokens only. When the context reaches max_seq_len the newest half is kept and prefilled again.
-// all_logits (optional) receives the logits each new token was sampled from.
-std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits);
-// Floats generate() allocates for a model of this config, without allocating: the KV cache (the qkv rows of
-// every layer over max_seq_len positions) and one token's scratch, the activation arena of a [1, max_seq_len]
-// prefill and, with return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX.
-size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits);
+struct Sampling {
+    float temperature = 1.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+    float repetition_penalty = 1.0f;  // transformers' definition, over prompt and output; 1 is off
+    float frequency_penalty = 0.0f;   // logit -= count in the output x this
+    float presence_penalty = 0.0f;    // logit -= this, once the token is in the output
+};
+// Called after each step with the sequences (prompt indices) that drew a token and those tokens; returns the
+// sequences to stop there (stop strings, a user's interrupt).
+using StepCallback = std::function<std::vector<int>(const std::vector<int>&, const std::vector<int32_t>&)>;
+// New tokens only, one sequence per prompt; sequence b samples with seeds[b], so a prompt gives the same tokens
+// alone or in a batch. A token of stop_tokens ends its sequence and is not returned. When a context reaches
+// max_seq_len its newest half is kept and prefilled again. all_logits (optional) receives per sequence the
+// model's logits (before penalties) each new token was sampled from, [n, V] flat.
+std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
+                                           int max_new_tokens, const Sampling& sampling,
+                                           const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
+                                           const StepCallback& on_step, std::vector<std::vector<float>>* all_logits);
+// Floats generate() allocates for `batch` prompts of a model of this config, without allocating: per sequence
+// the KV cache (the qkv rows of every layer over max_seq_len positions), its logits and token counts, and a
+// decode step's row scratch; the activation arena of a [1, max_seq_len] prefill and, with return_logits, the
+// [max_new_tokens, V] logits of each sequence. Saturates at SIZE_MAX.
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits);
 
 int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);

@@ -65,6 +65,28 @@ def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[
     return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
 
 
+def _is_batch(prompt) -> bool:
+    """A batch of prompts: a 2-D array, or a non-empty list/tuple whose items are sequences."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 2
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(np.ndim(p) == 1 for p in prompt)
+
+
+def _checked_callback(on_step, n: int):
+    """on_step with its answer checked: None or indices of the batch's sequences."""
+    if not callable(on_step):
+        raise TypeError(f"on_step must be callable, got {type(on_step).__name__}")
+
+    def call(seqs, tokens):
+        stop = on_step(seqs, tokens)
+        stop = [] if stop is None else [int(b) for b in stop]
+        bad = [b for b in stop if not 0 <= b < n]
+        if bad:
+            raise ValueError(f"on_step returned sequence {bad[0]}, not in 0..{n - 1}")
+        return stop
+    return call
+
+
 class Model:
     """A GPT-2-style decoder-only transformer whose kernels run in C++.
 
@@ -232,33 +254,68 @@ class Model:
         self._core.dropout_stream = check_int("dropout_stream", value, 0, UINT64_MAX, integral_float=True)
 
     def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
-                  seed: int = 0, return_logits: bool = False):
-        """Sample a continuation of `prompt` (1-D token ids) with a KV cache; returns the new token ids.
+                 seed=0, return_logits: bool = False, stop_tokens=(), repetition_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, on_step=None):
+        """Sample a continuation of `prompt` with a KV cache; returns the new token ids.
+
+        `prompt` is 1-D token ids, or a batch: a list of them (any lengths) or a 2-D array. A batch returns a
+        list, one array per prompt, decoded together (faster than one at a time); prompt b samples with seed b of
+        `seed` (an int for all, or one per prompt), so its tokens do not depend on the rest of the batch.
 
         temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
-        probability reaches p. The same seed gives the same tokens. With return_logits=True also returns the
-        [n, V] logits each token was drawn from. Past max_seq_len the newest half of the context is kept."""
-        p = np.asarray(prompt)
-        if p.size == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        p = token_array("prompt", p)
-        if p.ndim != 1:
-            raise ValueError(f"prompt must be a 1-D integer array of token ids, got shape {p.shape}")
-        if p.size > self.config.max_seq_len:
-            raise ValueError(f"prompt length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
+        probability reaches p. repetition_penalty (> 0, 1 off) divides the positive logits and multiplies the
+        negative ones of every token in the prompt or output (transformers' RepetitionPenaltyLogitsProcessor);
+        frequency_penalty and presence_penalty subtract count x f + p from the logits of tokens in the output.
+        A token of `stop_tokens` (e.g. the tokenizer's EOS) ends its sequence and is not returned.
+        on_step(sequences, tokens) runs after each step with the sequences that drew a token (indices into the
+        batch; [0] for one prompt) and their tokens; it returns the sequences to stop there (or None).
+        With return_logits=True also returns the [n, V] logits (before penalties) each token was drawn from
+        (a list for a batch). Past max_seq_len the newest half of a context is kept."""
+        batch = _is_batch(prompt)
+        prompts = [self._prompt(p, f"prompt {i}" if batch else "prompt")
+                   for i, p in enumerate(prompt if batch else [prompt])]
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
-        temperature = check_float("temperature", temperature, lo=0)
+        s = _core.Sampling()
+        s.temperature = check_float("temperature", temperature, lo=0)
         if top_k is not None:  # k >= V keeps all
-            top_k = min(check_int("top_k", top_k, 1, 1 << 64, integral_float=True), self.config.vocab_size)
+            s.top_k = min(check_int("top_k", top_k, 1, 1 << 64, integral_float=True), self.config.vocab_size)
         if top_p is not None:
-            top_p = check_float("top_p", top_p, 0, 1, lo_open=True)
-        seed = check_int("seed", seed, integral_float=True) & UINT64_MAX
+            s.top_p = check_float("top_p", top_p, 0, 1, lo_open=True)
+        s.repetition_penalty = check_float("repetition_penalty", repetition_penalty, lo=0, lo_open=True)
+        s.frequency_penalty = check_float("frequency_penalty", frequency_penalty)
+        s.presence_penalty = check_float("presence_penalty", presence_penalty)
+        seeds = self._seeds(seed, len(prompts))
+        stops = token_array("stop_tokens", np.asarray(stop_tokens, dtype=np.int64).reshape(-1))
+        callback = None if on_step is None else _checked_callback(on_step, len(prompts))
         return_logits = bool(return_logits)
-        check_memory(4 * _core.generation_floats(core_config(self.config), max_new_tokens, return_logits),
-                     f"generating {max_new_tokens:,} tokens")
+        check_memory(4 * _core.generation_floats(core_config(self.config), len(prompts), max_new_tokens,
+                                                 return_logits), f"generating {max_new_tokens:,} tokens")
         self._arena_shape = None  # generation re-sizes the arena
-        return self._core.generate(as_int32_tokens("prompt", p), max_new_tokens, temperature, top_k or 0,
-                                   1.0 if top_p is None else top_p, seed, return_logits)
+        out = self._core.generate(prompts, max_new_tokens, s, seeds, as_int32_tokens("stop_tokens", stops), callback,
+                                  return_logits)
+        if batch:
+            return out
+        return (out[0][0], out[1][0]) if return_logits else out[0]
+
+    def _prompt(self, p, name: str) -> np.ndarray:
+        p = np.asarray(p)
+        if p.size == 0:
+            raise ValueError(f"{name} is empty: give at least one token")
+        p = token_array(name, p)
+        if p.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D integer array of token ids, got shape {p.shape}")
+        if p.size > self.config.max_seq_len:
+            raise ValueError(f"{name} length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
+        return as_int32_tokens(name, p)
+
+    @staticmethod
+    def _seeds(seed, n: int) -> list:
+        """One seed per prompt (any int, taken modulo 2**64)."""
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != n:
+                raise ValueError(f"seed: {len(seed)} seeds for {n} prompts")
+            return [check_int("seed", s, integral_float=True) & UINT64_MAX for s in seed]
+        return [check_int("seed", seed, integral_float=True) & UINT64_MAX] * n
 
     def __repr__(self) -> str:
         return f"cllm.Model({self.config}, parameters={self.num_parameters:,}, precision={self.precision!r})"
