@@ -4,6 +4,7 @@
     cllm train --config run.toml --lr 1e-3      # flags override the file
     cllm train --resume --out-dir runs/cllm     # continue exactly where last.safetensors stopped
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
+    cllm sample --checkpoint runs/cllm --stream --stop "\n\n" --num-samples 3 --repetition-penalty 1.2
     cllm eval runs/cllm --data test.txt --json  # loss, perplexity, bits per byte, accuracy
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
 
@@ -126,26 +127,75 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample among the K most likely tokens (default: none)")
     p.add_argument("--top-p", type=_opt(float, "float"), default=None, metavar="P",
                    help="nucleus sampling: the smallest set of tokens with probability >= P (default: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the positive logits and multiply the negative ones of tokens already in the prompt "
+                        "or the output by R > 0, as transformers does; 1 = off (default: 1.0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="subtract F x (times a token occurs in the output) from its logit (default: 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="subtract P from the logit of every token already in the output (default: 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample just before TEXT (repeatable); samples also end at the tokenizer's EOS token")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="samples per prompt, generated together, with seeds SEED, SEED+1, ... (default: 1)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is produced (one sample at a time)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from stdin, one per line, until end of input; --prompt is not used")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
                    help="CPU threads (default: OpenMP default)")
 
 
 def _run_sample(args) -> int:
-    from . import set_num_threads
+    import math
     from .pretrained import load_pretrained
-    from .generation import sample_text
 
-    if args.max_new_tokens < 0:
-        raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
-    if args.threads:
-        set_num_threads(args.threads)
+    checks = [(args.max_new_tokens >= 0, "--max-new-tokens must be non-negative"),
+              (args.num_samples >= 1, "--num-samples must be at least 1"),
+              (math.isfinite(args.temperature) and args.temperature >= 0, "--temperature must be a number >= 0"),
+              (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
+               "--repetition-penalty must be a number > 0"),
+              (math.isfinite(args.frequency_penalty), "--frequency-penalty must be a finite number"),
+              (math.isfinite(args.presence_penalty), "--presence-penalty must be a finite number"),
+              (all(args.stop), "--stop must not be empty")]
+    for ok, msg in checks:
+        if not ok:
+            raise CLLMError(msg)
+    _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
-    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    sys.stdout.write(args.prompt + text + "\n")
+    if not args.interactive:
+        _print_samples(model, tokenizer, args.prompt, args)
+        return 0
+    ask = sys.stdin.isatty()
+    while True:
+        if ask:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            return 0
+        _print_samples(model, tokenizer, line.rstrip("\n"), args)
+
+
+def _print_samples(model, tokenizer, prompt: str, args) -> None:
+    """--num-samples continuations of one prompt, each printed after the prompt; streamed, or all at the end."""
+    from .generation import generate_text
+
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop=args.stop, stop_at_eos=not args.ignore_eos,
+                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty)
+    if args.stream:  # one sample at a time, printed piece by piece
+        for k in range(args.num_samples):
+            sys.stdout.write(("---\n" if k else "") + prompt)
+            generate_text(model, tokenizer, [prompt], seed=args.seed + k,
+                          on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()), **options)
+            sys.stdout.write("\n")
+    else:  # all samples together, printed at the end
+        seeds = [args.seed + k for k in range(args.num_samples)]
+        texts = generate_text(model, tokenizer, [prompt] * args.num_samples, seed=seeds, **options)
+        sys.stdout.write("\n---\n".join(prompt + t for t in texts) + "\n")
     sys.stdout.flush()
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
