@@ -119,10 +119,14 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_tokens(y, "targets", pm.cfg().vocab_size, pm.cfg().max_seq_len);
 }
 
-float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale) {
+float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
+                       float label_smoothing) {
     check_pair(pm, x, y);
+    require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
     const int B = (int)x.shape(0), T = (int)x.shape(1);
-    return locked(pm, [&](Model& m) { return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale); });
+    return locked(pm, [&](Model& m) {
+        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing);
+    });
 }
 
 FloatArray forward(PyModel& pm, const IntArray& x) {
@@ -235,7 +239,7 @@ void bind_model(py::module_& mod) {
             "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def("forward_backward", &forward_backward, py::arg("x"), py::arg("y"), py::arg("accumulate") = false,
-             py::arg("grad_scale") = 1.0f)
+             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f)
         .def("forward", &forward, py::arg("x"))
         .def("loss", &loss, py::arg("x"), py::arg("y"))
         .def("zero_grad", &zero_grad)

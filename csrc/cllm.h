@@ -234,14 +234,17 @@ void feedforward_forward(float* out, float* fch, float* gelu_out, const float* i
 void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
                           const float* fch, float* gelu_scratch, float* dfch, const FeedForward& ff, int N);
 
-// cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
-// dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
-void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V);
+// cllm_loss.cpp: fused softmax + cross-entropy, with label smoothing eps in [0, 1] (PyTorch's definition:
+// the target distribution is (1 - eps) onehot + eps / V). losses[N] = lse - (1 - eps) x[target] - eps mean(x);
+// the backward writes dlogits = (softmax - (1 - eps) onehot - eps / V) * scale, in place over the logits if
+// dlogits == logits.
+void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V,
+                           float eps = 0.0f);
 void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V,
-                            float scale);
+                            float scale, float eps = 0.0f);
 // Both at once: losses and dlogits in one pass over the logits (in place).
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
-                         float scale);
+                         float scale, float eps = 0.0f);
 
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
@@ -262,12 +265,13 @@ struct Model {
     Dropout step_dropout() const;
     // Forward through every layer, keeping the activations; logits land in acts.logits.
     void forward(const int32_t* tokens, int B, int T, const Dropout& d);
-    // Mean cross-entropy of the last forward; turns the logits into dlogits scaled by grad_scale/(B*T).
-    float loss_and_dlogits(const int32_t* targets, float grad_scale);
+    // Mean cross-entropy (label-smoothed by eps) of the last forward; turns the logits into dlogits scaled by
+    // grad_scale/(B*T).
+    float loss_and_dlogits(const int32_t* targets, float grad_scale, float eps = 0.0f);
     float loss_only(const int32_t* targets);
     void backward(const int32_t* tokens, const Dropout& d);
     float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                           float grad_scale);
+                           float grad_scale, float label_smoothing = 0.0f);
     void zero_grad();
 };
 

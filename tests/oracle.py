@@ -238,18 +238,20 @@ def feedforward_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # cross-entropy over rows of logits [N, V]
 # ----------------------------------------------------------------------------------------------------
-def cross_entropy_forward(logits, targets):
-    """Returns (losses [N], cache); losses[n] = logsumexp(logits[n]) - logits[n, targets[n]]."""
+def cross_entropy_forward(logits, targets, label_smoothing=0.0):
+    """Returns (losses [N], cache): the cross-entropy against the target distribution q = (1 - eps) onehot + eps/V
+    (PyTorch's label_smoothing eps), losses[n] = -sum_j q_j log p_j = (1 - eps) nll + eps mean_j(-log p_j)."""
     logits = _f64(logits)
     targets = np.asarray(targets, dtype=np.int64)
     N, V = logits.shape
     m = logits.max(axis=-1, keepdims=True)
     e = np.exp(logits - m)
     z = e.sum(axis=-1, keepdims=True)
-    lse = (m + np.log(z))[:, 0]
-    losses = lse - logits[np.arange(N), targets]
+    logp = logits - (m + np.log(z))
+    eps = float(label_smoothing)
+    losses = -(1.0 - eps) * logp[np.arange(N), targets] - eps * logp.mean(axis=-1)
     probs = e / z
-    return losses, (probs, targets)
+    return losses, (probs, targets, eps)
 
 
 def cross_entropy_backward(cache, scale=None):
@@ -257,12 +259,12 @@ def cross_entropy_backward(cache, scale=None):
 
     ``scale`` may also be an array [N] (a per-row upstream gradient).
     """
-    probs, targets = cache
-    N = probs.shape[0]
+    probs, targets, eps = cache
+    N, V = probs.shape
     if scale is None:
         scale = 1.0 / N
-    d = probs.copy()
-    d[np.arange(N), targets] -= 1.0
+    d = probs - eps / V  # p - q
+    d[np.arange(N), targets] -= 1.0 - eps
     scale = np.asarray(scale, dtype=np.float64)
     if scale.ndim == 1:
         scale = scale[:, None]
@@ -338,8 +340,8 @@ def _apply_mask(x, masks, key):
     return x * _f64(masks[key])
 
 
-def model_forward(params, cfg, tokens, targets=None, masks=None):
-    """Returns (logits [B, T, V], loss or None, cache)."""
+def model_forward(params, cfg, tokens, targets=None, masks=None, label_smoothing=0.0):
+    """Returns (logits [B, T, V], loss or None, cache); the loss label-smoothed by eps = label_smoothing."""
     tokens = np.asarray(tokens, dtype=np.int64)
     B, T = tokens.shape
     assert T <= cfg.max_seq_len
@@ -369,7 +371,7 @@ def model_forward(params, cfg, tokens, targets=None, masks=None):
     ce_c = None
     if targets is not None:
         targets = np.asarray(targets, dtype=np.int64)
-        losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+        losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1), label_smoothing)
         loss = float(losses.mean())
     cache = dict(cfg=cfg, params=P, masks=masks, B=B, T=T, emb=emb_cache, blocks=blocks,
                  lnf=lnf, lnf_c=lnf_c, ce=ce_c)

@@ -40,8 +40,8 @@ _SPEC: Dict[str, str] = {
     "attention_backward": "ffffi",
     "feedforward_forward": "fffff",
     "feedforward_backward": "ffffff",
-    "cross_entropy_forward": "ft",
-    "cross_entropy_backward": "ftx",
+    "cross_entropy_forward": "ftx",
+    "cross_entropy_backward": "ftxx",
 }
 _KEYWORDS: Dict[str, tuple] = {"matmul": ("a", "b", "trans_a", "trans_b", "bf16")}
 

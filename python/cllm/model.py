@@ -199,13 +199,17 @@ class Model:
         self._arena_shape = x.shape
         return out
 
-    def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0) -> float:
+    def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0,
+                         label_smoothing: float = 0.0) -> float:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
-        Gradients are zeroed first unless accumulate=True (gradient accumulation)."""
+        Gradients are zeroed first unless accumulate=True (gradient accumulation). label_smoothing eps in [0, 1]
+        trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
+        returned is that smoothed loss."""
         grad_scale = check_float("grad_scale", grad_scale)
+        label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
         x, y = self._batch(x, y)
-        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale)
+        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing)
         self._arena_shape = x.shape
         return loss
 
