@@ -276,8 +276,7 @@ class Model:
         With return_logits=True also returns the [n, V] logits (before penalties) each token was drawn from
         (a list for a batch). Past max_seq_len the newest half of a context is kept."""
         batch = _is_batch(prompt)
-        prompts = [self._prompt(p, f"prompt {i}" if batch else "prompt")
-                   for i, p in enumerate(prompt if batch else [prompt])]
+        n = check_int("the number of prompts", len(prompt) if batch else 1, 1, INT32_MAX)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
         s = _core.Sampling()
         s.temperature = check_float("temperature", temperature, lo=0)
@@ -288,12 +287,15 @@ class Model:
         s.repetition_penalty = check_float("repetition_penalty", repetition_penalty, lo=0, lo_open=True)
         s.frequency_penalty = check_float("frequency_penalty", frequency_penalty)
         s.presence_penalty = check_float("presence_penalty", presence_penalty)
-        seeds = self._seeds(seed, len(prompts))
+        seeds = self._seeds(seed, n)
         stops = token_array("stop_tokens", np.asarray(stop_tokens, dtype=np.int64).reshape(-1))
-        callback = None if on_step is None else _checked_callback(on_step, len(prompts))
+        callback = None if on_step is None else _checked_callback(on_step, n)
         return_logits = bool(return_logits)
-        check_memory(4 * _core.generation_floats(core_config(self.config), len(prompts), max_new_tokens,
-                                                 return_logits), f"generating {max_new_tokens:,} tokens")
+        # before any prompt is copied (a broadcast array may hold billions of rows)
+        check_memory(4 * _core.generation_floats(core_config(self.config), n, max_new_tokens, return_logits),
+                     f"generating {max_new_tokens:,} tokens for {n:,} prompt(s)")
+        prompts = [self._prompt(p, f"prompt {i}" if batch else "prompt")
+                   for i, p in enumerate(prompt if batch else [prompt])]
         self._arena_shape = None  # generation re-sizes the arena
         out = self._core.generate(prompts, max_new_tokens, s, seeds, as_int32_tokens("stop_tokens", stops), callback,
                                   return_logits)
