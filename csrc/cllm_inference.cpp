@@ -194,7 +194,8 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
             float* logits = s.logits.get();
             if (all_logits) (*all_logits)[b].insert((*all_logits)[b].end(), logits, logits + V);
             apply_penalties(logits, s, sampling);
-            const int32_t t = sample_token(logits, V, sampling.temperature, sampling.top_k, sampling.top_p, seeds[b], i);
+            const int32_t t =
+                sample_token(logits, V, sampling.temperature, sampling.top_k, sampling.top_p, seeds[b], i);
             if (is_stop[t]) {  // a stop token ends the sequence and is not part of it
                 s.done = true;
                 continue;

@@ -366,8 +366,10 @@ class Trainer:
         """A pretrained start: the model's validation loss before any step (step 0 of metrics.jsonl)."""
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), 0
-        self._log({"step": 0, "val_loss": _num(val), "init_from": str(self.config.init_from)})
-        self.console.say(f"step 0: val loss {val:.4f} ({self.config.init_from})")
+        self._log({"step": 0, "val_loss": _num(val), "val_bpb": _num(self.bits_per_byte(val)),
+                   "init_from": str(self.config.init_from)})
+        self.console.say(f"step 0: val loss {val:.4f}, {self.bits_per_byte(val):.4f} bits/byte "
+                         f"({self.config.init_from})")
 
     def _elapsed(self, s: Session) -> float:
         """Seconds of training of this run, earlier sessions included."""
