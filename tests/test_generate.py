@@ -155,7 +155,8 @@ def test_penalties_follow_their_definitions(model, rep, freq, pres):
 def test_generate_bad_batch_and_penalty_arguments(model):
     for kw, words in [(dict(repetition_penalty=0), "repetition_penalty"), (dict(frequency_penalty=float("nan")),
                       "frequency_penalty"), (dict(presence_penalty="x"), "presence_penalty"),
-                      (dict(stop_tokens=[CFG.vocab_size]), "stop_tokens"), (dict(seed=[1, 2]), "seed"),
+                      (dict(stop_tokens=[CFG.vocab_size]), "stop_tokens"), (dict(stop_tokens=["a"]), "stop_tokens"),
+                      (dict(stop_tokens=[1.5]), "stop_tokens"), (dict(seed=[1, 2]), "seed"),
                       (dict(on_step=3), "on_step")]:
         with pytest.raises((TypeError, ValueError), match=words):
             model.generate([1, 2], 3, **kw)
