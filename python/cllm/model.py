@@ -57,11 +57,12 @@ def activation_count(config: ModelConfig, batch_size: int, seq_len: int) -> int:
 
 
 def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
-                    optimizer: str = "adamw") -> int:
+                    optimizer: str = "adamw", ema: bool = False) -> int:
     """Bytes a training run of this model needs: parameters, gradients, optimizer state ("adamw": two moments,
-    "sgd": one buffer, None: none) and the activations of one [batch_size, seq_len] step."""
+    "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
+    [batch_size, seq_len] step."""
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer]
+    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer] + (2 if ema else 0)
     return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
 
 

@@ -1,4 +1,4 @@
-"""The training loop: data, model, AdamW, lr schedule, evaluation, early stopping, checkpoints, logs.
+"""The training loop: data, model, AdamW or SGD, lr schedule, EMA, evaluation, early stopping, checkpoints, logs.
 
     from cllm import TrainConfig, Trainer
     summary = Trainer(TrainConfig(max_steps=1000, out_dir="runs/demo")).fit()
@@ -107,8 +107,9 @@ class Trainer:
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = self._model_config(pretrained)
-        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated
-        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer),
+        # weights, gradients, optimizer state, EMA and a step's activations, before any of them is allocated
+        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer,
+                                     ema=bool(c.ema_decay)),
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
