@@ -124,10 +124,14 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_tokens(y, "targets", pm.cfg().vocab_size, pm.cfg().max_seq_len);
 }
 
-float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale) {
+float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
+                       float label_smoothing) {
     check_pair(pm, x, y);
+    require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
     const int B = (int)x.shape(0), T = (int)x.shape(1);
-    return locked(pm, [&](Model& m) { return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale); });
+    return locked(pm, [&](Model& m) {
+        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing);
+    });
 }
 
 FloatArray forward(PyModel& pm, const IntArray& x) {
@@ -181,36 +185,52 @@ py::dict dropout_masks(PyModel& pm, int B, int T) {
     return out;
 }
 
-// New tokens [n], or (tokens, logits [n, V]) with return_logits.
-py::object generate_tokens(PyModel& pm, const IntArray& prompt, int max_new_tokens, float temperature, int top_k,
-                           float top_p, uint64_t seed, bool return_logits) {
-    require(prompt.ndim() == 1, "prompt must be a 1-D array of token ids");
+// One token array [n_b] per prompt; with return_logits also one logits array [n_b, V] per prompt. on_step (None or
+// a callable (sequences, tokens) -> sequences to stop) runs with the GIL after each step.
+py::object generate_tokens(PyModel& pm, const std::vector<IntArray>& prompts, int max_new_tokens, const Sampling& s,
+                           const std::vector<uint64_t>& seeds, const IntArray& stop_tokens, py::object on_step,
+                           bool return_logits) {
     require(max_new_tokens >= 0, "max_new_tokens must be >= 0");
-    check_ids(prompt, "prompt", pm.cfg().vocab_size);
-    const std::vector<int32_t> p(prompt.data(), prompt.data() + prompt.shape(0));
-    std::vector<float> logits;
-    // Ctrl-C: the GIL is taken every POLL_TOKENS tokens to run Python's signal handlers; one that raises (SIGINT's
-    // KeyboardInterrupt) stops the loop, and its exception, still set, is raised once the GIL is back.
+    require(!prompts.empty() && seeds.size() == prompts.size(), "one seed per prompt, at least one prompt");
+    require(stop_tokens.ndim() == 1, "stop_tokens must be a 1-D array of token ids");
+    check_ids(stop_tokens, "stop_tokens", pm.cfg().vocab_size);
+    std::vector<std::vector<int32_t>> p;
+    for (const IntArray& a : prompts) {
+        require(a.ndim() == 1, "prompt must be a 1-D array of token ids");
+        check_ids(a, "prompt", pm.cfg().vocab_size);
+        p.emplace_back(a.data(), a.data() + a.shape(0));
+    }
+    const std::vector<int32_t> stops(stop_tokens.data(), stop_tokens.data() + stop_tokens.shape(0));
+    // After each step, with the GIL: Python's signal handlers (Ctrl-C: SIGINT's KeyboardInterrupt ends the loop and
+    // is raised once out), then on_step. A Python exception leaves through the loop as error_already_set.
     struct Interrupted {};
-    const auto poll = [] {
+    const StepCallback callback = [&on_step](const std::vector<int>& seqs, const std::vector<int32_t>& tokens) {
         py::gil_scoped_acquire gil;
         if (PyErr_CheckSignals() != 0) throw Interrupted{};
+        if (on_step.is_none()) return std::vector<int>{};
+        py::object stop = on_step(py::cast(seqs), py::cast(tokens));
+        return stop.is_none() ? std::vector<int>{} : stop.cast<std::vector<int>>();
     };
-    std::vector<int32_t> out;
+    std::vector<std::vector<float>> logits;
+    std::vector<std::vector<int32_t>> out;
     try {
         out = locked(pm, [&](Model& m) {
-            return generate(m, p, max_new_tokens, temperature, top_k, top_p, seed, return_logits ? &logits : nullptr,
-                            poll);
+            return generate(m, p, max_new_tokens, s, seeds, stops, callback, return_logits ? &logits : nullptr);
         });
     } catch (const Interrupted&) {
         throw py::error_already_set();
     }
-    py::array_t<int32_t> toks((py::ssize_t)out.size());
-    std::copy(out.begin(), out.end(), toks.mutable_data());
-    if (!return_logits) return py::object(toks);
-    FloatArray lg = empty({(py::ssize_t)out.size(), pm.cfg().vocab_size});
-    std::copy(logits.begin(), logits.end(), lg.mutable_data());
-    return py::object(py::make_tuple(toks, lg));
+    py::list toks, lgs;
+    for (size_t b = 0; b < out.size(); b++) {
+        py::array_t<int32_t> t((py::ssize_t)out[b].size());
+        std::copy(out[b].begin(), out[b].end(), t.mutable_data());
+        toks.append(t);
+        if (!return_logits) continue;
+        FloatArray lg = empty({(py::ssize_t)(logits[b].size() / pm.cfg().vocab_size), pm.cfg().vocab_size});
+        std::copy(logits[b].begin(), logits[b].end(), lg.mutable_data());
+        lgs.append(lg);
+    }
+    return return_logits ? py::object(py::make_tuple(toks, lgs)) : py::object(toks);
 }
 
 void bind_model(py::module_& mod) {
@@ -232,13 +252,13 @@ void bind_model(py::module_& mod) {
             "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def("forward_backward", &forward_backward, py::arg("x"), py::arg("y"), py::arg("accumulate") = false,
-             py::arg("grad_scale") = 1.0f)
+             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f)
         .def("forward", &forward, py::arg("x"))
         .def("loss", &loss, py::arg("x"), py::arg("y"))
         .def("zero_grad", &zero_grad)
         .def("dropout_masks", &dropout_masks, py::arg("B"), py::arg("T"))
-        .def("generate", &generate_tokens, py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature"),
-             py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("return_logits") = false);
+        .def("generate", &generate_tokens, py::arg("prompts"), py::arg("max_new_tokens"), py::arg("sampling"),
+             py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false);
 }
 
 // ---- config and layout ---------------------------------------------------------------------------
@@ -277,8 +297,16 @@ void bind_config(py::module_& mod) {
         .def_property_readonly("tensors", &layout_tensors, "[(name, shape, offset, size, decay)] in buffer order");
     mod.def("activation_floats", &activation_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the activation arena of a [B, T] training step");
-    mod.def("generation_floats", &generation_floats, py::arg("config"), py::arg("max_new_tokens"),
-            py::arg("return_logits"), "floats generate() allocates (KV cache, scratch, prefill arena, logits)");
+    mod.def("generation_floats", &generation_floats, py::arg("config"), py::arg("batch"), py::arg("max_new_tokens"),
+            py::arg("return_logits"), "floats generate() allocates (KV caches, scratch, prefill arena, logits)");
+    py::class_<Sampling>(mod, "Sampling")
+        .def(py::init<>())
+        .def_readwrite("temperature", &Sampling::temperature)
+        .def_readwrite("top_k", &Sampling::top_k)
+        .def_readwrite("top_p", &Sampling::top_p)
+        .def_readwrite("repetition_penalty", &Sampling::repetition_penalty)
+        .def_readwrite("frequency_penalty", &Sampling::frequency_penalty)
+        .def_readwrite("presence_penalty", &Sampling::presence_penalty);
     mod.def("dropout_mask_floats", &dropout_mask_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the masks Model.dropout_masks(B, T) returns");
 }

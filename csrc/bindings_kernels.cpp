@@ -250,21 +250,25 @@ py::tuple feedforward_bwd(FloatArray dout, FloatArray x, FloatArray wfc, FloatAr
     return py::make_tuple(dx, dwfc, dbfc, dwp, dbp);
 }
 
-FloatArray cross_entropy_fwd(FloatArray logits, IntArray targets) {
+void check_smoothing(float eps) { require(eps >= 0.0f && eps <= 1.0f, "label_smoothing must be in [0, 1]"); }
+
+FloatArray cross_entropy_fwd(FloatArray logits, IntArray targets, float eps) {
     int N, V;
     logits_dims(logits, targets, N, V);
+    check_smoothing(eps);
     FloatArray out = empty({N});
     float* o = out.mutable_data();
-    nogil([&] { cross_entropy_forward(o, logits.data(), targets.data(), N, V); });
+    nogil([&] { cross_entropy_forward(o, logits.data(), targets.data(), N, V, eps); });
     return out;
 }
 
-FloatArray cross_entropy_bwd(FloatArray logits, IntArray targets, float scale) {
+FloatArray cross_entropy_bwd(FloatArray logits, IntArray targets, float scale, float eps) {
     int N, V;
     logits_dims(logits, targets, N, V);
+    check_smoothing(eps);
     FloatArray out = empty({N, V});
     float* o = out.mutable_data();
-    nogil([&] { cross_entropy_backward(o, logits.data(), targets.data(), N, V, scale); });
+    nogil([&] { cross_entropy_backward(o, logits.data(), targets.data(), N, V, scale, eps); });
     return out;
 }
 
@@ -303,7 +307,10 @@ void bind_kernels(py::module_& mod) {
     k.def("rope_forward", &rope_fwd).def("rope_backward", &rope_bwd);
     k.def("swiglu_forward", &swiglu_fwd).def("swiglu_backward", &swiglu_bwd);
     k.def("feedforward_forward", &feedforward_fwd).def("feedforward_backward", &feedforward_bwd);
-    k.def("cross_entropy_forward", &cross_entropy_fwd).def("cross_entropy_backward", &cross_entropy_bwd);
+    k.def("cross_entropy_forward", &cross_entropy_fwd, py::arg("logits"), py::arg("targets"),
+          py::arg("label_smoothing") = 0.0f);
+    k.def("cross_entropy_backward", &cross_entropy_bwd, py::arg("logits"), py::arg("targets"), py::arg("scale"),
+          py::arg("label_smoothing") = 0.0f);
 }
 
 }  // namespace cllm_py

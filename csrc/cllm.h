@@ -306,14 +306,17 @@ void feedforward_forward(float* out, float* fch, float* act_out, const float* in
 void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* dout, const float* inp,
                           const float* fch, float* act_scratch, float* dfch, const FeedForward& ff, int N);
 
-// cllm_loss.cpp: fused softmax + cross-entropy. losses[N]; the backward writes
-// dlogits = (softmax - onehot) * scale, in place over the logits if dlogits == logits.
-void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V);
+// cllm_loss.cpp: fused softmax + cross-entropy, with label smoothing eps in [0, 1] (PyTorch's definition:
+// the target distribution is (1 - eps) onehot + eps / V). losses[N] = lse - (1 - eps) x[target] - eps mean(x);
+// the backward writes dlogits = (softmax - (1 - eps) onehot - eps / V) * scale, in place over the logits if
+// dlogits == logits.
+void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V,
+                           float eps = 0.0f);
 void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V,
-                            float scale);
+                            float scale, float eps = 0.0f);
 // Both at once: losses and dlogits in one pass over the logits (in place).
 void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V,
-                         float scale);
+                         float scale, float eps = 0.0f);
 
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
 struct Model {
@@ -340,6 +343,8 @@ struct Model {
                        const float* mean, const float* rstd, int N) const;  // dinp, dw, db +=
     // qkv [B*T, qkv_width] of layer l from its normed input; LLAMA rotates q and k for positions pos0 + t.
     void qkv_forward(int l, float* qkv, const float* x, int B, int T, int pos0, bool bf16) const;
+    void qkv_project(int l, float* qkv, const float* x, int N, bool bf16) const;  // qkv_forward without RoPE
+    void rope_qk(float* qkv, int B, int T, int pos0) const;  // qkv_forward's RoPE (LLAMA; GPT2: nothing)
     // dx [N,C] = the input's gradient (written); dqkv is consumed (LLAMA un-rotates it in place).
     void qkv_backward(int l, float* dx, float* dqkv, const float* x, int B, int T, bool bf16);
     void attn_out_forward(int l, float* out, const float* att, int N, bool bf16) const;  // c_proj / o_proj
@@ -349,12 +354,13 @@ struct Model {
     Dropout step_dropout() const;
     // Forward through every layer, keeping the activations; logits land in acts.logits.
     void forward(const int32_t* tokens, int B, int T, const Dropout& d);
-    // Mean cross-entropy of the last forward; turns the logits into dlogits scaled by grad_scale/(B*T).
-    float loss_and_dlogits(const int32_t* targets, float grad_scale);
+    // Mean cross-entropy (label-smoothed by eps) of the last forward; turns the logits into dlogits scaled by
+    // grad_scale/(B*T).
+    float loss_and_dlogits(const int32_t* targets, float grad_scale, float eps = 0.0f);
     float loss_only(const int32_t* targets);
     void backward(const int32_t* tokens, const Dropout& d);
     float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                           float grad_scale);
+                           float grad_scale, float label_smoothing = 0.0f);
     void zero_grad();
 };
 
@@ -369,17 +375,30 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
 // ---- inference (cllm_inference.cpp) ------------------------------------------------------------
 // temperature <= 0 is greedy; top_k <= 0 and top_p outside (0, 1) disable those filters.
 int32_t sample_token(float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed, uint64_t step);
-// New tokens only. When the context reaches max_seq_len the newest half is kept and prefilled again.
-// all_logits (optional) receives the logits each new token was sampled from. poll (optional) is called after
-// every POLL_TOKENS new tokens; an exception it throws ends the generation (the bindings' Ctrl-C check).
-constexpr int POLL_TOKENS = 8;
-std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
-                              const std::function<void()>& poll = {});
-// Floats generate() allocates for a model of this config, without allocating: the KV cache (the qkv rows of
-// every layer over max_seq_len positions) and one token's scratch, the activation arena of a [1, max_seq_len]
-// prefill and, with return_logits, the [max_new_tokens, V] logits. Saturates at SIZE_MAX.
-size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits);
+struct Sampling {
+    float temperature = 1.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+    float repetition_penalty = 1.0f;  // transformers' definition, over prompt and output; 1 is off
+    float frequency_penalty = 0.0f;   // logit -= count in the output x this
+    float presence_penalty = 0.0f;    // logit -= this, once the token is in the output
+};
+// Called after each step with the sequences (prompt indices) that drew a token and those tokens; returns the
+// sequences to stop there (stop strings, a user's interrupt).
+using StepCallback = std::function<std::vector<int>(const std::vector<int>&, const std::vector<int32_t>&)>;
+// New tokens only, one sequence per prompt; sequence b samples with seeds[b], so a prompt gives the same tokens
+// alone or in a batch. A token of stop_tokens ends its sequence and is not returned. When a context reaches
+// max_seq_len its newest half is kept and prefilled again. all_logits (optional) receives per sequence the
+// model's logits (before penalties) each new token was sampled from, [n, V] flat.
+std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
+                                           int max_new_tokens, const Sampling& sampling,
+                                           const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
+                                           const StepCallback& on_step, std::vector<std::vector<float>>* all_logits);
+// Floats generate() allocates for `batch` prompts of a model of this config, without allocating: per sequence
+// the KV cache (the qkv rows of every layer over max_seq_len positions), its logits and token counts, and a
+// decode step's row scratch; the activation arena of a [1, max_seq_len] prefill and, with return_logits, the
+// [max_new_tokens, V] logits of each sequence. Saturates at SIZE_MAX.
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits);
 
 int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);

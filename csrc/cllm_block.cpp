@@ -22,16 +22,26 @@ void Model::norm_backward(float* dinp, float* dw, float* db, const float* dout, 
         layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, N, cfg.embedding_dim);
 }
 
-void Model::qkv_forward(int l, float* qkv, const float* x, int B, int T, int pos0, bool bf16) const {
-    const int C = cfg.embedding_dim, N = B * T;
+void Model::qkv_project(int l, float* qkv, const float* x, int N, bool bf16) const {
+    const int C = cfg.embedding_dim;
     const LayerTensors& w = p.layers[l];
     if (!cfg.llama()) return linear_forward(qkv, x, w.qkv_w, w.qkv_b, N, C, 3 * C, bf16);
     const int W = cfg.qkv_width(), H = cfg.num_heads, KV = cfg.kv_heads(), hs = cfg.head_dim();
     projection_forward(qkv, W, x, C, w.q_w, N, C, H * hs, bf16);
     projection_forward(qkv + H * hs, W, x, C, w.k_w, N, C, KV * hs, bf16);
     projection_forward(qkv + (H + KV) * hs, W, x, C, w.v_w, N, C, KV * hs, bf16);
+}
+
+void Model::rope_qk(float* qkv, int B, int T, int pos0) const {
+    if (!cfg.llama()) return;
+    const int W = cfg.qkv_width(), H = cfg.num_heads, KV = cfg.kv_heads(), hs = cfg.head_dim();
     const size_t at = (size_t)pos0 * (hs / 2);
     rope_forward(qkv, W, H + KV, hs, B, T, rope_cos.data() + at, rope_sin.data() + at);  // q and k are adjacent
+}
+
+void Model::qkv_forward(int l, float* qkv, const float* x, int B, int T, int pos0, bool bf16) const {
+    qkv_project(l, qkv, x, B * T, bf16);
+    rope_qk(qkv, B, T, pos0);
 }
 
 void Model::qkv_backward(int l, float* dx, float* dqkv, const float* x, int B, int T, bool bf16) {

@@ -45,20 +45,20 @@ float Model::loss_only(const int32_t* targets) {
     return (float)(s / N);
 }
 
-float Model::loss_and_dlogits(const int32_t* targets, float grad_scale) {
+float Model::loss_and_dlogits(const int32_t* targets, float grad_scale, float eps) {
     const int N = acts.B * acts.T;
-    cross_entropy_fused(acts.losses, acts.logits, targets, N, cfg.vocab_size, grad_scale / N);
+    cross_entropy_fused(acts.losses, acts.logits, targets, N, cfg.vocab_size, grad_scale / N, eps);
     double s = 0.0;
     for (int i = 0; i < N; i++) s += acts.losses[i];
     return (float)(s / N);
 }
 
 float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                              float grad_scale) {
+                              float grad_scale, float label_smoothing) {
     Dropout d = step_dropout();
     dropout_step++;
     forward(tokens, B, T, d);
-    float loss = loss_and_dlogits(targets, grad_scale);
+    float loss = loss_and_dlogits(targets, grad_scale, label_smoothing);
     if (!accumulate) zero_grad();
     backward(tokens, d);
     return loss;

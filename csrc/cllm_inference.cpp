@@ -1,6 +1,8 @@
-// KV-cached generation and sampling. The prompt is prefilled with the training forward (one batched pass) and
-// its qkv rows become the cache; each new token then runs one row through every layer on the training kernels
-// (linear_forward takes its one-row path), its qkv row appended to the cache.
+// KV-cached generation and sampling, for a batch of prompts of any lengths. Each prompt is prefilled alone with
+// the training forward (one batched pass over its tokens) and its qkv rows become its own cache. Each step then
+// runs the live sequences' new tokens together through every layer, B rows at a time through the training GEMMs
+// (linear_forward with N = B; one row takes its one-row path), each row at its own position and attending to
+// its own cache.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,69 +17,119 @@ namespace cllm {
 namespace {
 
 size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * c.qkv_width(); }
-size_t scratch_floats(const Config& c) {
-    return 4 * (size_t)c.embedding_dim + (size_t)c.mlp_width() + (size_t)c.ff_dim;
+// per row of a decode step: x, ln, att, proj [C], qkv [qkv_width], fch [mlp_width], act [F], logits [V], the
+// norm's mean and rstd
+size_t row_floats(const Config& c) {
+    return 4 * (size_t)c.embedding_dim + c.qkv_width() + c.mlp_width() + c.ff_dim + c.vocab_size + 2;
 }
+// per sequence besides its cache: its pending logits [V] and the penalties' token counts [V] (int32)
+size_t sequence_floats(const Config& c) { return 2 * (size_t)c.vocab_size; }
 
-// Per layer the qkv rows of the context [max_seq_len, qkv_width] (q, then k and v of the num_kv_heads K/V heads,
-// the training layout, q and k rotated at their positions), and one token's scratch.
-struct Cache {
-    int len = 0;
+// One prompt's state: the tokens in its cache (kept to prefill again when the context is full), the qkv rows of
+// every layer [max_seq_len, qkv_width] in the training layout (q, then the K/V heads' k and v; LLAMA: q and k
+// rotated at their positions), its output so far and the logits of its next token.
+struct Sequence {
+    std::vector<int32_t> ctx, out;
     std::vector<FloatBuffer> qkv;
-    FloatBuffer x, ln, att, proj, fch, act;  // scratch_floats(c) in all
-    explicit Cache(const Config& c) {
-        for (int l = 0; l < c.num_layers; l++) qkv.push_back(alloc_floats(cache_floats_per_layer(c)));
-        for (FloatBuffer* b : {&x, &ln, &att, &proj}) *b = alloc_floats(c.embedding_dim);
-        fch = alloc_floats(c.mlp_width());
-        act = alloc_floats(c.ff_dim);
+    std::vector<int32_t> counts;  // occurrences of each token in the prompt (<0 marks) and the output, for penalties
+    std::vector<int32_t> seen;    // the distinct tokens of prompt and output, in first-seen order
+    FloatBuffer logits;
+    int len = 0;
+    bool done = false;
+};
+
+// One decode step's rows: scratch for up to B sequences at once.
+struct Rows {
+    FloatBuffer x, ln, att, proj, qkv, fch, act, logits, mean, rstd;
+    Rows(const Config& c, int B) {
+        const size_t C = c.embedding_dim;
+        for (FloatBuffer* b : {&x, &ln, &att, &proj}) *b = alloc_floats(B * C);
+        qkv = alloc_floats((size_t)B * c.qkv_width());
+        fch = alloc_floats((size_t)B * c.mlp_width());
+        act = alloc_floats((size_t)B * c.ff_dim);
+        logits = alloc_floats((size_t)B * c.vocab_size);
+        for (FloatBuffer* b : {&mean, &rstd}) *b = alloc_floats(B);
     }
 };
 
-void add_inplace(float* x, const float* y, int n) {
+void add_inplace(float* x, const float* y, size_t n) {
     #pragma omp simd
-    for (int i = 0; i < n; i++) x[i] += y[i];
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-// Append one token at position cache.len; logits [V] of the next token. Runs in fp32 whatever the model's
-// precision (one row is bound by reading the weights, not by the products).
-// The block is Model::forward's, on one row, from the same parts (cllm_block.cpp).
-void decode_step(Model& m, Cache& cache, int32_t token, float* logits) {
+// Fill a sequence's cache from a batched forward over its ctx; its logits are those of the last position.
+void prefill(Model& m, Sequence& s) {
+    const int T = (int)s.ctx.size(), V = m.cfg.vocab_size;
+    m.forward(s.ctx.data(), 1, T, Dropout{});
+    for (int l = 0; l < m.cfg.num_layers; l++)
+        std::memcpy(s.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * m.cfg.qkv_width() * sizeof(float));
+    std::memcpy(s.logits.get(), m.acts.logits + (size_t)(T - 1) * V, V * sizeof(float));
+    s.len = T;
+}
+
+// Append each sequence's last token at its position s.len; their logits land in s.logits. Runs in fp32 whatever
+// the model's precision (a few rows are bound by reading the weights, not by the products).
+// The block is Model::forward's, on B rows, from the same parts (cllm_block.cpp).
+void decode_step(Model& m, Rows& r, const std::vector<Sequence*>& seqs) {
     const Config& c = m.cfg;
-    const int C = c.embedding_dim, t = cache.len;
-    float *x = cache.x.get(), *ln = cache.ln.get(), *att = cache.att.get(), *proj = cache.proj.get();
-    float mean, rstd;
-    const float* pos = m.positions();
-    embedding_forward(x, &token, m.p.wte, pos ? pos + (size_t)t * C : nullptr, 1, 1, C);
+    const int C = c.embedding_dim, V = c.vocab_size, W = c.qkv_width(), B = (int)seqs.size();
+    float *x = r.x.get(), *ln = r.ln.get(), *att = r.att.get(), *proj = r.proj.get(), *qkv = r.qkv.get();
+    float *mean = r.mean.get(), *rstd = r.rstd.get();
+    const float* pos = m.positions();  // null for LLAMA (RoPE)
+    for (int b = 0; b < B; b++)
+        embedding_forward(x + (size_t)b * C, &seqs[b]->ctx.back(), m.p.wte,
+                          pos ? pos + (size_t)seqs[b]->len * C : nullptr, 1, 1, C);
     for (int l = 0; l < c.num_layers; l++) {
         const LayerTensors& w = m.p.layers[l];
-        float* qkv = cache.qkv[l].get();
-        m.norm_forward(ln, &mean, &rstd, x, w.ln1_w, w.ln1_b, 1);
-        m.qkv_forward(l, qkv + (size_t)t * c.qkv_width(), ln, 1, 1, t, false);
-        attention_decode(att, qkv, t, C, c.num_heads, c.kv_heads());
-        m.attn_out_forward(l, proj, att, 1, false);
-        add_inplace(x, proj, C);
-        m.norm_forward(ln, &mean, &rstd, x, w.ln2_w, w.ln2_b, 1);
+        m.norm_forward(ln, mean, rstd, x, w.ln1_w, w.ln1_b, B);
+        m.qkv_project(l, qkv, ln, B, false);
+        for (int b = 0; b < B; b++) {  // each row at its own position into its own cache, then attends to it
+            float* row = qkv + (size_t)b * W;
+            const int t = seqs[b]->len;
+            m.rope_qk(row, 1, 1, t);
+            float* cache = seqs[b]->qkv[l].get();
+            std::memcpy(cache + (size_t)t * W, row, W * sizeof(float));
+            attention_decode(att + (size_t)b * C, cache, t, C, c.num_heads, c.kv_heads());
+        }
+        m.attn_out_forward(l, proj, att, B, false);
+        add_inplace(x, proj, (size_t)B * C);
+        m.norm_forward(ln, mean, rstd, x, w.ln2_w, w.ln2_b, B);
         FeedForward ff = m.mlp(l);
         ff.bf16 = false;
-        feedforward_forward(proj, cache.fch.get(), cache.act.get(), ln, ff, 1);
-        add_inplace(x, proj, C);
+        feedforward_forward(proj, r.fch.get(), r.act.get(), ln, ff, B);
+        add_inplace(x, proj, (size_t)B * C);
     }
-    m.norm_forward(ln, &mean, &rstd, x, m.p.lnf_w, m.p.lnf_b, 1);
-    // the head, one row: the training forward's GEMM would pack all of it
+    m.norm_forward(ln, mean, rstd, x, m.p.lnf_w, m.p.lnf_b, B);
+    float* logits = r.logits.get();
     const float* head = m.p.head();
-    #pragma omp parallel for schedule(static)
-    for (int v = 0; v < c.vocab_size; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
-    cache.len++;
+    if (B == 1) {  // one row: the GEMM would pack all of the head for it
+        #pragma omp parallel for schedule(static)
+        for (int v = 0; v < V; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
+    } else {
+        gemm({.c = logits, .ldc = V, .a = {ln, C}, .b = {head, C, true}, .m = B, .n = V, .k = C});
+    }
+    for (int b = 0; b < B; b++) {
+        std::memcpy(seqs[b]->logits.get(), logits + (size_t)b * V, V * sizeof(float));
+        seqs[b]->len++;
+    }
 }
 
-// Fill the cache from a batched forward over ctx; logits of the last position.
-void prefill(Model& m, Cache& cache, const std::vector<int32_t>& ctx, float* logits) {
-    const int T = (int)ctx.size(), V = m.cfg.vocab_size;
-    m.forward(ctx.data(), 1, T, Dropout{});
-    for (int l = 0; l < m.cfg.num_layers; l++)
-        std::memcpy(cache.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * m.cfg.qkv_width() * sizeof(float));
-    std::memcpy(logits, m.acts.logits + (size_t)(T - 1) * V, V * sizeof(float));
-    cache.len = T;
+// Repetition penalty (transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the
+// penalty if positive, multiplied if negative), then frequency and presence penalties over the output.
+void apply_penalties(float* logits, const Sequence& s, const Sampling& p) {
+    for (int32_t t : s.seen) {
+        float& z = logits[t];
+        if (p.repetition_penalty != 1.0f) z = z < 0.0f ? z * p.repetition_penalty : z / p.repetition_penalty;
+        const int n = std::max(0, s.counts[t]);  // occurrences in the output
+        if (n > 0) z -= (float)n * p.frequency_penalty + p.presence_penalty;
+    }
+}
+
+void note_token(Sequence& s, int32_t t, bool output) {
+    int32_t& n = s.counts[t];
+    if (n == 0) s.seen.push_back(t);
+    if (output) n = std::max(0, n) + 1;
+    else if (n == 0) n = -1;  // in the prompt only
 }
 
 }  // namespace
@@ -115,41 +167,84 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
     return idx[keep - 1];
 }
 
-std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
-                              const std::function<void()>& poll) {
-    const int Tmax = m.cfg.max_seq_len, V = m.cfg.vocab_size;
-    if (prompt.empty()) throw std::invalid_argument("prompt is empty");
-    if ((int)prompt.size() > Tmax)
-        throw std::invalid_argument("prompt length " + std::to_string(prompt.size()) + " exceeds max_seq_len " +
-                                    std::to_string(Tmax));
-    Cache cache(m.cfg);
-    std::vector<int32_t> ctx = prompt, out;
-    std::vector<float> logits(V);
-    prefill(m, cache, ctx, logits.data());
-    for (int i = 0; i < max_new_tokens; i++) {
-        if (all_logits) all_logits->insert(all_logits->end(), logits.begin(), logits.end());
-        int32_t tok = sample_token(logits.data(), V, temperature, top_k, top_p, seed, (uint64_t)i);
-        out.push_back(tok);
-        ctx.push_back(tok);
-        if (i + 1 == max_new_tokens) break;
-        if (poll && (i + 1) % POLL_TOKENS == 0) poll();
-        if (cache.len == Tmax) {
-            // Context full: keep the most recent half and prefill again (positions are absolute).
-            ctx.erase(ctx.begin(), ctx.end() - std::max(1, Tmax / 2));
-            prefill(m, cache, ctx, logits.data());
-        } else {
-            decode_step(m, cache, tok, logits.data());
-        }
+std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
+                                           int max_new_tokens, const Sampling& sampling,
+                                           const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
+                                           const StepCallback& on_step, std::vector<std::vector<float>>* all_logits) {
+    const Config& c = m.cfg;
+    const int Tmax = c.max_seq_len, V = c.vocab_size, B = (int)prompts.size();
+    if (seeds.size() != prompts.size()) throw std::invalid_argument("one seed per prompt is needed");
+    for (int b = 0; b < B; b++) {
+        if (prompts[b].empty()) throw std::invalid_argument("prompt " + std::to_string(b) + " is empty");
+        if ((int)prompts[b].size() > Tmax)
+            throw std::invalid_argument("prompt " + std::to_string(b) + " length " + std::to_string(prompts[b].size()) +
+                                        " exceeds max_seq_len " + std::to_string(Tmax));
     }
+    std::vector<char> is_stop(V, 0);
+    for (int32_t t : stop_tokens) is_stop.at(t) = 1;
+    std::vector<Sequence> seqs(B);
+    for (int b = 0; b < B && max_new_tokens > 0; b++) {
+        Sequence& s = seqs[b];
+        s.ctx = prompts[b];
+        for (int l = 0; l < c.num_layers; l++) s.qkv.push_back(alloc_floats(cache_floats_per_layer(c)));
+        s.logits = alloc_floats(V);
+        s.counts.assign(V, 0);
+        for (int32_t t : prompts[b]) note_token(s, t, false);
+        prefill(m, s);
+    }
+    if (all_logits) all_logits->assign(B, {});
+    Rows rows(c, std::max(1, B));
+    std::vector<Sequence*> step;  // the sequences decoded together this step
+    for (int i = 0; i < max_new_tokens; i++) {
+        std::vector<int> drew;
+        std::vector<int32_t> tokens;
+        for (int b = 0; b < B; b++) {
+            Sequence& s = seqs[b];
+            if (s.done) continue;
+            float* logits = s.logits.get();
+            if (all_logits) (*all_logits)[b].insert((*all_logits)[b].end(), logits, logits + V);
+            apply_penalties(logits, s, sampling);
+            const int32_t t =
+                sample_token(logits, V, sampling.temperature, sampling.top_k, sampling.top_p, seeds[b], i);
+            if (is_stop[t]) {  // a stop token ends the sequence and is not part of it
+                s.done = true;
+                continue;
+            }
+            s.out.push_back(t);
+            s.ctx.push_back(t);
+            note_token(s, t, true);
+            drew.push_back(b);
+            tokens.push_back(t);
+        }
+        if (on_step && !drew.empty())
+            for (int b : on_step(drew, tokens)) seqs.at(b).done = true;
+        if (i + 1 == max_new_tokens) break;
+        step.clear();
+        for (int b = 0; b < B; b++) {
+            Sequence& s = seqs[b];
+            if (s.done) continue;
+            if (s.len == Tmax) {
+                // Context full: keep the most recent half and prefill again (positions are absolute).
+                s.ctx.erase(s.ctx.begin(), s.ctx.end() - std::max(1, Tmax / 2));
+                prefill(m, s);
+            } else {
+                step.push_back(&s);
+            }
+        }
+        if (!step.empty()) decode_step(m, rows, step);
+        if (std::all_of(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.done; })) break;
+    }
+    std::vector<std::vector<int32_t>> out(B);
+    for (int b = 0; b < B; b++) out[b] = std::move(seqs[b].out);
     return out;
 }
 
-size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits) {
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits) {
     using u128 = unsigned __int128;
-    const u128 total = (u128)c.num_layers * cache_floats_per_layer(c) + scratch_floats(c) +
+    const u128 B = (u128)std::max(1, batch);
+    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c) + row_floats(c) + sequence_floats(c)) +
                        activation_floats(c, 1, c.max_seq_len) +
-                       (return_logits ? (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
+                       (return_logits ? B * (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
     return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
 

@@ -247,14 +247,16 @@ void feedforward_backward(float* dinp, const FeedForwardGrads& g, const float* d
                           float* gelu_scratch, float* dfch, const FeedForward& ff, int N) {
     kernels().feedforward_backward(dinp, g, dout, inp, fch, gelu_scratch, dfch, ff, N);
 }
-void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V) {
-    kernels().cross_entropy_forward(losses, logits, targets, N, V);
+void cross_entropy_forward(float* losses, const float* logits, const int32_t* targets, int N, int V, float eps) {
+    kernels().cross_entropy_forward(losses, logits, targets, N, V, eps);
 }
-void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V, float scale) {
-    kernels().cross_entropy_backward(dlogits, logits, targets, N, V, scale);
+void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int N, int V, float scale,
+                            float eps) {
+    kernels().cross_entropy_backward(dlogits, logits, targets, N, V, scale, eps);
 }
-void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V, float scale) {
-    kernels().cross_entropy_fused(losses, logits_to_dlogits, targets, N, V, scale);
+void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t* targets, int N, int V, float scale,
+                         float eps) {
+    kernels().cross_entropy_fused(losses, logits_to_dlogits, targets, N, V, scale, eps);
 }
 double grad_norm(const float* g, size_t n) { return kernels().grad_norm(g, n); }
 void scale_inplace(float* x, size_t n, float s) { kernels().scale_inplace(x, n, s); }
@@ -266,26 +268,27 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
               float weight_decay, bool nesterov, bool first_step) {
     kernels().sgd_step(params, grads, buf, layout, lr, momentum, weight_decay, nesterov, first_step);
 }
-std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, int max_new_tokens, float temperature,
-                              int top_k, float top_p, uint64_t seed, std::vector<float>* all_logits,
-                              const std::function<void()>& poll) {
-    return kernels().generate(m, prompt, max_new_tokens, temperature, top_k, top_p, seed, all_logits, poll);
+std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
+                                           int max_new_tokens, const Sampling& sampling,
+                                           const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
+                                           const StepCallback& on_step, std::vector<std::vector<float>>* all_logits) {
+    return kernels().generate(m, prompts, max_new_tokens, sampling, seeds, stop_tokens, on_step, all_logits);
 }
-size_t generation_floats(const Config& c, int max_new_tokens, bool return_logits) {
-    return kernels().generation_floats(c, max_new_tokens, return_logits);
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits) {
+    return kernels().generation_floats(c, batch, max_new_tokens, return_logits);
 }
 
 void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
     (this->*kernels().model_forward)(tokens, B, T, d);
 }
 float Model::loss_only(const int32_t* targets) { return (this->*kernels().model_loss_only)(targets); }
-float Model::loss_and_dlogits(const int32_t* targets, float grad_scale) {
-    return (this->*kernels().model_loss_and_dlogits)(targets, grad_scale);
+float Model::loss_and_dlogits(const int32_t* targets, float grad_scale, float eps) {
+    return (this->*kernels().model_loss_and_dlogits)(targets, grad_scale, eps);
 }
 void Model::backward(const int32_t* tokens, const Dropout& d) { (this->*kernels().model_backward)(tokens, d); }
 float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                              float grad_scale) {
-    return (this->*kernels().model_forward_backward)(tokens, targets, B, T, accumulate, grad_scale);
+                              float grad_scale, float label_smoothing) {
+    return (this->*kernels().model_forward_backward)(tokens, targets, B, T, accumulate, grad_scale, label_smoothing);
 }
 
 }  // namespace cllm

@@ -324,18 +324,20 @@ def feedforward_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # cross-entropy over rows of logits [N, V]
 # ----------------------------------------------------------------------------------------------------
-def cross_entropy_forward(logits, targets):
-    """Returns (losses [N], cache); losses[n] = logsumexp(logits[n]) - logits[n, targets[n]]."""
+def cross_entropy_forward(logits, targets, label_smoothing=0.0):
+    """Returns (losses [N], cache): the cross-entropy against the target distribution q = (1 - eps) onehot + eps/V
+    (PyTorch's label_smoothing eps), losses[n] = -sum_j q_j log p_j = (1 - eps) nll + eps mean_j(-log p_j)."""
     logits = _f64(logits)
     targets = np.asarray(targets, dtype=np.int64)
     N, V = logits.shape
     m = logits.max(axis=-1, keepdims=True)
     e = np.exp(logits - m)
     z = e.sum(axis=-1, keepdims=True)
-    lse = (m + np.log(z))[:, 0]
-    losses = lse - logits[np.arange(N), targets]
+    logp = logits - (m + np.log(z))
+    eps = float(label_smoothing)
+    losses = -(1.0 - eps) * logp[np.arange(N), targets] - eps * logp.mean(axis=-1)
     probs = e / z
-    return losses, (probs, targets)
+    return losses, (probs, targets, eps)
 
 
 def cross_entropy_backward(cache, scale=None):
@@ -343,12 +345,12 @@ def cross_entropy_backward(cache, scale=None):
 
     ``scale`` may also be an array [N] (a per-row upstream gradient).
     """
-    probs, targets = cache
-    N = probs.shape[0]
+    probs, targets, eps = cache
+    N, V = probs.shape
     if scale is None:
         scale = 1.0 / N
-    d = probs.copy()
-    d[np.arange(N), targets] -= 1.0
+    d = probs - eps / V  # p - q
+    d[np.arange(N), targets] -= 1.0 - eps
     scale = np.asarray(scale, dtype=np.float64)
     if scale.ndim == 1:
         scale = scale[:, None]
@@ -457,18 +459,18 @@ def _apply_mask(x, masks, key):
     return x * _f64(masks[key])
 
 
-def _head_loss(logits, targets, B, T):
+def _head_loss(logits, targets, B, T, label_smoothing=0.0):
     if targets is None:
         return None, None
     targets = np.asarray(targets, dtype=np.int64)
-    losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+    losses, ce_c = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1), label_smoothing)
     return float(losses.mean()), ce_c
 
 
-def model_forward(params, cfg, tokens, targets=None, masks=None):
-    """Returns (logits [B, T, V], loss or None, cache)."""
+def model_forward(params, cfg, tokens, targets=None, masks=None, label_smoothing=0.0):
+    """Returns (logits [B, T, V], loss or None, cache); the loss label-smoothed by eps = label_smoothing."""
     if _llama(cfg):
-        return _llama_forward(params, cfg, tokens, targets, masks)
+        return _llama_forward(params, cfg, tokens, targets, masks, label_smoothing)
     tokens = np.asarray(tokens, dtype=np.int64)
     B, T = tokens.shape
     assert T <= cfg.max_seq_len
@@ -494,7 +496,7 @@ def model_forward(params, cfg, tokens, targets=None, masks=None):
     lnf, _, _, lnf_c = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
     logits = lnf @ P["wte"].T
 
-    loss, ce_c = _head_loss(logits, targets, B, T)
+    loss, ce_c = _head_loss(logits, targets, B, T, label_smoothing)
     cache = dict(cfg=cfg, params=P, masks=masks, B=B, T=T, emb=emb_cache, blocks=blocks,
                  lnf=lnf, lnf_c=lnf_c, ce=ce_c)
     return logits, loss, cache
@@ -557,7 +559,7 @@ def _proj_backward(dout, cache):
     return dx, dw.T
 
 
-def _llama_forward(params, cfg, tokens, targets, masks):
+def _llama_forward(params, cfg, tokens, targets, masks, label_smoothing=0.0):
     tokens = np.asarray(tokens, dtype=np.int64)
     B, T = tokens.shape
     assert T <= cfg.max_seq_len
@@ -591,7 +593,7 @@ def _llama_forward(params, cfg, tokens, targets, masks):
     nf, _, nf_c = rmsnorm_forward(x, P["norm.weight"], eps)
     head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
     logits = nf @ head.T
-    loss, ce_c = _head_loss(logits, targets, B, T)
+    loss, ce_c = _head_loss(logits, targets, B, T, label_smoothing)
     cache = dict(cfg=cfg, params=P, masks=masks, B=B, T=T, tokens=tokens, blocks=blocks, lnf=nf, lnf_c=nf_c,
                  ce=ce_c, head=head)
     return logits, loss, cache

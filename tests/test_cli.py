@@ -124,9 +124,19 @@ def test_help_shows_defaults(capsys):
         cli.main(["train", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--max-steps", "--lr", "--betas", "--resume", "--config", "--patience", "--on-nonfinite"):
+    for flag in ("--max-steps", "--lr", "--betas", "--resume", "--config", "--patience", "--on-nonfinite",
+                 "--optimizer", "--momentum", "--label-smoothing", "--ema-decay", "--sample-every"):
         assert flag in text, flag
     assert "(default: 1500)" in text and "(default: 0.003)" in text and "(default: 'runs/cllm')" in text
+    assert "(default: 'adamw')" in text and "(default: 0.0)" in text
+    for command, flags in (("sample", ("--stream", "--num-samples", "--interactive", "--stop", "--repetition-penalty",
+                                       "--frequency-penalty", "--presence-penalty", "--ignore-eos")),
+                           ("eval", ("--data", "--choices", "--stride", "--json", "--batch-size", "--progress"))):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert flag in text, (command, flag)
 
 
 def test_bad_input_subprocess(tmp_path):
@@ -138,6 +148,14 @@ def test_bad_input_subprocess(tmp_path):
     (["train", "--batch-size", "0"], ["batch_size must be positive"]),
     (["train", "--schedule", "step"], ["--schedule", "invalid choice"]),
     (["train", "--max-steps", "1.5"], ["--max-steps"]),
+    (["train", "--optimizer", "adam"], ["--optimizer", "invalid choice"]),
+    (["train", "--momentum", "1"], ["momentum must be in [0, 1)"]),
+    (["train", "--label-smoothing", "-0.1"], ["label_smoothing must be in [0, 1]"]),
+    (["train", "--label-smoothing", "nan"], ["label_smoothing must be a finite number"]),
+    (["train", "--ema-decay", "1"], ["ema_decay must be in (0, 1)"]),
+    (["train", "--ema-decay", "x"], ["--ema-decay", "invalid"]),
+    (["train", "--sample-every", "0"], ["sample_every must be positive"]),
+    (["train", "--sample-every", "1.5"], ["--sample-every", "invalid"]),
     (["train", "--config", "{tmp}/absent.toml"], ["absent.toml"]),
     (["train", "--config", "{tmp}/bad.toml"], ["bad.toml", "unknown setting learning_rate"]),
     (["train", "--resume", "--out-dir", "{tmp}/nothing"], ["cannot resume", "last.safetensors"]),

@@ -231,9 +231,9 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_step(data_dir, tmp_path, 
     calls = {"n": 0}
     stepped = []
 
-    def bad_grad(self, x, y, accumulate=False, grad_scale=1.0):
+    def bad_grad(self, x, y, accumulate=False, grad_scale=1.0, **kw):
         calls["n"] += 1
-        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale)
+        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale, **kw)
         if calls["n"] == 3:
             self.gradients()["ln_f.bias"][0] = value
         return loss
@@ -263,9 +263,9 @@ def test_gradient_overflowing_adam_moments_is_skipped_without_clipping(data_dir,
     real = cllm.Model.forward_backward
     calls = {"n": 0}
 
-    def huge_grad(self, x, y, accumulate=False, grad_scale=1.0):
+    def huge_grad(self, x, y, accumulate=False, grad_scale=1.0, **kw):
         calls["n"] += 1
-        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale)
+        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale, **kw)
         if calls["n"] == 3:
             self.gradients()["wte"][0, :] = 1e20
         return loss

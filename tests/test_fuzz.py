@@ -627,7 +627,8 @@ def test_generate_inputs(model, prompt, max_new, temperature, top_k, top_p, seed
                       return_logits=return_logits)
     if ok:
         toks = out[0] if return_logits else out
-        assert toks.ndim == 1 and (toks.size == 0 or (toks.min() >= 0 and toks.max() < model.config.vocab_size))
+        for t in toks if np.ndim(prompt) == 2 else [toks]:  # a 2-D prompt is a batch: one array per row
+            assert t.ndim == 1 and (t.size == 0 or (t.min() >= 0 and t.max() < model.config.vocab_size))
 
 
 @fuzz(40)

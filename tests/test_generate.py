@@ -87,3 +87,91 @@ def test_sampling_follows_the_distribution():
     p /= p.sum()
     counts = np.bincount([int(m.generate([0], 1, temperature=0.7, seed=s)[0]) for s in range(4000)], minlength=5)
     np.testing.assert_allclose(counts / 4000, p, atol=0.03)
+
+
+# ------------------------------------------------------------------------------------------------------
+# batches, stops, penalties, the step callback
+# ------------------------------------------------------------------------------------------------------
+PROMPTS = [[5, 9, 1, 33], [2], [7, 7, 3, 60, 1, 2, 8, 9, 10, 11], [40, 41]]
+
+
+def test_batch_equals_one_at_a_time_greedy(model):
+    n = 2 * CFG.max_seq_len  # past the context: sequences are prefilled again at different steps
+    batch = model.generate(PROMPTS, n, temperature=0.0)
+    assert isinstance(batch, list) and len(batch) == len(PROMPTS)
+    for p, toks in zip(PROMPTS, batch):
+        assert np.array_equal(toks, model.generate(p, n, temperature=0.0))
+
+
+def test_batch_logits_match_one_at_a_time_and_seeds_are_per_prompt(model):
+    toks, logits = model.generate(PROMPTS, 12, temperature=1.0, seed=[1, 2, 3, 4], return_logits=True)
+    for i, p in enumerate(PROMPTS):
+        t1, l1 = model.generate(p, 12, temperature=1.0, seed=i + 1, return_logits=True)
+        np.testing.assert_allclose(logits[i], l1, atol=1e-4)
+        assert np.array_equal(toks[i], t1)
+    # a 2-D array is a batch too; one int seed serves every prompt
+    same = model.generate(np.array([[3, 4], [3, 4]]), 8, temperature=1.0, seed=5)
+    assert np.array_equal(same[0], same[1])
+
+
+def test_stop_tokens_end_a_sequence_without_the_token(model):
+    free = model.generate(PROMPTS, 10, temperature=0.0)
+    stop = int(free[0][3])
+    out = model.generate(PROMPTS, 10, temperature=0.0, stop_tokens=[stop])
+    for f, o in zip(free, out):
+        cut = list(f).index(stop) if stop in f else len(f)
+        assert list(o) == list(f[:cut])
+
+
+def test_on_step_streams_tokens_and_stops_sequences(model):
+    seen = {i: [] for i in range(len(PROMPTS))}
+
+    def on_step(seqs, tokens):
+        for s, t in zip(seqs, tokens):
+            seen[s].append(t)
+        return [1] if len(seen[1]) == 3 else None
+
+    out = model.generate(PROMPTS, 9, temperature=0.7, seed=3, on_step=on_step)
+    assert [list(o) for o in out] == [seen[i] for i in range(len(PROMPTS))]
+    assert len(out[1]) == 3 and all(len(out[i]) == 9 for i in (0, 2, 3))
+    with pytest.raises(ValueError, match="on_step returned sequence 7"):
+        model.generate([1], 3, on_step=lambda s, t: [7])
+    with pytest.raises(ZeroDivisionError):  # the callback's own error reaches the caller
+        model.generate([1], 3, on_step=lambda s, t: 1 / 0)
+
+
+def penalised(logits, context, output, rep, freq, pres):
+    """The penalties restated: transformers' repetition penalty, then OpenAI's frequency/presence penalties."""
+    z = logits.astype(np.float64).copy()
+    for t in set(context) | set(output):
+        z[t] = z[t] * rep if z[t] < 0 else z[t] / rep
+    for t in set(output):
+        z[t] -= output.count(t) * freq + pres
+    return z
+
+
+@pytest.mark.parametrize("rep, freq, pres", [(1.8, 0.0, 0.0), (1.0, 0.7, 0.0), (1.0, 0.0, 2.0), (0.5, 0.3, 0.4)])
+def test_penalties_follow_their_definitions(model, rep, freq, pres):
+    prompt = [5, 9, 1, 33]
+    toks, logits = model.generate(prompt, 15, temperature=0.0, repetition_penalty=rep, frequency_penalty=freq,
+                                  presence_penalty=pres, return_logits=True)
+    for i, t in enumerate(toks):
+        z = penalised(logits[i], prompt, [int(x) for x in toks[:i]], rep, freq, pres)
+        assert t == int(np.argmax(z))
+    plain = model.generate(prompt, 15, temperature=0.0)
+    if rep > 1 or pres > 1:  # a strong penalty repeats less than greedy decoding
+        assert len(set(toks.tolist())) >= len(set(plain.tolist()))
+
+
+def test_generate_bad_batch_and_penalty_arguments(model):
+    for kw, words in [(dict(repetition_penalty=0), "repetition_penalty"), (dict(frequency_penalty=float("nan")),
+                      "frequency_penalty"), (dict(presence_penalty="x"), "presence_penalty"),
+                      (dict(stop_tokens=[CFG.vocab_size]), "stop_tokens"), (dict(stop_tokens=["a"]), "stop_tokens"),
+                      (dict(stop_tokens=[1.5]), "stop_tokens"), (dict(seed=[1, 2]), "seed"),
+                      (dict(on_step=3), "on_step")]:
+        with pytest.raises((TypeError, ValueError), match=words):
+            model.generate([1, 2], 3, **kw)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1], []], 3)
+    with pytest.raises(ValueError, match="prompt 0 length"):
+        model.generate([list(range(CFG.max_seq_len + 1)), [1]], 3)

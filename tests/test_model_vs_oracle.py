@@ -117,6 +117,24 @@ def test_model_matches_oracle(cllm, helpers, errs, rng, kw, B, T):
     errs.finish()
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.7])
+def test_label_smoothing_matches_oracle(cllm, helpers, errs, rng, eps):
+    """forward_backward's label-smoothed loss and every gradient (the fused kernel in place over the logits)."""
+    model, ocfg = make_model(cllm, helpers, rng, dict(ODD, pos_encoding="learned"))
+    params = helpers.snapshot(model.parameters())
+    x, y = batch(rng, ocfg.vocab_size, 2, 13)
+    _, ref_loss, cache = oracle.model_forward(params, ocfg, x, y, label_smoothing=eps)
+    ref_grads = oracle.model_backward(cache, dloss=0.5)
+    loss = model.forward_backward(x, y, grad_scale=0.5, label_smoothing=eps)
+    errs.record("smoothed loss", loss_err(loss, ref_loss), LOSS_TOL)
+    check_grads(errs, model.gradients(), ref_grads)
+    errs.record("loss() stays unsmoothed", loss_err(model.loss(x, y), oracle.model_forward(params, ocfg, x, y)[1]),
+                LOSS_TOL)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        model.forward_backward(x, y, label_smoothing=1.5)
+    errs.finish()
+
+
 @pytest.mark.parametrize("kw,B,T", DROPOUT_CONFIGS)
 def test_dropout_matches_oracle(cllm, helpers, errs, rng, kw, B, T):
     model, ocfg = make_model(cllm, helpers, rng, kw)

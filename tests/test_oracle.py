@@ -214,18 +214,38 @@ def test_fd_feedforward(errs, rng):
     errs.finish()
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0], ids=["plain", "smoothed0.1", "smoothed1"])
 @pytest.mark.parametrize("scale", [None, 0.37, "rows"], ids=["mean", "scalar", "per-row"])
-def test_fd_cross_entropy(errs, rng, scale):
+def test_fd_cross_entropy(errs, rng, scale, eps):
     N, V = 6, 9
     logits = rng.standard_normal((N, V)) * 3
     targets = rng.integers(0, V, N)
     if scale == "rows":
         scale = rng.standard_normal(N)
-    _, cache = oracle.cross_entropy_forward(logits, targets)
+    _, cache = oracle.cross_entropy_forward(logits, targets, eps)
     dlogits = oracle.cross_entropy_backward(cache, scale)
     w = np.full(N, 1.0 / N) if scale is None else np.broadcast_to(np.asarray(scale, float), (N,))
-    f = lambda: float(np.sum(w * oracle.cross_entropy_forward(logits, targets)[0]))
+    f = lambda: float(np.sum(w * oracle.cross_entropy_forward(logits, targets, eps)[0]))
     fd_check(errs, "dlogits", f, logits, dlogits, rng)
+    errs.finish()
+
+
+def test_label_smoothing_is_pytorchs(errs, rng):
+    """The smoothed loss restated per row: -sum_j q_j log p_j with q = (1 - eps) onehot + eps / V, and as
+    torch.nn.functional.cross_entropy(label_smoothing=eps) computes it."""
+    torch = pytest.importorskip("torch")
+    N, V, eps = 5, 7, 0.2
+    logits = rng.standard_normal((N, V)) * 2
+    targets = rng.integers(0, V, N)
+    losses = oracle.cross_entropy_forward(logits, targets, eps)[0]
+    for n in range(N):
+        logp = logits[n] - np.log(np.exp(logits[n]).sum())
+        q = np.full(V, eps / V)
+        q[targets[n]] += 1 - eps
+        errs.record(f"row {n}", abs(losses[n] + (q * logp).sum()), 1e-12)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(targets), label_smoothing=eps,
+                                            reduction="none").numpy()
+    errs.maxabs("torch", losses, ref, 1e-12)
     errs.finish()
 
 

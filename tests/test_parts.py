@@ -242,12 +242,13 @@ def test_cross_entropy(kernels, errs, rng, N, V, scale):
     logits[0, 0] += 30.0  # a large logit: forward must be max-subtracted
     targets = rng.integers(0, V, N)
     targets[-1] = V - 1
-    ref, cache = oracle.cross_entropy_forward(logits, targets)
-    losses = kernels.cross_entropy_forward(f32(logits), i32(targets))
-    assert losses.shape == (N,)
-    errs.maxabs("losses", losses, ref, FWD_TOL)
-    for s in (1.0 / N, 0.37):
-        d = kernels.cross_entropy_backward(f32(logits), i32(targets), s)
-        assert d.shape == (N, V)
-        errs.normwise(f"dlogits(scale={s:.3g})", d, oracle.cross_entropy_backward(cache, s), BWD_TOL)
+    for eps in (0.0, 0.1, 1.0):  # label smoothing
+        ref, cache = oracle.cross_entropy_forward(logits, targets, eps)
+        losses = kernels.cross_entropy_forward(f32(logits), i32(targets), eps)
+        assert losses.shape == (N,)
+        errs.maxabs(f"losses(eps={eps})", losses, ref, FWD_TOL)
+        for s in (1.0 / N, 0.37):
+            d = kernels.cross_entropy_backward(f32(logits), i32(targets), s, eps)
+            assert d.shape == (N, V)
+            errs.normwise(f"dlogits(scale={s:.3g}, eps={eps})", d, oracle.cross_entropy_backward(cache, s), BWD_TOL)
     errs.finish()

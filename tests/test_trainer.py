@@ -124,6 +124,9 @@ def test_fit_writes_metrics_plot_checkpoints(data_dir, tmp_path):
     for key in ("train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"):
         assert all(isinstance(r[key], float) for r in steps), key
     assert [r["step"] for r in records if r.get("val_loss") is not None] == [4, 8, 10]  # + final evaluation
+    for r in records:  # bits per byte beside each validation loss: loss / ln 2 for the byte tokenizer
+        if r.get("val_loss") is not None:
+            assert abs(r["val_bpb"] - r["val_loss"] / np.log(2)) < 1e-12
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     # the lr follows the schedule
     t = Trainer(tiny(data_dir, out, max_steps=10))
@@ -162,9 +165,11 @@ def test_bf16_precision_trains_like_fp32(data_dir, tmp_path):
         tiny(data_dir, tmp_path / "x", precision="fp16")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_resume_is_bit_exact(data_dir, tmp_path, dropout):
-    kw = dict(dropout=dropout, decay_steps=12, patience=5)
+@pytest.mark.parametrize("extra", [dict(dropout=0.0), dict(dropout=0.2),
+                                   dict(ema_decay=0.9, optimizer="sgd", label_smoothing=0.1, lr=0.05, min_lr=0.01)],
+                         ids=["plain", "dropout", "ema-sgd-smoothing"])
+def test_resume_is_bit_exact(data_dir, tmp_path, extra):
+    kw = dict(extra, decay_steps=12, patience=5)
     full = Trainer(tiny(data_dir, tmp_path / "full", max_steps=12, **kw)).fit()
     s1 = Trainer(tiny(data_dir, tmp_path / "cut", max_steps=6, **kw)).fit()
     assert s1["steps"] == 6
@@ -177,9 +182,12 @@ def test_resume_is_bit_exact(data_dir, tmp_path, dropout):
     assert full["best_val_loss"] == s2["best_val_loss"] and full["best_step"] == s2["best_step"]
     x, y = load_checkpoint(tmp_path / "full" / "last.safetensors"), load_checkpoint(tmp_path / "cut" / "last.safetensors")
     assert np.array_equal(x.model.flat_parameters(), y.model.flat_parameters())
-    for k in ("exp_avg", "exp_avg_sq"):
-        for name in x.optimizer_state[k]:
+    for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        for name in x.optimizer_state.get(k, {}):
             assert np.array_equal(x.optimizer_state[k][name], y.optimizer_state[k][name])
+    assert (x.ema is None) == (y.ema is None) == ("ema_decay" not in extra)
+    for name in x.ema or {}:
+        assert np.array_equal(x.ema[name], y.ema[name])
     for k in ("step", "optimizer_step", "dropout_step", "loader", "evals_since_best", "best_val_loss"):
         assert x.trainer_state[k] == y.trainer_state[k], k
 
@@ -233,9 +241,9 @@ def test_nonfinite_guard(data_dir, tmp_path, monkeypatch, mode):
     real = cllm.Model.forward_backward
     calls = {"n": 0}
 
-    def flaky(self, x, y, accumulate=False, grad_scale=1.0):
+    def flaky(self, x, y, accumulate=False, grad_scale=1.0, **kw):
         calls["n"] += 1
-        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale)
+        loss = real(self, x, y, accumulate=accumulate, grad_scale=grad_scale, **kw)
         if calls["n"] == 3:
             self.gradients()["wte"][0, 0] = np.nan
             return float("nan")
@@ -334,7 +342,7 @@ def test_communicator_hook(data_dir, tmp_path):
     comm = CountingComm()
     Trainer(tiny(data_dir, tmp_path / "c", max_steps=4, eval_interval=2), comm=comm).fit()
     assert comm.calls.count("grads") == 4
-    assert comm.calls.count("scalar") == 4 + 2  # a loss per step, a val loss per evaluation
+    assert comm.calls.count("scalar") == 4 + 2 + 1  # a loss per step, a val loss per evaluation, the val bytes/token
     assert "barrier" in comm.calls
 
 
@@ -428,3 +436,60 @@ def test_resume_with_wrongly_typed_trainer_state_is_one_line(data_dir, tmp_path,
     assert cli.main(["train", "--resume", "--out-dir", str(out), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{out / 'last.safetensors'}: cannot resume" in err[0] and repr(field) in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------------
+# training extras: EMA, SGD, label smoothing, samples during training
+# ------------------------------------------------------------------------------------------------------
+def test_ema_is_the_average_used_for_evaluation_and_sampling(data_dir, tmp_path):
+    out = tmp_path / "ema"
+    t = Trainer(tiny(data_dir, out, max_steps=8, ema_decay=0.8, eval_interval=100))
+    t._setup()
+    ema = t.model.flat_parameters().copy()
+    for _ in range(3):  # the average restated: ema += (1 - d) (weights - ema) after each update
+        t._optimizer_step(cllm.run_files.Session(start_step=t.step))
+        w = t.model.flat_parameters()
+        ema = ema + np.float32(0.2) * (w - ema)
+        assert np.array_equal(t.ema.shadow, ema)
+    trained = t.model.flat_parameters().copy()
+    with t.ema.applied() as m:
+        ema_loss = float(np.mean([m.loss(x, y) for x, y in t.val_batches]))
+    assert t.evaluate() == ema_loss and np.array_equal(t.model.flat_parameters(), trained)  # restored exactly
+    t.save(out / "last.safetensors", 0.0)
+    t._lock.release()
+    ck = load_checkpoint(out / "last.safetensors")
+    assert ck.ema_decay == 0.8 and np.array_equal(ck.model.flat_parameters(), trained)
+    model, _ = cllm.pretrained.load_pretrained(out / "last.safetensors")  # sampling and cllm eval: the EMA
+    assert all(np.array_equal(model.parameters()[n], t.ema.parameters()[n]) for n in ck.ema)
+
+
+def test_sgd_label_smoothing_and_samples_during_training(data_dir, tmp_path, capsys):
+    out = tmp_path / "sgd"
+    s = Trainer(tiny(data_dir, out, max_steps=6, optimizer="sgd", lr=0.1, min_lr=0.01, momentum=0.8,
+                     label_smoothing=0.2, sample_every=3, sample_tokens=5)).fit()
+    assert s["steps"] == 6
+    printed = capsys.readouterr().out
+    assert "--- sample at step 3 ---" in printed and "--- sample at step 6 ---" in printed
+    ck = load_checkpoint(out / "last.safetensors")
+    assert ck.optimizer_state["type"] == "SGD" and ck.optimizer_state["momentum"] == pytest.approx(0.8)
+    assert set(ck.optimizer_state["momentum_buffer"]) == set(ck.model.parameters())
+    with pytest.raises(ValueError, match="holds SGD state, not AdamW's"):
+        Trainer(tiny(data_dir, out, max_steps=8, resume=True)).fit()
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(optimizer="adam"), "optimizer must be one of adamw, sgd"),
+    (dict(momentum=1.0), "momentum must be in [0, 1)"),
+    (dict(momentum=-0.1), "momentum"),
+    (dict(label_smoothing=1.5), "label_smoothing must be in [0, 1]"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be a finite number"),
+    (dict(ema_decay=1.0), "ema_decay must be in (0, 1)"),
+    (dict(ema_decay=0.0), "ema_decay"),
+    (dict(ema_decay="0.9"), "ema_decay must be a number"),
+    (dict(sample_every=0), "sample_every must be positive"),
+    (dict(sample_every=1.5), "sample_every must be an int"),
+])
+def test_extras_bad_values(kw, words):
+    with pytest.raises((TypeError, ValueError)) as e:
+        TrainConfig(**kw)
+    assert words in str(e.value)

@@ -3,15 +3,17 @@
 File layout (safetensors, float32, little-endian):
 
     <name>                         model weights under their Hugging Face names ("wte", "h.0.ln_1.weight", ...)
-    optimizer.exp_avg.<name>       AdamW first moments  (optional: absent when saved without an optimizer)
-    optimizer.exp_avg_sq.<name>    AdamW second moments
+    optimizer.<slot>.<name>        the optimizer's state (optional: absent when saved without an optimizer):
+                                   AdamW exp_avg and exp_avg_sq (the moments), SGD momentum_buffer
+    ema.<name>                     the exponential moving average of the weights (optional: runs with ema_decay)
     __metadata__ (str -> str):
       format          "cllm-checkpoint"
       format_version  "1"
       config          JSON of the ModelConfig
       tokenizer       the tokenizer's JSON (Tokenizer.to_json())
       model_state     JSON {"seed", "dropout_step"}: the model's init seed (it also seeds dropout) and RNG position
-      optimizer       JSON {"type", "step", "lr", "betas", "eps", "weight_decay"} (when an optimizer was saved)
+      optimizer       JSON {"type", "step", "lr", ...: the optimizer's hyperparameters} (when an optimizer was saved)
+      ema             JSON {"decay"} (when the EMA weights were saved)
       trainer_state   JSON chosen by the trainer: step, schedule, data-loader state, early-stopping state, ...
       tensor_crc32    JSON {tensor name: CRC-32 of its bytes}
       metadata_crc32  CRC-32 of every other metadata entry (`_metadata_crc32`)
@@ -19,8 +21,9 @@ File layout (safetensors, float32, little-endian):
 load_checkpoint checks both checksums and names what is damaged (the metadata, or a tensor); a file without them
 (written before CLLM stored them, or by another tool) loads with a warning.
 
-So `safetensors.torch.load_file(path)` filtered to names without a "optimizer." prefix is a GPT-2-named state
-dict. The tensors are streamed from the model's own buffers (no copy of the whole set). Writes are atomic (temporary file in the same directory, fsync, os.replace, fsync of the directory): a crash
+So `safetensors.torch.load_file(path)` filtered to names without an "optimizer." or "ema." prefix is a
+Hugging-Face-named state dict. The tensors are streamed from the model's own buffers (no copy of the whole set).
+Writes are atomic (temporary file in the same directory, fsync, os.replace, fsync of the directory): a crash
 mid-write leaves the previous checkpoint untouched and never a partial file under the real name.
 """
 from __future__ import annotations
@@ -45,8 +48,9 @@ from .tokenizer import Tokenizer, tokenizer_from_json
 FORMAT = "cllm-checkpoint"
 FORMAT_VERSION = "1"
 WEIGHTS_FORMAT = "cllm-weights"
-EXP_AVG = "optimizer.exp_avg."
-EXP_AVG_SQ = "optimizer.exp_avg_sq."
+EXP_AVG, EXP_AVG_SQ = "optimizer.exp_avg.", "optimizer.exp_avg_sq."  # AdamW's tensor names
+OPTIMIZER_SLOTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "SGD": ("momentum_buffer",)}  # type -> state tensors
+EMA = "ema."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -54,7 +58,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 @dataclass
 class Checkpoint:
     """What load_checkpoint returns. `model` is a ready cllm.Model (weights, seed and dropout_step restored);
-    `optimizer_state` is None or {"step", "exp_avg": {name: array}, "exp_avg_sq": {...}, "lr", "betas", ...}."""
+    `optimizer_state` is None or {"type", "step", "lr", ..., and per slot of OPTIMIZER_SLOTS {name: array}};
+    `ema` is None or the EMA weights {name: array}, with `ema_decay`."""
 
     model: Model
     optimizer_state: Optional[Dict[str, Any]]
@@ -63,6 +68,8 @@ class Checkpoint:
     config: ModelConfig
     path: Path = None
     metadata: Dict[str, str] = field(default_factory=dict)
+    ema: Optional[Dict[str, np.ndarray]] = None
+    ema_decay: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,9 +110,10 @@ def _json(obj, what: str) -> str:
 
 
 def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenizer,
-                    trainer_state: Optional[dict] = None) -> Path:
-    """Write model weights, AdamW moments (if `optimizer` is not None), tokenizer and trainer state to `path`
-    atomically. Refuses (ValueError) to write non-finite weights or moments. Returns the path."""
+                    trainer_state: Optional[dict] = None, ema=None) -> Path:
+    """Write model weights, the optimizer's state (if `optimizer` is not None: AdamW or SGD), the EMA weights (if
+    `ema`, a cllm.optim.EMA, is not None), tokenizer and trainer state to `path` atomically. Refuses (ValueError)
+    to write non-finite weights or optimizer state. Returns the path."""
     path = Path(path)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a cllm.Model, got {type(model).__name__}")
@@ -127,16 +135,17 @@ def save_checkpoint(path: PathLike, model: Model, optimizer, tokenizer: Tokenize
     }
     if optimizer is not None:
         state = optimizer.state()
-        _check_finite(state["exp_avg"], "optimizer moments", path)
-        _check_finite(state["exp_avg_sq"], "optimizer moments", path)
-        for name, v in state["exp_avg"].items():
-            tensors[EXP_AVG + name] = np.ascontiguousarray(v)
-        for name, v in state["exp_avg_sq"].items():
-            tensors[EXP_AVG_SQ + name] = np.ascontiguousarray(v)
-        metadata["optimizer"] = _json({
-            "type": type(optimizer).__name__, "step": int(state["step"]), "lr": float(optimizer.lr),
-            "betas": list(optimizer.betas), "eps": float(optimizer.eps),
-            "weight_decay": float(optimizer.weight_decay)}, "optimizer state")
+        for slot in OPTIMIZER_SLOTS[type(optimizer).__name__]:
+            _check_finite(state[slot], "optimizer state", path)
+            for name, v in state[slot].items():
+                tensors[f"optimizer.{slot}.{name}"] = np.ascontiguousarray(v)
+        metadata["optimizer"] = _json({"type": type(optimizer).__name__, "step": int(state["step"]),
+                                       **optimizer.hyperparameters()}, "optimizer state")
+    if ema is not None:
+        weights = ema.parameters()
+        _check_finite(weights, "EMA weights", path)
+        tensors.update({EMA + name: np.ascontiguousarray(v) for name, v in weights.items()})
+        metadata["ema"] = _json({"decay": ema.decay}, "ema")
     _atomic_write(path, tensors, metadata)
     return path
 
@@ -191,15 +200,25 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
     trainer_state = _meta_json(path, meta, "trainer_state") if "trainer_state" in meta else {}
     model_state = _meta_json(path, meta, "model_state") if "model_state" in meta else {}
     opt_meta = _meta_json(path, meta, "optimizer") if "optimizer" in meta else None
+    ema_meta = _meta_json(path, meta, "ema") if "ema" in meta else None
     if not isinstance(trainer_state, dict) or not isinstance(model_state, dict):
         raise ValueError(f"{path}: checkpoint trainer_state / model_state must be JSON objects")
     if opt_meta is not None and not isinstance(opt_meta, dict):
         raise ValueError(f"{path}: checkpoint optimizer metadata must be a JSON object")
+    slots = () if opt_meta is None else OPTIMIZER_SLOTS.get(opt_meta.get("type"))
+    if slots is None:
+        raise ValueError(f"{path}: checkpoint optimizer type {opt_meta.get('type')!r} is not one of "
+                         f"{', '.join(OPTIMIZER_SLOTS)}")
+    ema_decay = None
+    if ema_meta is not None:
+        ema_decay = ema_meta.get("decay") if isinstance(ema_meta, dict) else None
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, float) or not 0 < ema_decay < 1:
+            raise ValueError(f"{path}: checkpoint ema metadata must be {{\"decay\": a number in (0, 1)}}")
     seed = _state_int(path, model_state, "seed", "model_state")
     dropout_step = _state_int(path, model_state, "dropout_step", "model_state")
     opt_step = _state_int(path, opt_meta, "step", "optimizer") if opt_meta is not None else 0
 
-    groups = _tensor_groups(path, header, config, saved_optimizer=opt_meta is not None)
+    groups = _tensor_groups(path, header, config, slots, ema=ema_meta is not None)
     tensors = _read_tensors(path, [k for k in header if k != "__metadata__"], allow_nonfinite, sums)
     try:
         model = Model(config, seed=seed)
@@ -210,13 +229,14 @@ def load_checkpoint(path: PathLike, *, allow_nonfinite: bool = False) -> Checkpo
     model.load_parameters({n: tensors[k] for n, k in groups[""].items()})
     model.dropout_step = dropout_step
     optimizer_state = None
-    if groups[EXP_AVG]:
-        optimizer_state = dict(opt_meta or {})
-        optimizer_state["step"] = opt_step
-        optimizer_state["exp_avg"] = {n: tensors[k] for n, k in groups[EXP_AVG].items()}
-        optimizer_state["exp_avg_sq"] = {n: tensors[k] for n, k in groups[EXP_AVG_SQ].items()}
+    if opt_meta is not None:
+        optimizer_state = dict(opt_meta, step=opt_step)
+        for slot in slots:
+            optimizer_state[slot] = {n: tensors[k] for n, k in groups[f"optimizer.{slot}."].items()}
+    ema = {n: tensors[k] for n, k in groups[EMA].items()} if ema_meta is not None else None
     return Checkpoint(model=model, optimizer_state=optimizer_state, tokenizer=tokenizer,
-                      trainer_state=trainer_state, config=config, path=path, metadata=dict(meta))
+                      trainer_state=trainer_state, config=config, path=path, metadata=dict(meta), ema=ema,
+                      ema_decay=ema_decay)
 
 
 def _checkpoint_metadata(path: Path, header: dict) -> dict:
@@ -266,18 +286,18 @@ def _config_and_tokenizer(path: Path, meta: dict):
     return config, tokenizer
 
 
-def _tensor_groups(path: Path, header: dict, config: ModelConfig, saved_optimizer: bool) -> Dict[str, Dict[str, str]]:
-    """{prefix ("" for the weights, EXP_AVG, EXP_AVG_SQ): {parameter name: tensor name}}, checked before anything
-    is allocated: the header must hold every tensor of this config, with its shape, as float32."""
+def _tensor_groups(path: Path, header: dict, config: ModelConfig, slots: tuple, ema: bool) -> Dict[str, Dict[str, str]]:
+    """{prefix ("" for the weights, "optimizer.<slot>." for each optimizer slot, EMA when saved): {parameter name:
+    tensor name}}, checked before anything is allocated: the header must hold every tensor of this config in each
+    group, with its shape, as float32, and nothing else."""
     expected = parameter_shapes(config)
-    groups = {"": {}, EXP_AVG: {}, EXP_AVG_SQ: {}}
+    prefixes = [f"optimizer.{slot}." for slot in slots] + ([EMA] if ema else [])
+    groups = {p: {} for p in [""] + prefixes}
     for k in header:
         if k != "__metadata__":
-            prefix = EXP_AVG_SQ if k.startswith(EXP_AVG_SQ) else EXP_AVG if k.startswith(EXP_AVG) else ""
+            prefix = next((p for p in prefixes if k.startswith(p)), "")
             groups[prefix][k[len(prefix):]] = k
     for prefix, group in groups.items():
-        if prefix and not groups[EXP_AVG] and not groups[EXP_AVG_SQ] and not saved_optimizer:
-            continue  # saved without an optimizer
         what = f"tensor {prefix}" if prefix else "weight "
         missing = [n for n in expected if n not in group]
         extra = [n for n in group if n not in expected]
@@ -342,10 +362,14 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 
 
 def restore_optimizer(optimizer, optimizer_state: dict) -> None:
-    """Load a Checkpoint's optimizer_state (moments and step count) into an AdamW over the checkpoint's model."""
+    """Load a Checkpoint's optimizer_state (its tensors and step count) into an optimizer of the same type over the
+    checkpoint's model."""
     if optimizer_state is None:
         raise ValueError("the checkpoint holds no optimizer state")
-    optimizer.load_state(optimizer_state["step"], optimizer_state["exp_avg"], optimizer_state["exp_avg_sq"])
+    kind = type(optimizer).__name__
+    if optimizer_state.get("type") != kind:
+        raise ValueError(f"the checkpoint holds {optimizer_state.get('type')} state, not {kind}'s")
+    optimizer.load_state(optimizer_state["step"], *(optimizer_state[slot] for slot in OPTIMIZER_SLOTS[kind]))
 
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights", "restore_optimizer",

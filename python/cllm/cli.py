@@ -1,9 +1,11 @@
-"""The `cllm` command line: train, sample, prepare.
+"""The `cllm` command line: train, sample, eval, prepare, export.
 
     cllm train                                  # defaults: ~3 minutes on the Python stdlib, then a sample
     cllm train --config run.toml --lr 1e-3      # flags override the file
     cllm train --resume --out-dir runs/cllm     # continue exactly where last.safetensors stopped
     cllm sample --checkpoint runs/cllm/best.safetensors --prompt "def " --max-new-tokens 200
+    cllm sample --checkpoint runs/cllm --stream --stop "\n\n" --num-samples 3 --repetition-penalty 1.2
+    cllm eval runs/cllm --data test.txt --json  # loss, perplexity, bits per byte, accuracy
     cllm prepare corpus/ --out data/ --tokenizer bpe --vocab-size 2048
     cllm info                                   # the kernels in use on this CPU, for bug reports
 
@@ -127,26 +129,132 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample among the K most likely tokens (default: none)")
     p.add_argument("--top-p", type=_opt(float, "float"), default=None, metavar="P",
                    help="nucleus sampling: the smallest set of tokens with probability >= P (default: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the positive logits and multiply the negative ones of tokens already in the prompt "
+                        "or the output by R > 0, as transformers does; 1 = off (default: 1.0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="subtract F x (times a token occurs in the output) from its logit (default: 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="subtract P from the logit of every token already in the output (default: 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample just before TEXT (repeatable); samples also end at the tokenizer's EOS token")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="samples per prompt, generated together, with seeds SEED, SEED+1, ... (default: 1)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is produced (one sample at a time)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from stdin, one per line, until end of input; --prompt is not used")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
                    help="CPU threads (default: OpenMP default)")
 
 
 def _run_sample(args) -> int:
-    from . import set_num_threads
+    import math
     from .pretrained import load_pretrained
-    from .generation import sample_text
 
-    if args.max_new_tokens < 0:
-        raise CLLMError(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
-    if args.threads:
-        set_num_threads(args.threads)
+    checks = [(args.max_new_tokens >= 0, "--max-new-tokens must be non-negative"),
+              (args.num_samples >= 1, "--num-samples must be at least 1"),
+              (math.isfinite(args.temperature) and args.temperature >= 0, "--temperature must be a number >= 0"),
+              (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
+               "--repetition-penalty must be a number > 0"),
+              (math.isfinite(args.frequency_penalty), "--frequency-penalty must be a finite number"),
+              (math.isfinite(args.presence_penalty), "--presence-penalty must be a finite number"),
+              (all(args.stop), "--stop must not be empty")]
+    for ok, msg in checks:
+        if not ok:
+            raise CLLMError(msg)
+    _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
-    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    sys.stdout.write(args.prompt + text + "\n")
+    if not args.interactive:
+        _print_samples(model, tokenizer, args.prompt, args)
+        return 0
+    ask = sys.stdin.isatty()
+    while True:
+        if ask:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            return 0
+        _print_samples(model, tokenizer, line.rstrip("\n"), args)
+
+
+def _print_samples(model, tokenizer, prompt: str, args) -> None:
+    """--num-samples continuations of one prompt, each printed after the prompt; streamed, or all at the end."""
+    from .generation import generate_text
+
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop=args.stop, stop_at_eos=not args.ignore_eos,
+                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty)
+    if args.stream:  # one sample at a time, printed piece by piece
+        for k in range(args.num_samples):
+            sys.stdout.write(("---\n" if k else "") + prompt)
+            generate_text(model, tokenizer, [prompt], seed=args.seed + k,
+                          on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()), **options)
+            sys.stdout.write("\n")
+    else:  # all samples together, printed at the end
+        seeds = [args.seed + k for k in range(args.num_samples)]
+        texts = generate_text(model, tokenizer, [prompt] * args.num_samples, seed=seeds, **options)
+        sys.stdout.write("\n---\n".join(prompt + t for t in texts) + "\n")
     sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint file, a run directory (its best, else last, checkpoint) or an HF directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", metavar="FILE",
+                      help="UTF-8 text files or CLLM token files (.bin): loss, perplexity, bits per byte, accuracy "
+                           "and top-5 accuracy over all of them")
+    what.add_argument("--choices", metavar="FILE.jsonl",
+                      help="multiple choice, one JSON object a line: context, endings (list), label (index); "
+                           "accuracy and length-normalised accuracy (acc_norm) as lm-evaluation-harness")
+    p.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="--data: windows of max_seq_len tokens start every N tokens; each token is predicted once "
+                        "from at least max_seq_len - N tokens of context (default: max_seq_len // 2)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="--data: windows per forward (default: 4)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar on stderr (default: on)")
+    p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
+                   help="CPU threads (default: OpenMP default)")
+
+
+def _run_eval(args) -> int:
+    import json
+    from .evaluation import evaluate_choices, evaluate_files
+    from .pretrained import load_pretrained
+
+    if args.batch_size < 1:
+        raise CLLMError(f"--batch-size must be positive, got {args.batch_size}")
+    _set_threads(args.threads)
+    model, tokenizer = load_pretrained(args.checkpoint)
+    T = model.config.max_seq_len
+    if args.stride is not None and not 1 <= args.stride <= T:
+        raise CLLMError(f"--stride must be in [1, max_seq_len = {T}], got {args.stride}")
+    if args.data:
+        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=args.batch_size,
+                                 progress=args.progress)
+        text = (f"loss {figures['loss']:.4f}  perplexity {figures['perplexity']:.3f}  bits/byte "
+                f"{figures['bits_per_byte']:.4f}  accuracy {figures['accuracy']:.4f}  top-5 "
+                f"{figures['top5_accuracy']:.4f}  ({figures['tokens']:,} tokens, {figures['bytes']:,} bytes)")
+    else:
+        figures = evaluate_choices(model, tokenizer, args.choices, progress=args.progress)
+        text = (f"accuracy {figures['accuracy']:.4f}  acc_norm {figures['acc_norm']:.4f}  "
+                f"({figures['examples']:,} examples)")
+    print(json.dumps(figures) if args.json else text)
     return 0
+
+
+def _set_threads(threads) -> None:
+    from . import set_num_threads
+
+    if threads is not None:
+        set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,6 +341,7 @@ def _run_info(args) -> int:
 
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)
 register_command("sample", "generate text from a checkpoint", _sample_arguments, _run_sample)
+register_command("eval", "evaluate a model on text files or a multiple-choice task", _eval_arguments, _run_eval)
 register_command("prepare", "tokenize a corpus into train.bin / val.bin / tokenizer.json", _prepare_arguments,
                  _run_prepare)
 register_command("export", "write a model as a Hugging Face directory or a GGUF file", _export_arguments,

@@ -46,8 +46,8 @@ _SPEC: Dict[str, str] = {
     "swiglu_backward": "ff",
     "feedforward_forward": "fffff",
     "feedforward_backward": "ffffff",
-    "cross_entropy_forward": "ft",
-    "cross_entropy_backward": "ftx",
+    "cross_entropy_forward": "ftx",
+    "cross_entropy_backward": "ftxx",
 }
 _KEYWORDS: Dict[str, tuple] = {"matmul": ("a", "b", "trans_a", "trans_b", "bf16")}
 

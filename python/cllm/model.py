@@ -60,12 +60,35 @@ def activation_count(config: ModelConfig, batch_size: int, seq_len: int) -> int:
 
 
 def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
-                    optimizer: str = "adamw") -> int:
+                    optimizer: str = "adamw", ema: bool = False) -> int:
     """Bytes a training run of this model needs: parameters, gradients, optimizer state ("adamw": two moments,
-    "sgd": one buffer, None: none) and the activations of one [batch_size, seq_len] step."""
+    "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
+    [batch_size, seq_len] step."""
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer]
+    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer] + (2 if ema else 0)
     return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
+
+
+def _is_batch(prompt) -> bool:
+    """A batch of prompts: a 2-D array, or a non-empty list/tuple whose items are sequences."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 2
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(np.ndim(p) == 1 for p in prompt)
+
+
+def _checked_callback(on_step, n: int):
+    """on_step with its answer checked: None or indices of the batch's sequences."""
+    if not callable(on_step):
+        raise TypeError(f"on_step must be callable, got {type(on_step).__name__}")
+
+    def call(seqs, tokens):
+        stop = on_step(seqs, tokens)
+        stop = [] if stop is None else [int(b) for b in stop]
+        bad = [b for b in stop if not 0 <= b < n]
+        if bad:
+            raise ValueError(f"on_step returned sequence {bad[0]}, not in 0..{n - 1}")
+        return stop
+    return call
 
 
 class Model:
@@ -182,13 +205,17 @@ class Model:
         self._arena_shape = x.shape
         return out
 
-    def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0) -> float:
+    def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0,
+                         label_smoothing: float = 0.0) -> float:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
-        Gradients are zeroed first unless accumulate=True (gradient accumulation)."""
+        Gradients are zeroed first unless accumulate=True (gradient accumulation). label_smoothing eps in [0, 1]
+        trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
+        returned is that smoothed loss."""
         grad_scale = check_float("grad_scale", grad_scale)
+        label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
         x, y = self._batch(x, y)
-        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale)
+        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing)
         self._arena_shape = x.shape
         return loss
 
@@ -237,33 +264,71 @@ class Model:
         self._core.dropout_stream = check_int("dropout_stream", value, 0, UINT64_MAX, integral_float=True)
 
     def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
-                  seed: int = 0, return_logits: bool = False):
-        """Sample a continuation of `prompt` (1-D token ids) with a KV cache; returns the new token ids.
+                 seed=0, return_logits: bool = False, stop_tokens=(), repetition_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, on_step=None):
+        """Sample a continuation of `prompt` with a KV cache; returns the new token ids.
+
+        `prompt` is 1-D token ids, or a batch: a list of them (any lengths) or a 2-D array. A batch returns a
+        list, one array per prompt, decoded together (faster than one at a time); prompt b samples with seed b of
+        `seed` (an int for all, or one per prompt), so its tokens do not depend on the rest of the batch.
 
         temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
-        probability reaches p. The same seed gives the same tokens. With return_logits=True also returns the
-        [n, V] logits each token was drawn from. Past max_seq_len the newest half of the context is kept."""
-        p = np.asarray(prompt)
-        if p.size == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        p = token_array("prompt", p)
-        if p.ndim != 1:
-            raise ValueError(f"prompt must be a 1-D integer array of token ids, got shape {p.shape}")
-        if p.size > self.config.max_seq_len:
-            raise ValueError(f"prompt length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
+        probability reaches p. repetition_penalty (> 0, 1 off) divides the positive logits and multiplies the
+        negative ones of every token in the prompt or output (transformers' RepetitionPenaltyLogitsProcessor);
+        frequency_penalty and presence_penalty subtract count x f + p from the logits of tokens in the output.
+        A token of `stop_tokens` (e.g. the tokenizer's EOS) ends its sequence and is not returned.
+        on_step(sequences, tokens) runs after each step with the sequences that drew a token (indices into the
+        batch; [0] for one prompt) and their tokens; it returns the sequences to stop there (or None).
+        With return_logits=True also returns the [n, V] logits (before penalties) each token was drawn from
+        (a list for a batch). Past max_seq_len the newest half of a context is kept."""
+        batch = _is_batch(prompt)
+        n = check_int("the number of prompts", len(prompt) if batch else 1, 1, INT32_MAX)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
-        temperature = check_float("temperature", temperature, lo=0)
+        s = _core.Sampling()
+        s.temperature = check_float("temperature", temperature, lo=0)
         if top_k is not None:  # k >= V keeps all
-            top_k = min(check_int("top_k", top_k, 1, 1 << 64, integral_float=True), self.config.vocab_size)
+            s.top_k = min(check_int("top_k", top_k, 1, 1 << 64, integral_float=True), self.config.vocab_size)
         if top_p is not None:
-            top_p = check_float("top_p", top_p, 0, 1, lo_open=True)
-        seed = check_int("seed", seed, integral_float=True) & UINT64_MAX
+            s.top_p = check_float("top_p", top_p, 0, 1, lo_open=True)
+        s.repetition_penalty = check_float("repetition_penalty", repetition_penalty, lo=0, lo_open=True)
+        s.frequency_penalty = check_float("frequency_penalty", frequency_penalty)
+        s.presence_penalty = check_float("presence_penalty", presence_penalty)
+        seeds = self._seeds(seed, n)
+        stops = np.asarray(stop_tokens).reshape(-1)
+        stops = token_array("stop_tokens", stops if stops.size else stops.astype(np.int64))
+        callback = None if on_step is None else _checked_callback(on_step, n)
         return_logits = bool(return_logits)
-        check_memory(4 * _core.generation_floats(core_config(self.config), max_new_tokens, return_logits),
-                     f"generating {max_new_tokens:,} tokens")
+        # before any prompt is copied (a broadcast array may hold billions of rows)
+        check_memory(4 * _core.generation_floats(core_config(self.config), n, max_new_tokens, return_logits),
+                     f"generating {max_new_tokens:,} tokens for {n:,} prompt(s)")
+        prompts = [self._prompt(p, f"prompt {i}" if batch else "prompt")
+                   for i, p in enumerate(prompt if batch else [prompt])]
         self._arena_shape = None  # generation re-sizes the arena
-        return self._core.generate(as_int32_tokens("prompt", p), max_new_tokens, temperature, top_k or 0,
-                                   1.0 if top_p is None else top_p, seed, return_logits)
+        out = self._core.generate(prompts, max_new_tokens, s, seeds, as_int32_tokens("stop_tokens", stops), callback,
+                                  return_logits)
+        if batch:
+            return out
+        return (out[0][0], out[1][0]) if return_logits else out[0]
+
+    def _prompt(self, p, name: str) -> np.ndarray:
+        p = np.asarray(p)
+        if p.size == 0:
+            raise ValueError(f"{name} is empty: give at least one token")
+        p = token_array(name, p)
+        if p.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D integer array of token ids, got shape {p.shape}")
+        if p.size > self.config.max_seq_len:
+            raise ValueError(f"{name} length {p.size} exceeds max_seq_len {self.config.max_seq_len}")
+        return as_int32_tokens(name, p)
+
+    @staticmethod
+    def _seeds(seed, n: int) -> list:
+        """One seed per prompt (any int, taken modulo 2**64)."""
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != n:
+                raise ValueError(f"seed: {len(seed)} seeds for {n} prompts")
+            return [check_int("seed", s, integral_float=True) & UINT64_MAX for s in seed]
+        return [check_int("seed", seed, integral_float=True) & UINT64_MAX] * n
 
     def __repr__(self) -> str:
         return f"cllm.Model({self.config}, parameters={self.num_parameters:,}, precision={self.precision!r})"

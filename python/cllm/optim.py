@@ -1,5 +1,8 @@
-"""Optimizers over the model's flat buffers (the maths is in C++): AdamW, SGD, global-norm clipping."""
+"""Optimizers over the model's flat buffers (the maths is in C++): AdamW, SGD, global-norm clipping; and the
+exponential moving average of the weights (EMA)."""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -45,17 +48,26 @@ class AdamW:
         return {"step": self.step_count, "exp_avg": _views(self.model, self.exp_avg),
                 "exp_avg_sq": _views(self.model, self.exp_avg_sq)}
 
+    def hyperparameters(self) -> dict:
+        return {"lr": float(self.lr), "betas": list(self.betas), "eps": float(self.eps),
+                "weight_decay": float(self.weight_decay)}
+
     def load_state(self, step: int, exp_avg: dict, exp_avg_sq: dict) -> None:
-        for flat, src, what in ((self.exp_avg, exp_avg, "exp_avg"), (self.exp_avg_sq, exp_avg_sq, "exp_avg_sq")):
-            views = _views(self.model, flat)
-            if set(views) != set(src):
-                raise ValueError(f"optimizer state {what} names do not match the model")
-            for name, v in views.items():
-                a = np.asarray(src[name])
-                if a.shape != v.shape:
-                    raise ValueError(f"optimizer state {what}.{name}: shape {a.shape} != {v.shape}")
-                v[...] = a
+        _load_flat(self.model, self.exp_avg, exp_avg, "optimizer state exp_avg")
+        _load_flat(self.model, self.exp_avg_sq, exp_avg_sq, "optimizer state exp_avg_sq")
         self.step_count = int(step)
+
+
+def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str) -> None:
+    """Copy name -> array into the flat buffer laid out like the model's parameters."""
+    views = _views(model, flat)
+    if set(views) != set(src):
+        raise ValueError(f"{what} names do not match the model")
+    for name, v in views.items():
+        a = np.asarray(src[name])
+        if a.shape != v.shape:
+            raise ValueError(f"{what}.{name}: shape {a.shape} != {v.shape}")
+        v[...] = a
 
 
 class SGD:
@@ -79,6 +91,52 @@ class SGD:
         _core.sgd_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.momentum_buffer, self.lr,
                        self.momentum, self.weight_decay, self.nesterov, self.step_count == 0)
         self.step_count += 1
+
+    def state(self) -> dict:
+        return {"step": self.step_count, "momentum_buffer": _views(self.model, self.momentum_buffer)}
+
+    def hyperparameters(self) -> dict:
+        return {"lr": float(self.lr), "momentum": float(self.momentum), "weight_decay": float(self.weight_decay),
+                "nesterov": self.nesterov}
+
+    def load_state(self, step: int, momentum_buffer: dict) -> None:
+        _load_flat(self.model, self.momentum_buffer, momentum_buffer, "optimizer state momentum_buffer")
+        self.step_count = int(step)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: after each update, ema += (1 - decay) * (weights - ema),
+    in float32 over the flat buffer. `applied()` swaps the averaged weights into the model for a while
+    (evaluation, sampling) and restores the trained ones bit for bit."""
+
+    def __init__(self, model: Model, decay: float):
+        _check_model(model)
+        self.model = model
+        self.decay = check_float("ema_decay", decay, 0, 1, lo_open=True, hi_open=True)
+        self.shadow = model.flat_parameters().copy()  # starts at the weights
+        self._scratch = np.empty_like(self.shadow)
+
+    def update(self) -> None:
+        np.subtract(self.model.flat_parameters(), self.shadow, out=self._scratch)
+        self._scratch *= np.float32(1.0 - self.decay)
+        self.shadow += self._scratch
+
+    def parameters(self) -> dict:
+        """name -> view of the averaged weights."""
+        return _views(self.model, self.shadow)
+
+    def load(self, params: dict) -> None:
+        _load_flat(self.model, self.shadow, params, "EMA weights")
+
+    @contextlib.contextmanager
+    def applied(self):
+        weights = self.model.flat_parameters()
+        np.copyto(self._scratch, weights)
+        np.copyto(weights, self.shadow)
+        try:
+            yield self.model
+        finally:
+            np.copyto(weights, self._scratch)
 
 
 def grad_norm(model: Model) -> float:

@@ -28,11 +28,14 @@ def checkpoint_file(path: PathLike) -> Path:
 
 
 def load_pretrained(path: PathLike) -> Tuple[Model, Tokenizer]:
-    """(model, tokenizer) from a CLLM checkpoint or run directory, or a Hugging Face GPT-2 directory."""
+    """(model, tokenizer) from a CLLM checkpoint or run directory, or a Hugging Face GPT-2 directory. A checkpoint
+    of a run with ema_decay gives its averaged weights."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         from .hf import from_hf
         return from_hf(path)
     from .checkpoint import load_checkpoint
     ckpt = load_checkpoint(checkpoint_file(path))
+    if ckpt.ema is not None:
+        ckpt.model.load_parameters(ckpt.ema)
     return ckpt.model, ckpt.tokenizer

@@ -122,6 +122,11 @@ class Tokenizer:
         """The end-of-text token's id, or None."""
         return self.special_ids.get("eos")
 
+    def token_bytes(self) -> np.ndarray:
+        """[vocab_size] int64: the UTF-8 bytes each token stands for (a special token: its text's), so that the
+        bytes of a token sequence are the sum over it (bits per byte compares models across tokenizers)."""
+        raise NotImplementedError
+
     def save(self, path: PathLike) -> None:
         """Write :meth:`to_json` to ``path`` atomically."""
         data = self.to_json().encode("utf-8")
@@ -147,6 +152,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         arr = _as_id_array(ids, 256)
         return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(256, dtype=np.int64)
 
     def to_json(self) -> str:
         return json.dumps({"type": "byte"})
@@ -309,6 +317,19 @@ class BPETokenizer(Tokenizer):
             return ""
         return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 
+    def token_bytes(self) -> np.ndarray:
+        if getattr(self, "_token_bytes", None) is None:
+            chars = _byte_level_chars()
+            added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+            out = np.zeros(self._vocab_size, dtype=np.int64)
+            for i in range(self._vocab_size):
+                piece = self._tok.id_to_token(i) or ""
+                # byte-level pieces spell each byte as one character; an added token is its own text
+                plain = piece in added or any(ch not in chars for ch in piece)
+                out[i] = len(piece.encode("utf-8")) if plain else len(piece)
+            self._token_bytes = out
+        return self._token_bytes
+
     def to_json(self) -> str:
         spec = {"type": "bpe", "tokenizer": self._tok.to_str()}
         if self.special_tokens:
@@ -335,6 +356,12 @@ def _check_special_tokens(tok, special_tokens) -> Dict[str, str]:
         if not isinstance(text, str) or tok.token_to_id(text) is None:
             raise ValueError(f"special token {role}={text!r} is not in the tokenizer's vocabulary")
     return dict(special_tokens)
+
+
+def _byte_level_chars() -> set:
+    """The 256 characters a byte-level BPE spells the bytes with (GPT-2's bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return {chr(b) for b in printable} | {chr(256 + n) for n in range(256 - len(printable))}
 
 
 def _read_training_item(item) -> str:

@@ -26,6 +26,9 @@ from .system import MAX_THREADS
 from .schedule import SCHEDULES, check_schedule
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def _f(default, help: str, kind: str, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
@@ -76,9 +79,16 @@ class TrainConfig:
     warmup_steps: int = _f(50, "linear warmup steps (capped at the schedule horizon)", "int")
     schedule: str = _f("cosine", "decay after warmup", "choice", SCHEDULES)
     decay_steps: Optional[int] = _f(None, "step at which the lr reaches min_lr (none: max_steps)", "opt_int")
-    weight_decay: float = _f(0.1, "AdamW weight decay (2-D weights only)", "float")
+    optimizer: str = _f("adamw", "optimizer: adamw, or sgd (with momentum)", "choice", OPTIMIZERS)
+    weight_decay: float = _f(0.1, "weight decay of the 2-D weights (AdamW: decoupled; SGD: L2)", "float")
     betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas", "betas")
     eps: float = _f(1e-8, "AdamW epsilon", "float")
+    momentum: float = _f(0.9, "SGD momentum (0: plain SGD)", "float")
+    label_smoothing: float = _f(0.0, "label smoothing of the training loss, PyTorch's: targets (1 - x) onehot + "
+                                     "x / vocab_size (the validation loss is not smoothed)", "float")
+    ema_decay: Optional[float] = _f(None, "keep an exponential moving average of the weights with this decay in "
+                                          "(0, 1), saved in the checkpoints and used for evaluation and samples "
+                                          "(none: off)", "opt_float")
     grad_clip: Optional[float] = _f(1.0, "clip the global gradient norm to this (none or 0: off)", "opt_float")
     on_nonfinite: str = _f("skip", "on a NaN/Inf loss or gradient: skip the step, or stop the run", "choice",
                            ("skip", "stop"))
@@ -99,7 +109,9 @@ class TrainConfig:
     threads: Optional[int] = _f(None, "CPU threads of the kernels (none: OpenMP default)", "opt_int")
     sample_tokens: int = _f(300, "tokens of the sample printed at the end (0: none)", "int")
     prompt: str = _f("def ", "prompt of the final sample", "str")
-    sample_temperature: float = _f(0.8, "temperature of the final sample (0: greedy)", "float")
+    sample_temperature: float = _f(0.8, "temperature of the samples (0: greedy)", "float")
+    sample_every: Optional[int] = _f(None, "also print a sample of sample_tokens tokens every this many steps "
+                                           "(none: only at the end)", "opt_int")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -160,7 +172,7 @@ class TrainConfig:
         change if their product, the global batch, does not: the loader refuses anything else; the same rows
         then give the same step up to round-off.)"""
         changed = [k for k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps", "weight_decay",
-                               "grad_clip", "seed")
+                               "grad_clip", "seed", "label_smoothing", "momentum", "ema_decay")
                    if k in old and old[k] != getattr(self, k)]
         if old.get("decay_steps") is None and self.decay_steps is None and old.get("max_steps") != self.max_steps:
             changed.append("max_steps (the schedule's horizon; set decay_steps to keep it)")
@@ -263,7 +275,7 @@ def _check_ranges(c: TrainConfig) -> None:
     for name in ("bpe_vocab_size", "max_seq_len", "embedding_dim", "num_layers", "num_heads", "batch_size",
                  "grad_accum", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
         need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
-    for name in ("ff_dim", "num_kv_heads", "threads", "patience", "max_data_bytes"):
+    for name in ("ff_dim", "num_kv_heads", "threads", "patience", "max_data_bytes", "sample_every"):
         v = getattr(c, name)
         need(v is None or v > 0, f"{name} must be positive or none, got {v}")
     need(c.threads is None or c.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS}, got {c.threads}")
@@ -286,6 +298,9 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.sample_tokens >= 0, f"sample_tokens must be non-negative, got {c.sample_tokens}")
     c.model_config(vocab_size=256)  # the architecture's own checks (num_kv_heads, pos_encoding, ...), now
     need(c.sample_temperature >= 0, f"sample_temperature must be non-negative, got {c.sample_temperature}")
+    need(0.0 <= c.momentum < 1.0, f"momentum must be in [0, 1), got {c.momentum}")
+    need(0.0 <= c.label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
+    need(c.ema_decay is None or 0.0 < c.ema_decay < 1.0, f"ema_decay must be in (0, 1) or none, got {c.ema_decay}")
 
 
 __all__ = ["TrainConfig", "read_config_file"]

@@ -1,4 +1,4 @@
-"""The training loop: data, model, AdamW, lr schedule, evaluation, early stopping, checkpoints, logs.
+"""The training loop: data, model, AdamW or SGD, lr schedule, EMA, evaluation, early stopping, checkpoints, logs.
 
     from cllm import TrainConfig, Trainer
     summary = Trainer(TrainConfig(max_steps=1000, out_dir="runs/demo")).fit()
@@ -33,7 +33,7 @@ from .distributed import SingleProcess
 from .errors import MissingFileError
 from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
-from .optim import AdamW, clip_grad_norm, grad_norm
+from .optim import EMA, SGD, AdamW, clip_grad_norm, grad_norm
 from .run_files import (Console, MetricsLog, RunLock, Session, claim_run_dir, is_prepared_data, open_run_dir,
                         plot_losses, prepare_data_once, truncate_metrics)
 from .pretrained import load_pretrained
@@ -107,11 +107,12 @@ class Trainer:
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = self._model_config(pretrained)
-        # weights, gradients, AdamW moments and a step's activations, before any of them is allocated; a resume
-        # also holds the checkpoint's model (weights, gradients) and its three tensor sets while it loads them.
+        # weights, gradients, optimizer state, EMA and a step's activations, before any of them is allocated; a
+        # resume also holds the checkpoint's model (weights, gradients) and its tensor sets while it loads them.
         # (Saving a checkpoint streams the tensors: it needs no more.)
         resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
-        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len) + resume_peak,
+        check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer,
+                                     ema=bool(c.ema_decay)) + resume_peak,
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
@@ -119,7 +120,11 @@ class Trainer:
             self.model.load_parameters(init[0].parameters())
         del init
         self.model.dropout_stream = self.comm.rank  # each rank's rows get their own dropout masks
-        self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        if c.optimizer == "sgd":
+            self.optimizer = SGD(self.model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay else None
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
         try:
@@ -132,6 +137,9 @@ class Trainer:
                                             rank=self.comm.rank, world_size=self.comm.world_size)
         except ValueError as e:
             raise ValueError(f"{val.path}: {e}") from None
+        token_bytes = self.tokenizer.token_bytes()  # bits per byte = val loss / ln 2 / bytes per target token
+        self.val_bytes_per_token = self.comm.allreduce_mean(float(np.mean([token_bytes[y].mean()
+                                                                             for _, y in self.val_batches])))
         self.tokens_per_step = c.batch_size * c.grad_accum * c.max_seq_len * self.comm.world_size
         # the state that a checkpoint carries besides weights and moments
         self.step = 0
@@ -203,6 +211,7 @@ class Trainer:
             restore_optimizer(self.optimizer, ckpt.optimizer_state)
             if not isinstance(st.get("loader"), dict):
                 raise ValueError(f"trainer_state field 'loader' must be a JSON object, got {st.get('loader')!r}")
+            self._resume_ema(ckpt.ema)
             self.loader.load_state_dict(st["loader"])
             self.step = field("step", "count")
             self.best_val_loss = field("best_val_loss", "loss")
@@ -223,6 +232,15 @@ class Trainer:
             truncate_metrics(self.metrics_path, self.step)
         self.console.say(f"resumed from {self.last_path} at step {self.step}")
 
+    def _resume_ema(self, weights: Optional[dict]) -> None:
+        if self.ema is None:
+            return
+        if weights is None:  # the run had no EMA so far: it starts from the weights now
+            self._warn(f"{self.last_path} holds no EMA weights: the average starts from the current weights")
+            self.ema.shadow[...] = self.model.flat_parameters()
+        else:
+            self.ema.load(weights)
+
     # -- pieces of the loop ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         c = self.config
@@ -238,7 +256,8 @@ class Trainer:
         loss = 0.0
         for i in range(c.grad_accum):
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
-            loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum)
+            loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
+                                                label_smoothing=c.label_smoothing)
         loss = self.comm.allreduce_mean(loss / c.grad_accum)
         self.comm.allreduce_mean_(self.model.flat_gradients())
         if c.grad_clip:
@@ -248,9 +267,18 @@ class Trainer:
         return loss, norm
 
     def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches (no dropout)."""
-        losses = [self.model.loss(x, y) for x, y in self.val_batches]
+        """Mean validation loss over the fixed validation batches (no dropout), of the EMA weights if kept."""
+        with self._eval_weights() as model:
+            losses = [model.loss(x, y) for x, y in self.val_batches]
         return self.comm.allreduce_mean(float(np.mean(losses)))
+
+    def _eval_weights(self):
+        """The model with the weights to evaluate and sample from: the EMA's while kept (restored after)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext(self.model)
+
+    def bits_per_byte(self, val_loss: float) -> float:
+        """A validation loss (nats per token) as bits per byte of the validation text."""
+        return val_loss / math.log(2) / self.val_bytes_per_token
 
     def trainer_state(self, elapsed: float) -> Dict[str, Any]:
         return {
@@ -268,12 +296,15 @@ class Trainer:
         returns False)."""
         if not self.main:
             return True
-        for what, buf in (("weights", self.model.flat_parameters()), ("optimizer moments", self.optimizer.exp_avg),
-                          ("optimizer moments", self.optimizer.exp_avg_sq)):
+        state = self.optimizer.state()
+        buffers = [("weights", self.model.flat_parameters())]
+        buffers += [("optimizer moments", v) for slot, views in state.items() if slot != "step" for v in views.values()]
+        buffers += [("EMA weights", self.ema.shadow)] if self.ema is not None else []
+        for what, buf in buffers:
             if not _all_finite(buf):
                 self._warn(f"step {self.step}: {what} are not finite, not writing {path.name}")
                 return False
-        save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed))
+        save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed), ema=self.ema)
         return True
 
     # -- output ---------------------------------------------------------------------------------
@@ -315,6 +346,7 @@ class Trainer:
                 self._log_step(step, s)
                 self._check_replicas()
                 self._maybe_checkpoint(s)
+                self._maybe_sample()
                 if s.stop_reason:  # early stopping, or a non-finite step with on_nonfinite="stop"
                     break
         return self._finish(s)
@@ -341,8 +373,10 @@ class Trainer:
         """A pretrained start: the model's validation loss before any step (step 0 of metrics.jsonl)."""
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), 0
-        self._log({"step": 0, "val_loss": _num(val), "init_from": str(self.config.init_from)})
-        self.console.say(f"step 0: val loss {val:.4f} ({self.config.init_from})")
+        self._log({"step": 0, "val_loss": _num(val), "val_bpb": _num(self.bits_per_byte(val)),
+                   "init_from": str(self.config.init_from)})
+        self.console.say(f"step 0: val loss {val:.4f}, {self.bits_per_byte(val):.4f} bits/byte "
+                         f"({self.config.init_from})")
 
     def _elapsed(self, s: Session) -> float:
         """Seconds of training of this run, earlier sessions included."""
@@ -374,6 +408,8 @@ class Trainer:
         if finite:
             self.optimizer.lr = lr
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
         self.step += 1
         s.window_time += time.perf_counter() - started
         s.loss = loss
@@ -404,7 +440,7 @@ class Trainer:
             return
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), self.step
-        step.record["val_loss"] = _num(val)
+        step.record.update(val_loss=_num(val), val_bpb=_num(self.bits_per_byte(val)))
         improved = math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss - c.min_delta)
         if improved:
             self.best_val_loss, self.best_step, self.evals_since_best = val, self.step, 0
@@ -412,7 +448,7 @@ class Trainer:
         else:
             self.evals_since_best += 1
         best = "best" if improved else f"best {_fmt(self.best_val_loss)} at step {self.best_step}"
-        self.console.say(f"step {self.step}: val loss {val:.4f} ({best})")
+        self.console.say(f"step {self.step}: val loss {val:.4f}, {self.bits_per_byte(val):.4f} bits/byte ({best})")
         if c.patience is not None and self.evals_since_best >= c.patience:
             self.console.say(f"early stopping: no improvement in {c.patience} evaluations")
             s.stop_reason = "early_stop"
@@ -440,6 +476,14 @@ class Trainer:
         if self.step % self.config.checkpoint_interval == 0:
             self.save(self.last_path, self._elapsed(s))
 
+    def _maybe_sample(self) -> None:
+        c = self.config
+        if c.sample_every and self.step % c.sample_every == 0 and self.main and c.sample_tokens > 0:
+            with self._eval_weights() as model:
+                text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
+                                   seed=c.seed)
+            self.console.say(f"--- sample at step {self.step} ---\n{c.prompt}{text}\n---")
+
     def _finish(self, s: Session) -> Dict[str, Any]:
         """The end of a session: the last checkpoint, a final evaluation if the last step had none, then (rank 0)
         the loss curves and a sample. Returns the summary."""
@@ -450,7 +494,8 @@ class Trainer:
         final_val = self.last_val_loss
         if self.step > 0 and s.last_eval_step != self.step and s.stop_reason not in ("nonfinite", "interrupted"):
             final_val = self.evaluate()  # reported only: early stopping sees the regular evaluations alone
-            self._log({"step": self.step, "val_loss": _num(final_val), "final_eval": True})
+            self._log({"step": self.step, "val_loss": _num(final_val), "val_bpb": _num(self.bits_per_byte(final_val)),
+                       "final_eval": True})
         self._close_metrics()
         summary = self._summary(s, session_time, final_val)
         if self.main:
@@ -477,11 +522,14 @@ class Trainer:
 
     def _final_sample(self) -> str:
         c = self.config
-        model, where = self.model, f"the model at step {self.step}"
         if self.best_path.is_file():
-            model, where = load_checkpoint(self.best_path).model, f"{self.best_path} (step {self.best_step})"
-        text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
-                           seed=c.seed)
+            where = f"{self.best_path} (step {self.best_step})"
+            weights = contextlib.nullcontext(load_pretrained(self.best_path)[0])  # its EMA weights if kept
+        else:
+            where, weights = f"the model at step {self.step}", self._eval_weights()
+        with weights as model:
+            text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
+                               seed=c.seed)
         print(f"--- sample from {where} ---\n{c.prompt}{text}\n---", flush=True)
         return text
 
