@@ -68,7 +68,7 @@ def test_generation_ends_at_eos(model, monkeypatch):
 
 def run_sample(capsys, monkeypatch, *args, stdin=None):
     if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
     try:
         code = cli.main(["sample", *map(str, args)])
     except SystemExit as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -166,17 +167,23 @@ def _run_sample(args) -> int:
             raise CLLMError(msg)
     _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
+    # before the prompts and seeds of --num-samples are built (a huge count fails here, at once)
+    model.check_generation_memory(1 if args.stream else args.num_samples, args.max_new_tokens)
     if not args.interactive:
         _print_samples(model, tokenizer, args.prompt, args)
         return 0
     ask = sys.stdin.isatty()
-    while True:
+    for number in itertools.count(1):
         if ask:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.buffer.readline()  # bytes: a line that is not UTF-8 is an error, whatever the locale
         if not line:  # end of input
             return 0
-        _print_samples(model, tokenizer, line.rstrip("\n"), args)
+        try:
+            prompt = line.decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError as e:
+            raise CLLMError(f"stdin line {number}: not UTF-8 text (byte {e.start})") from None
+        _print_samples(model, tokenizer, prompt, args)
 
 
 def _print_samples(model, tokenizer, prompt: str, args) -> None:
@@ -336,7 +343,10 @@ def _run_info(args) -> int:
     from .isa import build_info, format_build_info
     info = build_info()
     print(json.dumps(info) if args.json else format_build_info(info))
-    return 0 if info["variant"] is not None else 2
+    if info["variant"] is None:  # the report is printed whole (for a bug report); the error also goes to stderr
+        print(f"cllm info: error: {info['reason']}", file=sys.stderr)
+        return 2
+    return 0
 
 
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .checks import check_int
+from .errors import MissingFileError
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -109,10 +110,7 @@ def read_eval_file(path: PathLike, tokenizer: Tokenizer) -> np.ndarray:
     text encoded with `tokenizer`. ValueError naming the file if it is unusable."""
     from .tokenfile import MAGIC, load_tokens
 
-    path = Path(path)
-    if not path.is_file():
-        from .errors import MissingFileError
-        raise MissingFileError(2, "file to evaluate not found", str(path))
+    path = _input_file(path, "file to evaluate")
     with open(path, "rb") as f:
         is_token_file = f.read(len(MAGIC)) == MAGIC
     if is_token_file:
@@ -151,6 +149,16 @@ def evaluate_files(model: Model, tokenizer: Tokenizer, paths: Sequence[PathLike]
     return totals.figures()
 
 
+def _input_file(path: PathLike, what: str) -> Path:
+    """path as a Path; MissingFileError if it does not exist, ValueError if it is a directory or a device."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(2, f"{what} not found", str(path))
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (the {what})")
+    return path
+
+
 def _bar(enabled: bool, total: int, unit: str):
     if not enabled:
         return nullcontext(None)
@@ -184,33 +192,38 @@ def score(model: Model, tokenizer: Tokenizer, context: str, continuations: Seque
         raise TypeError(f"context must be a str, got {type(context).__name__}")
     if isinstance(continuations, str) or not all(isinstance(c, str) for c in continuations):
         raise TypeError("continuations must be a sequence of str")
-    T = model.config.max_seq_len
-    out = []
-    for continuation in continuations:
-        ctx, cont = _encode_pair(tokenizer, context, continuation)
-        if len(cont) == 0:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-        if len(ctx) == 0:
-            if tokenizer.eos_id is None:
-                raise ValueError("context is empty and the tokenizer has no EOS token to start from")
-            ctx = np.array([tokenizer.eos_id], dtype=np.int32)
-        if len(cont) > T:
-            raise ValueError(f"continuation {continuation[:40]!r} is {len(cont)} tokens, more than max_seq_len {T}")
-        seq = np.concatenate([ctx, cont])[-(T + 1):]
-        logits = model.forward(seq[None, :-1])[0, -len(cont):].astype(np.float64)
-        mx = logits.max(axis=1)
-        lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
-        out.append((float((logits[np.arange(len(cont)), cont] - lse).sum()), len(cont)))
-    return out
+    pairs = [_scored_ids(tokenizer, context, c, model.config.max_seq_len) for c in continuations]
+    return [(_log_likelihood(model, seq, n), n) for seq, n in pairs]
+
+
+def _scored_ids(tokenizer: Tokenizer, context: str, continuation: str, T: int) -> Tuple[np.ndarray, int]:
+    """(the ids of context + continuation, at most T + 1 of them, the continuation's token count): what one
+    forward scores the continuation with. ValueError when it cannot be scored."""
+    ctx, cont = _encode_pair(tokenizer, context, continuation)
+    if len(cont) == 0:
+        raise ValueError(f"continuation {continuation!r:.60} encodes to no tokens")
+    if len(ctx) == 0:
+        if tokenizer.eos_id is None:
+            raise ValueError("context is empty and the tokenizer has no EOS token to start from")
+        ctx = np.array([tokenizer.eos_id], dtype=np.int32)
+    if len(cont) > T:
+        raise ValueError(f"continuation {continuation[:40]!r} is {len(cont)} tokens, more than max_seq_len {T}")
+    return np.concatenate([ctx, cont])[-(T + 1):], len(cont)
+
+
+def _log_likelihood(model: Model, seq: np.ndarray, n: int) -> float:
+    """The summed log-probability of the last n tokens of seq, each given the tokens before it."""
+    logits = model.forward(seq[None, :-1])[0, -n:].astype(np.float64)
+    mx = logits.max(axis=1)
+    lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
+    return float((logits[np.arange(n), seq[-n:]] - lse).sum())
 
 
 def read_choices(path: PathLike) -> List[dict]:
     """The examples of a JSONL file, one object per line: "context" (str), "endings" (a list of at least two
-    str) and "label" (the index of the right ending). ValueError naming the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        from .errors import MissingFileError
-        raise MissingFileError(2, "choices file not found", str(path))
+    str) and "label" (the index of the right ending); each example keeps its "line". ValueError naming the file,
+    line and field."""
+    path = _input_file(path, "choices file")
     examples = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -222,7 +235,7 @@ def read_choices(path: PathLike) -> List[dict]:
         where = f"{path}:{i}"
         try:
             ex = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer of over 4300 digits, nesting
             raise ValueError(f"{where}: not valid JSON: {e}") from None
         if not isinstance(ex, dict):
             raise ValueError(f"{where}: expected a JSON object with context, endings, label")
@@ -234,7 +247,7 @@ def read_choices(path: PathLike) -> List[dict]:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
             raise ValueError(f"{where}: field 'label' must be an index into endings (0..{len(endings) - 1}), "
                              f"got {label!r:.60}")
-        examples.append({"context": ctx, "endings": endings, "label": label})
+        examples.append({"context": ctx, "endings": endings, "label": label, "line": i})
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -245,10 +258,17 @@ def evaluate_choices(model: Model, tokenizer: Tokenizer, path: PathLike, progres
     summed log-likelihood; `accuracy` picks the largest, `acc_norm` the largest per character of the ending
     (len(ending), as lm-eval's completion_len). Ties go to the first ending."""
     examples = read_choices(path)
+    T = model.config.max_seq_len
+    scored = []  # every example encoded and checked before the long part starts
+    for ex in examples:
+        try:
+            scored.append([_scored_ids(tokenizer, ex["context"], " " + e, T) for e in ex["endings"]])
+        except ValueError as e:
+            raise ValueError(f"{path}:{ex['line']}: {e}") from None
     right = right_norm = 0
     with _bar(progress, len(examples), "example") as bar:
-        for ex in examples:
-            lls = np.array([ll for ll, _ in score(model, tokenizer, ex["context"], [" " + e for e in ex["endings"]])])
+        for ex, pairs in zip(examples, scored):
+            lls = np.array([_log_likelihood(model, seq, n) for seq, n in pairs])
             lengths = np.array([float(len(e)) for e in ex["endings"]])
             right += int(np.argmax(lls) == ex["label"])
             right_norm += int(np.argmax(lls / lengths) == ex["label"])
