@@ -14,6 +14,7 @@ import pytest
 
 import cllm
 from cllm import cli
+from cllm.evaluation import evaluate_tokens, read_eval_file
 from cllm.tokenizer import ByteTokenizer
 from cllm.train_config import TrainConfig
 
@@ -131,3 +132,27 @@ def test_settings_that_would_be_ignored_are_errors(capsys, kw, words):
              enumerate([None] + (list(v) if isinstance(v, tuple) else [v]))]
     code, _, err = run_cli(capsys, "train", *flags)
     assert_one_line_error(code, err, words)
+
+
+# ---- options that would be ignored -------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["eval", "{ck}", "--choices", "{mc}", "--stride", "4"], "--stride and --batch-size apply to --data only"),
+    (["eval", "{ck}", "--choices", "{mc}", "--batch-size", "2"], "--stride and --batch-size apply to --data only"),
+    (["sample", "--checkpoint", "{ck}", "--interactive", "--prompt", "x"], "--prompt is not used with --interactive"),
+])
+def test_options_that_would_be_ignored_are_errors(checkpoint, tmp_path, capsys, args, words):
+    (tmp_path / "mc.jsonl").write_text(json.dumps(GOOD))
+    code, _, err = run_cli(capsys, *[a.format(ck=checkpoint, mc=tmp_path / "mc.jsonl") for a in args])
+    assert_one_line_error(code, err, words)
+
+
+def test_eval_reads_a_token_file_as_it_scores(checkpoint, tmp_path):
+    """A token file is scored from its memory map (memory independent of its size), with the same figures."""
+    tokens = np.random.default_rng(0).integers(0, 256, 300)
+    cllm.data.write_tokens(tmp_path / "a.bin", tokens, 256)
+    read = read_eval_file(tmp_path / "a.bin", ByteTokenizer())
+    assert isinstance(read, np.memmap) and read.dtype == np.uint16
+    model = cllm.load_checkpoint(checkpoint).model
+    token_bytes = ByteTokenizer().token_bytes()
+    assert evaluate_tokens(model, read, token_bytes).figures() == \
+        evaluate_tokens(model, tokens.astype(np.int32), token_bytes).figures()

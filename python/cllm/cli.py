@@ -144,7 +144,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per prompt, generated together, with seeds SEED, SEED+1, ... (default: 1)")
     p.add_argument("--stream", action="store_true", help="print the text as it is produced (one sample at a time)")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from stdin, one per line, until end of input; --prompt is not used")
+                   help="read prompts from stdin, one UTF-8 line each, until end of input (not with --prompt)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
                    help="CPU threads (default: OpenMP default)")
@@ -161,7 +161,9 @@ def _run_sample(args) -> int:
                "--repetition-penalty must be a number > 0"),
               (math.isfinite(args.frequency_penalty), "--frequency-penalty must be a finite number"),
               (math.isfinite(args.presence_penalty), "--presence-penalty must be a finite number"),
-              (all(args.stop), "--stop must not be empty")]
+              (all(args.stop), "--stop must not be empty"),
+              (not (args.interactive and args.prompt), "--prompt is not used with --interactive (prompts come from "
+                                                         "stdin)")]
     for ok, msg in checks:
         if not ok:
             raise CLLMError(msg)
@@ -223,7 +225,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="--data: windows of max_seq_len tokens start every N tokens; each token is predicted once "
                         "from at least max_seq_len - N tokens of context (default: max_seq_len // 2)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="--data: windows per forward (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="--data: windows per forward (default: 4)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar on stderr (default: on)")
@@ -236,15 +238,18 @@ def _run_eval(args) -> int:
     from .evaluation import evaluate_choices, evaluate_files
     from .pretrained import load_pretrained
 
-    if args.batch_size < 1:
-        raise CLLMError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.choices and (args.stride is not None or args.batch_size is not None):
+        raise CLLMError("--stride and --batch-size apply to --data only (--choices scores one example at a time)")
+    batch_size = 4 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise CLLMError(f"--batch-size must be positive, got {batch_size}")
     _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
     T = model.config.max_seq_len
     if args.stride is not None and not 1 <= args.stride <= T:
         raise CLLMError(f"--stride must be in [1, max_seq_len = {T}], got {args.stride}")
     if args.data:
-        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=args.batch_size,
+        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=batch_size,
                                  progress=args.progress)
         text = (f"loss {figures['loss']:.4f}  perplexity {figures['perplexity']:.3f}  bits/byte "
                 f"{figures['bits_per_byte']:.4f}  accuracy {figures['accuracy']:.4f}  top-5 "

@@ -80,8 +80,8 @@ def _batches(tokens: np.ndarray, T: int, stride: int, batch: int) -> Iterator[tu
     group: list = []
     for w in windows(len(tokens), T, stride) + [None]:
         if group and (w is None or len(group) == batch or w[1] - w[0] != group[0][1] - group[0][0]):
-            x = np.stack([tokens[b:e] for b, e, _ in group])
-            y = np.stack([tokens[b + 1:e + 1] for b, e, _ in group])
+            x = np.stack([tokens[b:e] for b, e, _ in group]).astype(np.int32)
+            y = np.stack([tokens[b + 1:e + 1] for b, e, _ in group]).astype(np.int32)
             yield x, y, [f for _, _, f in group]
             group = []
         if w is not None:
@@ -90,13 +90,14 @@ def _batches(tokens: np.ndarray, T: int, stride: int, batch: int) -> Iterator[tu
 
 def evaluate_tokens(model: Model, tokens: np.ndarray, token_bytes: np.ndarray, stride: Optional[int] = None,
                     batch_size: int = 4, totals: Optional[Totals] = None, progress=None) -> Totals:
-    """Add the figures of one token sequence (at least 2 tokens) to `totals` (new if None); see the module
+    """Add the figures of one token sequence (at least 2 tokens, any integer array: a token file's memory map is
+    read a batch of windows at a time) to `totals` (new if None); see the module
     docstring for the windows. `progress` (a tqdm bar or None) advances by one per window."""
     T = model.config.max_seq_len
     stride = T // 2 if stride is None else stride
     totals = Totals() if totals is None else totals
     batch = max(1, min(batch_size, MAX_LOGITS_FLOATS // (T * model.config.vocab_size)))
-    for x, y, firsts in _batches(np.asarray(tokens, dtype=np.int32), T, stride, batch):
+    for x, y, firsts in _batches(tokens, T, stride, batch):
         logits = model.forward(x)
         for row, first in enumerate(firsts):
             totals.add(logits[row, first:], y[row, first:], token_bytes)
@@ -106,8 +107,8 @@ def evaluate_tokens(model: Model, tokens: np.ndarray, token_bytes: np.ndarray, s
 
 
 def read_eval_file(path: PathLike, tokenizer: Tokenizer) -> np.ndarray:
-    """The tokens of a file to evaluate: a CLLM token file (.bin, as `cllm prepare` writes) as it is, else UTF-8
-    text encoded with `tokenizer`. ValueError naming the file if it is unusable."""
+    """The tokens of a file to evaluate: a CLLM token file (.bin, as `cllm prepare` writes) as it is (memory-mapped),
+    else UTF-8 text encoded with `tokenizer`. ValueError naming the file if it is unusable."""
     from .tokenfile import MAGIC, load_tokens
 
     path = _input_file(path, "file to evaluate")
@@ -118,13 +119,14 @@ def read_eval_file(path: PathLike, tokenizer: Tokenizer) -> np.ndarray:
         if tf.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{path}: token file of vocab_size {tf.vocab_size}, the model's tokenizer has "
                              f"{tokenizer.vocab_size}")
-        tokens = np.asarray(tf.tokens, dtype=np.int32)
+        tokens = tf.tokens  # memory-mapped: the windows are read as they are scored
     else:
         try:
-            text = path.read_bytes().decode("utf-8")
+            tokens = tokenizer.encode(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start}) nor a CLLM token file") from None
-        tokens = tokenizer.encode(text)
+        except MemoryError as e:  # a text file is held whole, with its tokens
+            raise MemoryError(f"{path}: {e} (a token file from `cllm prepare` is read as it is scored)") from None
     if len(tokens) < 2:
         raise ValueError(f"{path}: {len(tokens)} token(s); evaluation needs at least 2")
     return tokens
