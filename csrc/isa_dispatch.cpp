@@ -3,6 +3,8 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <cctype>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
@@ -54,6 +56,27 @@ std::string join(const std::vector<std::string>& v) {
     std::string out;
     for (const std::string& s : v) out += (out.empty() ? "" : ", ") + s;
     return out.empty() ? "none" : out;
+}
+
+// A requested name as an error shows it: as it is when plain (letters, digits, '_'), else quoted with its spaces and
+// control bytes visible and cut to 40 bytes, so that the error stays one readable line whatever the environment holds.
+std::string shown(const std::string& value) {
+    const size_t kMax = 40;
+    bool plain = !value.empty() && value.size() <= kMax;
+    for (unsigned char c : value) plain &= std::isalnum(c) || c == '_';
+    if (plain) return value;
+    std::string out = "'";
+    for (size_t i = 0; i < value.size() && i < kMax; ++i) {
+        const unsigned char c = value[i];
+        if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
+            out += static_cast<char>(c);
+        } else {
+            char hex[8];
+            std::snprintf(hex, sizeof hex, "\\x%02x", c);
+            out += hex;
+        }
+    }
+    return out + (value.size() > kMax ? "'... (" + std::to_string(value.size()) + " bytes)" : "'");
 }
 
 const Variant* find_variant(const std::string& name) {
@@ -113,7 +136,7 @@ void select_locked(State& s, const std::string& requested, const std::string& so
         name = supported.front();
         reason = "the best of this build's variants that this CPU runs";
     } else {
-        const std::string what = source + "=" + requested;
+        const std::string what = source + "=" + shown(requested);
         const Variant* v = find_variant(requested);
         if (!v) throw std::invalid_argument(what + ": unknown kernel variant; use auto or one of: " + join(built));
         bool in_build = false;

@@ -68,7 +68,7 @@ def test_generation_ends_at_eos(model, monkeypatch):
 
 def run_sample(capsys, monkeypatch, *args, stdin=None):
     if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
     try:
         code = cli.main(["sample", *map(str, args)])
     except SystemExit as e:
@@ -87,7 +87,8 @@ def test_sample_stream_num_samples_interactive(checkpoint, capsys, monkeypatch):
     assert code == 0 and len(samples) == 3 and samples[0] + "\n" == plain and len(set(samples)) > 1
     code, three_streamed, _ = run_sample(capsys, monkeypatch, *common, "--num-samples", 3, "--stream")
     assert three_streamed == three
-    code, inter, _ = run_sample(capsys, monkeypatch, *common, "--interactive", "--temperature", 0, stdin="ab\nxy\n")
+    code, inter, _ = run_sample(capsys, monkeypatch, *common[:2], *common[4:], "--interactive", "--temperature", 0,
+                                stdin="ab\nxy\n")
     greedy = [generate_text(cllm.load_checkpoint(checkpoint).model, BYTES, [p], 20, temperature=0.0)[0]
               for p in ("ab", "xy")]
     assert code == 0 and inter == f"ab{greedy[0]}\nxy{greedy[1]}\n"

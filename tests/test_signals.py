@@ -1,5 +1,5 @@
-"""Signals: Ctrl-C stops `cllm sample` (the C++ generation loop checks for it every few tokens) and `cllm prepare`
-promptly, with one line and status 130; SIGTERM ends training like Ctrl-C, with a checkpoint from which --resume
+"""Signals: Ctrl-C stops `cllm sample` (the C++ generation loop checks for it every few tokens), `cllm eval` and
+`cllm prepare` promptly, with one line and status 130; SIGTERM ends training like Ctrl-C, with a checkpoint from which --resume
 continues exactly."""
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def test_ctrl_c_stops_prepare_and_leaves_no_partial_file(tmp_path):
     assert status == 130 and stderr == "cllm prepare: interrupted\n", stderr
     assert waited < 5
     assert not out.exists() or list(out.iterdir()) == []  # temporaries removed, no token file half written
+
+
+def test_ctrl_c_stops_a_long_eval_promptly(tmp_path):
+    model = cllm.Model(cllm.ModelConfig(vocab_size=256, max_seq_len=16, embedding_dim=32, num_layers=1,
+                                        num_heads=2, ff_dim=64), seed=0)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, None, ByteTokenizer())
+    text = tmp_path / "long.txt"
+    text.write_text("all work and no play makes jack a dull boy\n" * 50000)  # 2 MB: minutes of windows
+    started = tmp_path / "started"
+    # the marker file is written at the first forward
+    code = (f"import sys, cllm.evaluation as e\n"
+            f"real = e.Model.forward\n"
+            f"def forward(*a, **k):\n    open({str(started)!r}, 'w').close()\n    return real(*a, **k)\n"
+            f"e.Model.forward = forward\n"
+            f"from cllm.cli import main\nsys.exit(main(['eval', {str(ckpt)!r}, '--data', {str(text)!r}, "
+            f"'--no-progress']))\n")
+    status, stderr, waited = _interrupt_after([sys.executable, "-c", code], started.exists, settle=0.5)
+    assert status == 130 and stderr == "cllm eval: interrupted\n", stderr
+    assert waited < 5
 
 
 TINY = ["--max-seq-len", "16", "--embedding-dim", "32", "--num-layers", "1", "--num-heads", "4", "--ff-dim", "64",

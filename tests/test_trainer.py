@@ -463,6 +463,17 @@ def test_ema_is_the_average_used_for_evaluation_and_sampling(data_dir, tmp_path)
     assert all(np.array_equal(model.parameters()[n], t.ema.parameters()[n]) for n in ck.ema)
 
 
+def test_ema_added_on_resume_starts_from_the_weights_with_a_warning(data_dir, tmp_path):
+    out = tmp_path / "ema-late"
+    Trainer(tiny(data_dir, out, max_steps=3)).fit()  # no EMA so far
+    t = Trainer(tiny(data_dir, out, max_steps=5, resume=True, ema_decay=0.5))
+    with pytest.warns(RuntimeWarning, match="holds no EMA weights: the average starts from the current weights"):
+        t._setup()
+    t._lock.release()
+    assert t.step == 3 and np.array_equal(t.ema.shadow, t.model.flat_parameters())
+    assert t.ema.restore(t.ema.parameters()) is True  # a checkpoint's EMA weights load as they are
+
+
 def test_sgd_label_smoothing_and_samples_during_training(data_dir, tmp_path, capsys):
     out = tmp_path / "sgd"
     s = Trainer(tiny(data_dir, out, max_steps=6, optimizer="sgd", lr=0.1, min_lr=0.01, momentum=0.8,

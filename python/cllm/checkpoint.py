@@ -29,6 +29,7 @@ mid-write leaves the previous checkpoint untouched and never a partial file unde
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import zlib
@@ -372,5 +373,30 @@ def restore_optimizer(optimizer, optimizer_state: dict) -> None:
     optimizer.load_state(optimizer_state["step"], *(optimizer_state[slot] for slot in OPTIMIZER_SLOTS[kind]))
 
 
+class TrainerStateReader:
+    """Typed fields of a checkpoint's trainer_state: a missing or wrongly typed one is a ValueError naming the
+    file and the field (a hand-edited or damaged state must not become a traceback or a silent cast)."""
+
+    _KINDS = {"count": "a non-negative int", "loss": "a finite number or null", "seconds": "a non-negative number"}
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+
+    def __call__(self, key: str, kind: str, none: bool = False, default=...):
+        if key not in self.state:
+            if default is ...:
+                raise ValueError(f"{self.path}: cannot resume, trainer_state lacks {key!r}")
+            return default
+        v = self.state[key]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"count": isinstance(v, int) and number and v >= 0,
+              "loss": v is None or (number and math.isfinite(v)),
+              "seconds": number and math.isfinite(v) and v >= 0}[kind] or (none and v is None)
+        if not ok:
+            what = self._KINDS[kind] + (" or null" if none else "")
+            raise ValueError(f"{self.path}: cannot resume, trainer_state field {key!r} must be {what}, got {v!r}")
+        return v
+
+
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "export_weights", "restore_optimizer",
-           "read_metadata", "FORMAT", "FORMAT_VERSION"]
+           "read_metadata", "TrainerStateReader", "FORMAT", "FORMAT_VERSION"]

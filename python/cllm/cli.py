@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -143,7 +144,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per prompt, generated together, with seeds SEED, SEED+1, ... (default: 1)")
     p.add_argument("--stream", action="store_true", help="print the text as it is produced (one sample at a time)")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from stdin, one per line, until end of input; --prompt is not used")
+                   help="read prompts from stdin, one UTF-8 line each, until end of input (not with --prompt)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
                    help="CPU threads (default: OpenMP default)")
@@ -160,23 +161,31 @@ def _run_sample(args) -> int:
                "--repetition-penalty must be a number > 0"),
               (math.isfinite(args.frequency_penalty), "--frequency-penalty must be a finite number"),
               (math.isfinite(args.presence_penalty), "--presence-penalty must be a finite number"),
-              (all(args.stop), "--stop must not be empty")]
+              (all(args.stop), "--stop must not be empty"),
+              (not (args.interactive and args.prompt), "--prompt is not used with --interactive (prompts come from "
+                                                         "stdin)")]
     for ok, msg in checks:
         if not ok:
             raise CLLMError(msg)
     _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
+    # before the prompts and seeds of --num-samples are built (a huge count fails here, at once)
+    model.check_generation_memory(1 if args.stream else args.num_samples, args.max_new_tokens)
     if not args.interactive:
         _print_samples(model, tokenizer, args.prompt, args)
         return 0
     ask = sys.stdin.isatty()
-    while True:
+    for number in itertools.count(1):
         if ask:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.buffer.readline()  # bytes: a line that is not UTF-8 is an error, whatever the locale
         if not line:  # end of input
             return 0
-        _print_samples(model, tokenizer, line.rstrip("\n"), args)
+        try:
+            prompt = line.decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError as e:
+            raise CLLMError(f"stdin line {number}: not UTF-8 text (byte {e.start})") from None
+        _print_samples(model, tokenizer, prompt, args)
 
 
 def _print_samples(model, tokenizer, prompt: str, args) -> None:
@@ -216,7 +225,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="--data: windows of max_seq_len tokens start every N tokens; each token is predicted once "
                         "from at least max_seq_len - N tokens of context (default: max_seq_len // 2)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="--data: windows per forward (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="--data: windows per forward (default: 4)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar on stderr (default: on)")
@@ -229,15 +238,18 @@ def _run_eval(args) -> int:
     from .evaluation import evaluate_choices, evaluate_files
     from .pretrained import load_pretrained
 
-    if args.batch_size < 1:
-        raise CLLMError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.choices and (args.stride is not None or args.batch_size is not None):
+        raise CLLMError("--stride and --batch-size apply to --data only (--choices scores one example at a time)")
+    batch_size = 4 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise CLLMError(f"--batch-size must be positive, got {batch_size}")
     _set_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
     T = model.config.max_seq_len
     if args.stride is not None and not 1 <= args.stride <= T:
         raise CLLMError(f"--stride must be in [1, max_seq_len = {T}], got {args.stride}")
     if args.data:
-        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=args.batch_size,
+        figures = evaluate_files(model, tokenizer, args.data, stride=args.stride, batch_size=batch_size,
                                  progress=args.progress)
         text = (f"loss {figures['loss']:.4f}  perplexity {figures['perplexity']:.3f}  bits/byte "
                 f"{figures['bits_per_byte']:.4f}  accuracy {figures['accuracy']:.4f}  top-5 "
@@ -336,7 +348,10 @@ def _run_info(args) -> int:
     from .isa import build_info, format_build_info
     info = build_info()
     print(json.dumps(info) if args.json else format_build_info(info))
-    return 0 if info["variant"] is not None else 2
+    if info["variant"] is None:  # the report is printed whole (for a bug report); the error also goes to stderr
+        print(f"cllm info: error: {info['reason']}", file=sys.stderr)
+        return 2
+    return 0
 
 
 register_command("train", "train a model (every setting has a default)", _train_arguments, _run_train)

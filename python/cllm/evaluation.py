@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .checks import check_int
+from .errors import MissingFileError
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -79,8 +80,8 @@ def _batches(tokens: np.ndarray, T: int, stride: int, batch: int) -> Iterator[tu
     group: list = []
     for w in windows(len(tokens), T, stride) + [None]:
         if group and (w is None or len(group) == batch or w[1] - w[0] != group[0][1] - group[0][0]):
-            x = np.stack([tokens[b:e] for b, e, _ in group])
-            y = np.stack([tokens[b + 1:e + 1] for b, e, _ in group])
+            x = np.stack([tokens[b:e] for b, e, _ in group]).astype(np.int32)
+            y = np.stack([tokens[b + 1:e + 1] for b, e, _ in group]).astype(np.int32)
             yield x, y, [f for _, _, f in group]
             group = []
         if w is not None:
@@ -89,13 +90,14 @@ def _batches(tokens: np.ndarray, T: int, stride: int, batch: int) -> Iterator[tu
 
 def evaluate_tokens(model: Model, tokens: np.ndarray, token_bytes: np.ndarray, stride: Optional[int] = None,
                     batch_size: int = 4, totals: Optional[Totals] = None, progress=None) -> Totals:
-    """Add the figures of one token sequence (at least 2 tokens) to `totals` (new if None); see the module
+    """Add the figures of one token sequence (at least 2 tokens, any integer array: a token file's memory map is
+    read a batch of windows at a time) to `totals` (new if None); see the module
     docstring for the windows. `progress` (a tqdm bar or None) advances by one per window."""
     T = model.config.max_seq_len
     stride = T // 2 if stride is None else stride
     totals = Totals() if totals is None else totals
     batch = max(1, min(batch_size, MAX_LOGITS_FLOATS // (T * model.config.vocab_size)))
-    for x, y, firsts in _batches(np.asarray(tokens, dtype=np.int32), T, stride, batch):
+    for x, y, firsts in _batches(tokens, T, stride, batch):
         logits = model.forward(x)
         for row, first in enumerate(firsts):
             totals.add(logits[row, first:], y[row, first:], token_bytes)
@@ -105,14 +107,11 @@ def evaluate_tokens(model: Model, tokens: np.ndarray, token_bytes: np.ndarray, s
 
 
 def read_eval_file(path: PathLike, tokenizer: Tokenizer) -> np.ndarray:
-    """The tokens of a file to evaluate: a CLLM token file (.bin, as `cllm prepare` writes) as it is, else UTF-8
-    text encoded with `tokenizer`. ValueError naming the file if it is unusable."""
+    """The tokens of a file to evaluate: a CLLM token file (.bin, as `cllm prepare` writes) as it is (memory-mapped),
+    else UTF-8 text encoded with `tokenizer`. ValueError naming the file if it is unusable."""
     from .tokenfile import MAGIC, load_tokens
 
-    path = Path(path)
-    if not path.is_file():
-        from .errors import MissingFileError
-        raise MissingFileError(2, "file to evaluate not found", str(path))
+    path = _input_file(path, "file to evaluate")
     with open(path, "rb") as f:
         is_token_file = f.read(len(MAGIC)) == MAGIC
     if is_token_file:
@@ -120,13 +119,14 @@ def read_eval_file(path: PathLike, tokenizer: Tokenizer) -> np.ndarray:
         if tf.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{path}: token file of vocab_size {tf.vocab_size}, the model's tokenizer has "
                              f"{tokenizer.vocab_size}")
-        tokens = np.asarray(tf.tokens, dtype=np.int32)
+        tokens = tf.tokens  # memory-mapped: the windows are read as they are scored
     else:
         try:
-            text = path.read_bytes().decode("utf-8")
+            tokens = tokenizer.encode(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start}) nor a CLLM token file") from None
-        tokens = tokenizer.encode(text)
+        except MemoryError as e:  # a text file is held whole, with its tokens
+            raise MemoryError(f"{path}: {e} (a token file from `cllm prepare` is read as it is scored)") from None
     if len(tokens) < 2:
         raise ValueError(f"{path}: {len(tokens)} token(s); evaluation needs at least 2")
     return tokens
@@ -149,6 +149,16 @@ def evaluate_files(model: Model, tokenizer: Tokenizer, paths: Sequence[PathLike]
         for tokens in files:
             evaluate_tokens(model, tokens, token_bytes, stride, batch_size, totals, bar)
     return totals.figures()
+
+
+def _input_file(path: PathLike, what: str) -> Path:
+    """path as a Path; MissingFileError if it does not exist, ValueError if it is a directory or a device."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(2, f"{what} not found", str(path))
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (the {what})")
+    return path
 
 
 def _bar(enabled: bool, total: int, unit: str):
@@ -184,33 +194,38 @@ def score(model: Model, tokenizer: Tokenizer, context: str, continuations: Seque
         raise TypeError(f"context must be a str, got {type(context).__name__}")
     if isinstance(continuations, str) or not all(isinstance(c, str) for c in continuations):
         raise TypeError("continuations must be a sequence of str")
-    T = model.config.max_seq_len
-    out = []
-    for continuation in continuations:
-        ctx, cont = _encode_pair(tokenizer, context, continuation)
-        if len(cont) == 0:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-        if len(ctx) == 0:
-            if tokenizer.eos_id is None:
-                raise ValueError("context is empty and the tokenizer has no EOS token to start from")
-            ctx = np.array([tokenizer.eos_id], dtype=np.int32)
-        if len(cont) > T:
-            raise ValueError(f"continuation {continuation[:40]!r} is {len(cont)} tokens, more than max_seq_len {T}")
-        seq = np.concatenate([ctx, cont])[-(T + 1):]
-        logits = model.forward(seq[None, :-1])[0, -len(cont):].astype(np.float64)
-        mx = logits.max(axis=1)
-        lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
-        out.append((float((logits[np.arange(len(cont)), cont] - lse).sum()), len(cont)))
-    return out
+    pairs = [_scored_ids(tokenizer, context, c, model.config.max_seq_len) for c in continuations]
+    return [(_log_likelihood(model, seq, n), n) for seq, n in pairs]
+
+
+def _scored_ids(tokenizer: Tokenizer, context: str, continuation: str, T: int) -> Tuple[np.ndarray, int]:
+    """(the ids of context + continuation, at most T + 1 of them, the continuation's token count): what one
+    forward scores the continuation with. ValueError when it cannot be scored."""
+    ctx, cont = _encode_pair(tokenizer, context, continuation)
+    if len(cont) == 0:
+        raise ValueError(f"continuation {continuation!r:.60} encodes to no tokens")
+    if len(ctx) == 0:
+        if tokenizer.eos_id is None:
+            raise ValueError("context is empty and the tokenizer has no EOS token to start from")
+        ctx = np.array([tokenizer.eos_id], dtype=np.int32)
+    if len(cont) > T:
+        raise ValueError(f"continuation {continuation[:40]!r} is {len(cont)} tokens, more than max_seq_len {T}")
+    return np.concatenate([ctx, cont])[-(T + 1):], len(cont)
+
+
+def _log_likelihood(model: Model, seq: np.ndarray, n: int) -> float:
+    """The summed log-probability of the last n tokens of seq, each given the tokens before it."""
+    logits = model.forward(seq[None, :-1])[0, -n:].astype(np.float64)
+    mx = logits.max(axis=1)
+    lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
+    return float((logits[np.arange(n), seq[-n:]] - lse).sum())
 
 
 def read_choices(path: PathLike) -> List[dict]:
     """The examples of a JSONL file, one object per line: "context" (str), "endings" (a list of at least two
-    str) and "label" (the index of the right ending). ValueError naming the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        from .errors import MissingFileError
-        raise MissingFileError(2, "choices file not found", str(path))
+    str) and "label" (the index of the right ending); each example keeps its "line". ValueError naming the file,
+    line and field."""
+    path = _input_file(path, "choices file")
     examples = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -222,7 +237,7 @@ def read_choices(path: PathLike) -> List[dict]:
         where = f"{path}:{i}"
         try:
             ex = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer of over 4300 digits, nesting
             raise ValueError(f"{where}: not valid JSON: {e}") from None
         if not isinstance(ex, dict):
             raise ValueError(f"{where}: expected a JSON object with context, endings, label")
@@ -234,7 +249,7 @@ def read_choices(path: PathLike) -> List[dict]:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
             raise ValueError(f"{where}: field 'label' must be an index into endings (0..{len(endings) - 1}), "
                              f"got {label!r:.60}")
-        examples.append({"context": ctx, "endings": endings, "label": label})
+        examples.append({"context": ctx, "endings": endings, "label": label, "line": i})
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -245,10 +260,17 @@ def evaluate_choices(model: Model, tokenizer: Tokenizer, path: PathLike, progres
     summed log-likelihood; `accuracy` picks the largest, `acc_norm` the largest per character of the ending
     (len(ending), as lm-eval's completion_len). Ties go to the first ending."""
     examples = read_choices(path)
+    T = model.config.max_seq_len
+    scored = []  # every example encoded and checked before the long part starts
+    for ex in examples:
+        try:
+            scored.append([_scored_ids(tokenizer, ex["context"], " " + e, T) for e in ex["endings"]])
+        except ValueError as e:
+            raise ValueError(f"{path}:{ex['line']}: {e}") from None
     right = right_norm = 0
     with _bar(progress, len(examples), "example") as bar:
-        for ex in examples:
-            lls = np.array([ll for ll, _ in score(model, tokenizer, ex["context"], [" " + e for e in ex["endings"]])])
+        for ex, pairs in zip(examples, scored):
+            lls = np.array([_log_likelihood(model, seq, n) for seq, n in pairs])
             lengths = np.array([float(len(e)) for e in ex["endings"]])
             right += int(np.argmax(lls) == ex["label"])
             right_norm += int(np.argmax(lls / lengths) == ex["label"])

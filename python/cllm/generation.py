@@ -58,6 +58,7 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ma
         raise TypeError("stop must be a list of str")
     if any(s == "" for s in stop):
         raise ValueError("a stop string is empty")
+    model.check_generation_memory(len(prompts), max_new_tokens)  # before encoding them all
     ids = []
     for p in prompts:
         enc = tokenizer.encode(p)

@@ -299,8 +299,7 @@ class Model:
         callback = None if on_step is None else _checked_callback(on_step, n)
         return_logits = bool(return_logits)
         # before any prompt is copied (a broadcast array may hold billions of rows)
-        check_memory(4 * _core.generation_floats(core_config(self.config), n, max_new_tokens, return_logits),
-                     f"generating {max_new_tokens:,} tokens for {n:,} prompt(s)")
+        self.check_generation_memory(n, max_new_tokens, return_logits)
         prompts = [self._prompt(p, f"prompt {i}" if batch else "prompt")
                    for i, p in enumerate(prompt if batch else [prompt])]
         self._arena_shape = None  # generation re-sizes the arena
@@ -309,6 +308,14 @@ class Model:
         if batch:
             return out
         return (out[0][0], out[1][0]) if return_logits else out[0]
+
+    def check_generation_memory(self, prompts: int, max_new_tokens: int, return_logits: bool = False) -> None:
+        """InsufficientMemoryError unless `generate` of max_new_tokens for `prompts` prompts fits in memory (a
+        ValueError for counts out of range). generate checks it; callers that build many prompts check it first."""
+        n = check_int("the number of prompts", prompts, 1, INT32_MAX)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
+        check_memory(4 * _core.generation_floats(core_config(self.config), n, max_new_tokens, bool(return_logits)),
+                     f"generating {max_new_tokens:,} tokens for {n:,} prompt(s)")
 
     def _prompt(self, p, name: str) -> np.ndarray:
         p = np.asarray(p)

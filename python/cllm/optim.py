@@ -128,6 +128,15 @@ class EMA:
     def load(self, params: dict) -> None:
         _load_flat(self.model, self.shadow, params, "EMA weights")
 
+    def restore(self, params) -> bool:
+        """Resume the average from a checkpoint's EMA weights (Checkpoint.ema); a checkpoint of a run that had no
+        EMA (None) restarts it from the model's weights now. Returns whether there were weights to restore."""
+        if params is None:
+            np.copyto(self.shadow, self.model.flat_parameters())
+            return False
+        self.load(params)
+        return True
+
     @contextlib.contextmanager
     def applied(self):
         weights = self.model.flat_parameters()

@@ -301,6 +301,14 @@ def _check_ranges(c: TrainConfig) -> None:
     need(0.0 <= c.momentum < 1.0, f"momentum must be in [0, 1), got {c.momentum}")
     need(0.0 <= c.label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
     need(c.ema_decay is None or 0.0 < c.ema_decay < 1.0, f"ema_decay must be in (0, 1) or none, got {c.ema_decay}")
+    need(c.sample_every is None or c.sample_tokens > 0, "sample_every needs sample_tokens > 0 (the samples' length)")
+    # a setting of the optimizer not chosen would be ignored without a word
+    for name in {"adamw": ("momentum",), "sgd": ("betas", "eps")}[c.optimizer]:
+        need(getattr(c, name) == _DEFAULTS[name],
+             f"{name} is not a setting of optimizer {c.optimizer} (leave it at its default, {_DEFAULTS[name]})")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 __all__ = ["TrainConfig", "read_config_file"]

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, read_metadata, restore_optimizer, save_checkpoint
+from .checkpoint import TrainerStateReader, load_checkpoint, read_metadata, restore_optimizer, save_checkpoint
 from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
 from .distributed import SingleProcess
@@ -204,14 +204,15 @@ class Trainer:
         if ckpt.tokenizer != self.tokenizer:
             raise ValueError(f"{self.last_path}: cannot resume, the checkpoint's tokenizer differs from the data's")
         st = ckpt.trainer_state
-        field = _StateReader(self.last_path, st)
+        field = TrainerStateReader(self.last_path, st)
         try:
             self.model.load_parameters(ckpt.model.parameters())
             self.model.dropout_step = field("dropout_step", "count")
             restore_optimizer(self.optimizer, ckpt.optimizer_state)
             if not isinstance(st.get("loader"), dict):
                 raise ValueError(f"trainer_state field 'loader' must be a JSON object, got {st.get('loader')!r}")
-            self._resume_ema(ckpt.ema)
+            if self.ema is not None and not self.ema.restore(ckpt.ema):
+                self._warn(f"{self.last_path} holds no EMA weights: the average starts from the current weights")
             self.loader.load_state_dict(st["loader"])
             self.step = field("step", "count")
             self.best_val_loss = field("best_val_loss", "loss")
@@ -231,15 +232,6 @@ class Trainer:
         if self.main:
             truncate_metrics(self.metrics_path, self.step)
         self.console.say(f"resumed from {self.last_path} at step {self.step}")
-
-    def _resume_ema(self, weights: Optional[dict]) -> None:
-        if self.ema is None:
-            return
-        if weights is None:  # the run had no EMA so far: it starts from the weights now
-            self._warn(f"{self.last_path} holds no EMA weights: the average starts from the current weights")
-            self.ema.shadow[...] = self.model.flat_parameters()
-        else:
-            self.ema.load(weights)
 
     # -- pieces of the loop ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -478,11 +470,16 @@ class Trainer:
 
     def _maybe_sample(self) -> None:
         c = self.config
-        if c.sample_every and self.step % c.sample_every == 0 and self.main and c.sample_tokens > 0:
+        if c.sample_every and self.step % c.sample_every == 0 and self.main:
             with self._eval_weights() as model:
-                text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
-                                   seed=c.seed)
-            self.console.say(f"--- sample at step {self.step} ---\n{c.prompt}{text}\n---")
+                self.console.say(self._sample(model, f"at step {self.step}")[1])
+
+    def _sample(self, model: Model, where: str) -> Tuple[str, str]:
+        """(the continuation of the prompt, the text to print) of a sample with the run's settings."""
+        c = self.config
+        text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
+                           seed=c.seed)
+        return text, f"--- sample {where} ---\n{c.prompt}{text}\n---"
 
     def _finish(self, s: Session) -> Dict[str, Any]:
         """The end of a session: the last checkpoint, a final evaluation if the last step had none, then (rank 0)
@@ -528,40 +525,14 @@ class Trainer:
         else:
             where, weights = f"the model at step {self.step}", self._eval_weights()
         with weights as model:
-            text = sample_text(model, self.tokenizer, c.prompt, c.sample_tokens, temperature=c.sample_temperature,
-                               seed=c.seed)
-        print(f"--- sample from {where} ---\n{c.prompt}{text}\n---", flush=True)
+            text, shown = self._sample(model, f"from {where}")
+        print(shown, flush=True)
         return text
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-class _StateReader:
-    """Typed fields of a checkpoint's trainer_state: a missing or wrongly typed one is a ValueError naming the
-    file and the field (a hand-edited or damaged state must not become a traceback or a silent cast)."""
-
-    _KINDS = {"count": "a non-negative int", "loss": "a finite number or null", "seconds": "a non-negative number"}
-
-    def __init__(self, path: Path, state: dict):
-        self.path, self.state = path, state
-
-    def __call__(self, key: str, kind: str, none: bool = False, default=...):
-        if key not in self.state:
-            if default is ...:
-                raise ValueError(f"{self.path}: cannot resume, trainer_state lacks {key!r}")
-            return default
-        v = self.state[key]
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        ok = {"count": isinstance(v, int) and number and v >= 0,
-              "loss": v is None or (number and math.isfinite(v)),
-              "seconds": number and math.isfinite(v) and v >= 0}[kind] or (none and v is None)
-        if not ok:
-            what = self._KINDS[kind] + (" or null" if none else "")
-            raise ValueError(f"{self.path}: cannot resume, trainer_state field {key!r} must be {what}, got {v!r}")
-        return v
-
-
 def _num(x):
     """A float for JSON, None when missing or non-finite (metrics stay standard JSON)."""
     return float(x) if x is not None and math.isfinite(x) else None
