@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import cllm
-from bench_common import model_config
+from bench_common import model_config, other_load, wait_for_idle
 
 
 def read_bandwidth(threads: int, array: np.ndarray, reps: int = 5) -> float:
@@ -103,7 +103,10 @@ def measure(args) -> dict:
     array = np.ones(512 << 18, dtype=np.float32)  # 512 MiB, far beyond the caches
     rounds = []
     for r in range(args.rounds):
-        rec = {"bandwidth_gbs": {str(n): read_bandwidth(n, array) for n in sorted({1, args.threads})}, "runs": []}
+        if args.wait_idle > 0:
+            wait_for_idle(args.wait_idle)
+        load = other_load(0.5)
+        rec = {"other_cores_before": load, "bandwidth_gbs": {str(n): read_bandwidth(n, array) for n in sorted({1, args.threads})}, "runs": []}
         for engine in engines:
             for b in batches:
                 if engine == "transformers":
@@ -119,7 +122,8 @@ def measure(args) -> dict:
                 rec["runs"].append(run)
                 print(f"round {r + 1}: {engine:12s} batch {b}: {run['tokens_per_s']:8.1f} tokens/s"
                       + (f", {run['weight_gbs']:5.1f} GB/s of weights" if decode is not None else ""), flush=True)
-        print(f"round {r + 1}: read bandwidth " +
+        print(f"round {r + 1}: other processes kept {load if load is not None else float('nan'):.1f} cores busy "
+              f"before it; read bandwidth " +
               ", ".join(f"{n} thread(s) {v:.1f} GB/s" for n, v in rec["bandwidth_gbs"].items()), flush=True)
         rounds.append(rec)
     return {"what": "generation", "config": args.config, "max_seq_len": cfg.max_seq_len,
@@ -154,7 +158,10 @@ def report(result: dict) -> str:
     lines = [f"{result['config']} ({result['parameters']:,} parameters, max_seq_len {result['max_seq_len']}), "
              f"{result['threads']} threads, prompts of {result['prompt_len']} tokens, {result['new_tokens']} new "
              f"tokens, greedy; medians of {len(result['rounds'])} alternating rounds",
-             "read bandwidth (NumPy sum): " + ", ".join(f"{n} thread(s) {v:.1f} GB/s" for n, v in bw.items()), "",
+             "read bandwidth (NumPy sum): " + ", ".join(f"{n} thread(s) {v:.1f} GB/s" for n, v in bw.items()),
+             "cores other processes kept busy before each round: "
+             + " / ".join("?" if rd.get("other_cores_before") is None else f"{rd['other_cores_before']:.1f}"
+                          for rd in result["rounds"]), "",
              "| batch | engine | tokens/s | rounds | /transformers | weight GB/s | of read bandwidth |",
              "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
@@ -204,6 +211,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
     ap.add_argument("--json", metavar="PATH", help="write every measurement here")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each round wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
     ap.add_argument("--batching", action="store_true",
                     help="instead: batched generation against one prompt at a time (--prompts prompts, best of "
                          "--rounds)")
