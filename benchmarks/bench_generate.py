@@ -12,6 +12,8 @@ report gives each quantity's median over the rounds:
   decode/s      decode steps per second after the first token (CLLM: timed by generate's on_step)
   weight GB/s   decode steps/s x the weight bytes one step reads (every weight once: 4 bytes each in fp32, 2 in
                 bf16), against the read bandwidth measured in the same run
+  first s       the call's time before its decode steps (CLLM): the prefill, the first token and, for
+                cllm-bf16, packing the bf16 weight copies
 Engines: cllm (fp32), cllm-bf16 (Model.generate(precision="bf16")), transformers (GPT2LMHeadModel with the same
 weights, generate(do_sample=False, use_cache=True), float32, torch threads = --threads) when installed.
 """
@@ -145,6 +147,8 @@ def summary(result: dict) -> list:
                "rounds": [round(r["tokens_per_s"], 1) for r in runs]}
         if "weight_gbs" in runs[0]:
             row["weight_gbs"] = statistics.median(r["weight_gbs"] for r in runs)
+            row["first_s"] = statistics.median(r["seconds"] - (result["new_tokens"] - 1) / r["decode_steps_per_s"]
+                                               for r in runs)
             row["of_bandwidth"] = row["weight_gbs"] / bw
         rows.append(row)
     return rows
@@ -162,14 +166,15 @@ def report(result: dict) -> str:
              "cores other processes kept busy before each round: "
              + " / ".join("?" if rd.get("other_cores_before") is None else f"{rd['other_cores_before']:.1f}"
                           for rd in result["rounds"]), "",
-             "| batch | engine | tokens/s | rounds | /transformers | weight GB/s | of read bandwidth |",
-             "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+             "| batch | engine | tokens/s | rounds | /transformers | weight GB/s | of read bandwidth | first s |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         vs = f"{r['tokens_per_s'] / ref[r['batch']]:.2f}" if r["batch"] in ref else ""
         gbs = f"{r['weight_gbs']:.1f}" if "weight_gbs" in r else ""
         of = f"{100 * r['of_bandwidth']:.0f} %" if "of_bandwidth" in r else ""
+        first = f"{r['first_s']:.2f}" if "first_s" in r else ""
         lines.append(f"| {r['batch']} | {r['engine']} | {r['tokens_per_s']:.1f} | "
-                     f"{' / '.join(map(str, r['rounds']))} | {vs} | {gbs} | {of} |")
+                     f"{' / '.join(map(str, r['rounds']))} | {vs} | {gbs} | {of} | {first} |")
     return "\n".join(lines)
 
 
@@ -213,6 +218,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH", help="write every measurement here")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each round wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
+    ap.add_argument("--report", metavar="JSON", help="instead: print the table of a file written by --json")
     ap.add_argument("--batching", action="store_true",
                     help="instead: batched generation against one prompt at a time (--prompts prompts, best of "
                          "--rounds)")
@@ -220,6 +226,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.batching:
         return batching(args)
+    if args.report:
+        with open(args.report) as f:
+            return print(report(json.load(f)))
     result = measure(args)
     print()
     print(report(result))

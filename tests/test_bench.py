@@ -82,9 +82,10 @@ def test_plot_writes_the_charts_from_result_files(tmp_path):
         dict(config=c, threads=t, engine=e, tokens_per_s=v * (1 + t))
         for c, v in (("small", 2000.0), ("small-t1024", 1800.0), ("small-t2048", 1500.0))
         for t in (1, 2) for e in ("cllm", "torch")] + [dict(config="gpt2", threads=2, engine="torch", skipped="x")]}
-    runs = [dict(engine=e, batch=b, tokens_per_s=10.0 * b, **({"weight_gbs": 20.0} if e != "transformers" else {}))
+    runs = [dict(engine=e, batch=b, tokens_per_s=10.0 * b, seconds=1.0,
+                 **({"weight_gbs": 20.0, "decode_steps_per_s": 70.0} if e != "transformers" else {}))
             for e in ("cllm", "cllm-bf16", "transformers") for b in (1, 8)]
-    gen = {"what": "generation", "config": "gpt2", "parameters": 124e6, "threads": 2,
+    gen = {"what": "generation", "config": "gpt2", "parameters": 124e6, "threads": 2, "new_tokens": 64,
            "rounds": [{"bandwidth_gbs": {"1": 20.0, "2": 25.0}, "runs": runs}] * 3}
     files = []
     for name, data in (("t.json", train), ("g.json", gen)):
