@@ -108,7 +108,8 @@ def measure(args) -> dict:
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle)
         load = other_load(0.5)
-        rec = {"other_cores_before": load, "bandwidth_gbs": {str(n): read_bandwidth(n, array) for n in sorted({1, args.threads})}, "runs": []}
+        bandwidth = {str(n): read_bandwidth(n, array) for n in sorted({1, args.threads})}
+        rec = {"other_cores_before": load, "bandwidth_gbs": bandwidth, "runs": []}
         for engine in engines:
             for b in batches:
                 if engine == "transformers":

@@ -216,7 +216,8 @@ py::object generate_tokens(PyModel& pm, const std::vector<IntArray>& prompts, in
     std::vector<std::vector<int32_t>> out;
     try {
         out = locked(pm, [&](Model& m) {
-            return generate(m, p, max_new_tokens, s, precision == "bf16", seeds, stops, callback, return_logits ? &logits : nullptr);
+            return generate(m, p, max_new_tokens, s, precision == "bf16", seeds, stops, callback,
+                            return_logits ? &logits : nullptr);
         });
     } catch (const Interrupted&) {
         throw py::error_already_set();
@@ -259,7 +260,8 @@ void bind_model(py::module_& mod) {
         .def("zero_grad", &zero_grad)
         .def("dropout_masks", &dropout_masks, py::arg("B"), py::arg("T"))
         .def("generate", &generate_tokens, py::arg("prompts"), py::arg("max_new_tokens"), py::arg("sampling"),
-             py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false, py::arg("precision") = "fp32");
+             py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false,
+             py::arg("precision") = "fp32");
 }
 
 // ---- config and layout ---------------------------------------------------------------------------

@@ -4,11 +4,11 @@ The decode step's products take bf16-rounded inputs (the row and the weight) and
 and v rounded to bf16; the prompt's prefill runs in the model's precision. A float64 NumPy decode that rounds the
 same values reproduces the logits of every step to 1e-5 (measured 4e-7), while the same decode without rounding is
 ~1e-3 away. One caveat the reference handles: an activation within fp32 round-off of a midpoint between two bf16
-values (it happens: llama's bias-free k and v are sums of products of bf16 values) rounds up or down depending on
-the fp32 summation order, which differs between kernel variants; one such flip moves the logits by ~2e-3. So a
-step passes when it matches the reference with the activations rounded as they are, or nudged by +-1e-6 first. Greedy tokens of a briefly trained model agree with the fp32 model's choice, given the same context, in
-at least 97 % of the positions (measured: all 480, in both architectures; also all 160 on the random models
-below). That is agreement given the same context, not a promise that long free-running samples stay equal.
+values rounds up or down depending on the fp32 summation order, which differs between kernel variants (it
+happened here, for the llama model on the avx2 and baseline variants); one such flip moved the logits by ~2e-3. So a
+step passes when it matches the reference with the activations rounded as they are, or nudged by +-1e-6 first.
+Greedy tokens of a briefly trained model agree with the fp32 model's choice, given the same context, in at least
+97 % of the positions (measured: all 480, in both architectures; also all 160 on this file's random models). That is agreement given the same context, not a promise that long free-running samples stay equal.
 """
 import numpy as np
 import pytest

@@ -79,7 +79,8 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ma
     eos = tokenizer.eos_id if stop_at_eos else None
     model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stop_tokens=[] if eos is None else [eos], repetition_penalty=repetition_penalty,
-                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, on_step=on_step, precision=precision)
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, on_step=on_step,
+                   precision=precision)
     texts = [s.text() for s in streams]
     for i, (s, text) in enumerate(zip(streams, texts)):  # what was held back for a stop string that never came
         piece = s.flush(text)
