@@ -16,6 +16,9 @@ CONFIGS = {
     "tiny": dict(V=256, T=128, C=128, L=4, H=4, B=16, steps=20, warmup=3),
     "small": dict(V=8192, T=256, C=384, L=6, H=6, B=8, steps=6, warmup=2),
     "gpt2": dict(V=50257, T=256, C=768, L=12, H=12, B=4, steps=1, warmup=1),
+    # long contexts at the small width, the same B*T = 2048 tokens per step
+    "small-t1024": dict(V=8192, T=1024, C=384, L=6, H=6, B=2, steps=4, warmup=1),
+    "small-t2048": dict(V=8192, T=2048, C=384, L=6, H=6, B=1, steps=4, warmup=1),
     "tiny-llama": dict(V=256, T=128, C=128, L=4, H=4, KV=2, F=344, B=16, steps=20, warmup=3, arch="llama"),
     "llama": dict(V=8192, T=256, C=384, L=6, H=6, KV=2, F=1024, B=8, steps=6, warmup=2, arch="llama"),
 }

@@ -152,6 +152,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="instead: run the C++ per-kernel benchmark (cllm_bench_kernels) for each config/threads")
     mode.add_argument("--report", metavar="JSON", default=None,
                       help="instead: print a file written by --json as Markdown tables (measures nothing)")
+    mode.add_argument("--plot", metavar="DIR", default=None,
+                      help="instead: PNG charts into DIR from the JSON files given after the options (this script's "
+                      "--json, bench_generate.py's --json; measures nothing)")
+    p.add_argument("files", nargs="*", metavar="JSON", help="--plot: the result files to draw")
     return p
 
 
@@ -185,6 +189,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.retry_busy < 0 or args.wait_idle < 0 or args.timeout <= 0 or args.rounds < 1:
         raise ValueError("--retry-busy and --wait-idle must be >= 0, --timeout > 0, --rounds >= 1")
+    if bool(args.plot) != bool(args.files):
+        raise ValueError("--plot DIR takes the result files to draw after the options (and files need --plot)")
 
 
 def _run_kernels(args) -> int:
@@ -279,6 +285,12 @@ def run(args) -> int:
     _check_args(args)
     if args.report:
         print(_report(Path(args.report)))
+        return 0
+    if args.plot:
+        from bench_plot import plot
+
+        for path in plot(args.plot, args.files):
+            print(f"wrote {path}")
         return 0
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), processor=_cpu_name(),
                 cpus=os.cpu_count(), python=platform.python_version(), flop_formula=FLOP_FORMULA)

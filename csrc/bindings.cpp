@@ -189,7 +189,8 @@ py::dict dropout_masks(PyModel& pm, int B, int T) {
 // a callable (sequences, tokens) -> sequences to stop) runs with the GIL after each step.
 py::object generate_tokens(PyModel& pm, const std::vector<IntArray>& prompts, int max_new_tokens, const Sampling& s,
                            const std::vector<uint64_t>& seeds, const IntArray& stop_tokens, py::object on_step,
-                           bool return_logits) {
+                           bool return_logits, const std::string& precision) {
+    require(precision == "fp32" || precision == "bf16", "precision must be 'fp32' or 'bf16', got '" + precision + "'");
     require(max_new_tokens >= 0, "max_new_tokens must be >= 0");
     require(!prompts.empty() && seeds.size() == prompts.size(), "one seed per prompt, at least one prompt");
     require(stop_tokens.ndim() == 1, "stop_tokens must be a 1-D array of token ids");
@@ -215,7 +216,8 @@ py::object generate_tokens(PyModel& pm, const std::vector<IntArray>& prompts, in
     std::vector<std::vector<int32_t>> out;
     try {
         out = locked(pm, [&](Model& m) {
-            return generate(m, p, max_new_tokens, s, seeds, stops, callback, return_logits ? &logits : nullptr);
+            return generate(m, p, max_new_tokens, s, precision == "bf16", seeds, stops, callback,
+                            return_logits ? &logits : nullptr);
         });
     } catch (const Interrupted&) {
         throw py::error_already_set();
@@ -258,7 +260,8 @@ void bind_model(py::module_& mod) {
         .def("zero_grad", &zero_grad)
         .def("dropout_masks", &dropout_masks, py::arg("B"), py::arg("T"))
         .def("generate", &generate_tokens, py::arg("prompts"), py::arg("max_new_tokens"), py::arg("sampling"),
-             py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false);
+             py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false,
+             py::arg("precision") = "fp32");
 }
 
 // ---- config and layout ---------------------------------------------------------------------------
@@ -298,7 +301,8 @@ void bind_config(py::module_& mod) {
     mod.def("activation_floats", &activation_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the activation arena of a [B, T] training step");
     mod.def("generation_floats", &generation_floats, py::arg("config"), py::arg("batch"), py::arg("max_new_tokens"),
-            py::arg("return_logits"), "floats generate() allocates (KV caches, scratch, prefill arena, logits)");
+            py::arg("return_logits"), py::arg("bf16") = false,
+            "floats generate() allocates (KV caches, scratch, prefill arena, logits; bf16: the weight copies)");
     py::class_<Sampling>(mod, "Sampling")
         .def(py::init<>())
         .def_readwrite("temperature", &Sampling::temperature)

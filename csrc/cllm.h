@@ -151,6 +151,21 @@ inline float dot(const float* a, const float* b, int n) {
     for (int i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
+// bfloat16: the top half of a float, rounded to nearest even (NaN stays NaN). Branch-free, so loops vectorise.
+inline uint32_t to_bf16(float x) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+}
+inline float from_bf16(uint32_t h) { return __builtin_bit_cast(float, h << 16); }
+// a . b with b in bf16 (decode against a bf16 KV cache), summed in fp32
+inline float dot(const float* a, const uint16_t* b, int n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * from_bf16(b[i]);
+    return s;
+}
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 // GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
 // x * sigmoid(2u) = x / (1 + exp(-2u)), the same function with one exp and one division.
@@ -236,6 +251,27 @@ void projection_forward(float* out, int ldo, const float* inp, int ldi, const fl
 void projection_backward(float* dinp, int ldi, float* dw, const float* dout, int ldo, const float* inp,
                          const float* w, int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
 
+// cllm_decode_bf16.cpp: weights as bf16 column panels for decoding with precision bf16 (generate), so that a step
+// streams half the bytes of the fp32 weights. op(w) [K, N] is cut into panels of decode_panel_width() columns;
+// a panel holds ceil(K/2) k pairs of that many 32-bit words (bf16 of k = 2i low, 2i+1 high: vdpbf16ps's layout).
+struct WeightPart {  // columns of op(w) [K, n]: element (k, j) at w[k * ld + j], or (trans) at w[j * ld + k]
+    Operand w;
+    int n;
+};
+struct PackedBF16 {
+    FloatBuffer buf;  // the panels (32-bit words)
+    int K = 0, N = 0;
+    const uint32_t* panels() const { return (const uint32_t*)buf.get(); }
+};
+int decode_panel_width();  // the variant's NR: 32 with AVX-512, 16 otherwise
+size_t packed_bf16_floats(int K, int N);
+// The parts side by side as one [K, sum of n] weight (e.g. q | k | v), rounded to bf16.
+PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts);
+// out[m, N] (row stride ldo) = bf16(x)[m, K] (row stride ldx) @ w + bias (null: none), summed in fp32; gelu_out
+// (row stride ldo) also gets gelu(out). Each panel is read once for all m rows.
+void bf16_product(float* out, int ldo, const float* x, int ldx, int m, const PackedBF16& w, const float* bias,
+                  float* gelu_out = nullptr);
+
 // cllm_embedding.cpp. pos null: no positions added (LLAMA, whose positions are rotary)
 void sinusoidal_table(float* out, int P, int C);
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int B, int T, int C);
@@ -276,6 +312,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, uint64_t site);
 // Decode: the query of row t of qkv [t+1, (H+2KV)hs] (one sequence, the training layout) against rows 0..t; out [C].
 void attention_decode(float* out, const float* qkv, int t, int C, int H, int KV);
+// The same against a bf16 cache: the query q [H*hs] against the k | v rows kv [t+1, 2*KV*hs] (k then v, bf16).
+void attention_decode_bf16(float* out, const float* q, const uint16_t* kv, int t, int C, int H, int KV);
 
 // cllm_feedforward.cpp: the block's MLP, GPT2's c_fc -> GELU (tanh approximation) -> c_proj or LLAMA's SwiGLU
 // down(silu(gate) * up), and the activations themselves.
@@ -390,15 +428,18 @@ using StepCallback = std::function<std::vector<int>(const std::vector<int>&, con
 // alone or in a batch. A token of stop_tokens ends its sequence and is not returned. When a context reaches
 // max_seq_len its newest half is kept and prefilled again. all_logits (optional) receives per sequence the
 // model's logits (before penalties) each new token was sampled from, [n, V] flat.
+// bf16: decode with bf16 copies of the weights (packed once per call) and a bf16 k | v cache, fp32 sums; the prefill
+// runs in the model's own precision and its k, v are rounded into the cache.
 std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
-                                           int max_new_tokens, const Sampling& sampling,
+                                           int max_new_tokens, const Sampling& sampling, bool bf16,
                                            const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
                                            const StepCallback& on_step, std::vector<std::vector<float>>* all_logits);
 // Floats generate() allocates for `batch` prompts of a model of this config, without allocating: per sequence
 // the KV cache (the qkv rows of every layer over max_seq_len positions), its logits and token counts, and a
 // decode step's row scratch; the activation arena of a [1, max_seq_len] prefill and, with return_logits, the
-// [max_new_tokens, V] logits of each sequence. Saturates at SIZE_MAX.
-size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits);
+// [max_new_tokens, V] logits of each sequence; with bf16 the bf16 caches and weight copies instead. Saturates at
+// SIZE_MAX.
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16);
 
 int get_num_threads();  // cllm_model.cpp
 void set_num_threads(int n);

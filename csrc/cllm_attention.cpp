@@ -213,27 +213,44 @@ void attention_dropout_mask(float* out, int B, int T, int H, const Dropout& d, u
 }
 
 
-void attention_decode(float* out, const float* qkv, int t, int C, int H, int KV) {
-    const Heads hd(t + 1, C, H, KV, Dropout{});
+namespace {
+inline float value(float x) { return x; }
+inline float value(uint16_t x) { return from_bf16(x); }
+
+// Decode: query q [H*hs] against rows 0..t of keys k and values v (row stride ld; K/V head g at column g*hs), the
+// heads split across threads: scores by dot, softmax_row, then sum_j p_j v_j in order. T: float or bf16.
+template <class T>
+void decode_attend(float* out, const float* q, const T* k, const T* v, size_t ld, int t, const Heads& hd) {
     #pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
+    for (int h = 0; h < hd.H; h++) {
         thread_local std::vector<float> scores;  // grows with the context, amortised
         if (scores.size() < (size_t)t + 1) scores.resize((size_t)t + 1);
         float* s = scores.data();
-        const float* q = qkv + (size_t)t * hd.ld + hd.q_col(h);
-        const float* k = qkv + hd.k_col(h / hd.group);
-        const float* v = qkv + hd.v_col(h / hd.group);
-        for (int j = 0; j <= t; j++) s[j] = dot(q, k + (size_t)j * hd.ld, hd.hs);
+        const size_t g = (size_t)(h / hd.group) * hd.hs;
+        const float* qh = q + hd.q_col(h);
+        for (int j = 0; j <= t; j++) s[j] = dot(qh, k + g + (size_t)j * ld, hd.hs);
         softmax_row(s, t + 1, hd.scale);
         float* o = out + h * hd.hs;
         std::fill(o, o + hd.hs, 0.0f);
         for (int j = 0; j <= t; j++) {
             const float p = s[j];
-            const float* vj = v + (size_t)j * hd.ld;
+            const T* vj = v + g + (size_t)j * ld;
             #pragma omp simd
-            for (int i = 0; i < hd.hs; i++) o[i] += p * vj[i];
+            for (int i = 0; i < hd.hs; i++) o[i] += p * value(vj[i]);
         }
     }
+}
+}  // namespace
+
+void attention_decode(float* out, const float* qkv, int t, int C, int H, int KV) {
+    const Heads hd(t + 1, C, H, KV, Dropout{});
+    decode_attend(out, qkv + (size_t)t * hd.ld, qkv + hd.k_col(0), qkv + hd.v_col(0), hd.ld, t, hd);
+}
+
+void attention_decode_bf16(float* out, const float* q, const uint16_t* kv, int t, int C, int H, int KV) {
+    const Heads hd(t + 1, C, H, KV, Dropout{});
+    const size_t kv_cols = (size_t)KV * hd.hs;
+    decode_attend(out, q, kv, kv + kv_cols, 2 * kv_cols, t, hd);
 }
 
 }  // namespace cllm

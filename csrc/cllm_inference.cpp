@@ -2,7 +2,8 @@
 // the training forward (one batched pass over its tokens) and its qkv rows become its own cache. Each step then
 // runs the live sequences' new tokens together through every layer, B rows at a time through the training GEMMs
 // (linear_forward with N = B; one row takes its one-row path), each row at its own position and attending to
-// its own cache.
+// its own cache. With bf16 (DecodeWeights) the step's products read bf16 copies of the weights and the cache
+// holds k | v in bf16: half the bytes of the weights, a third of the cache's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,7 +17,10 @@ namespace cllm {
 
 namespace {
 
-size_t cache_floats_per_layer(const Config& c) { return (size_t)c.max_seq_len * c.qkv_width(); }
+// fp32: the qkv rows; bf16: the k | v rows in bf16 (2 KV hs values, half as many floats)
+size_t cache_floats_per_layer(const Config& c, bool bf16) {
+    return (size_t)c.max_seq_len * (bf16 ? c.kv_heads() * c.head_dim() : c.qkv_width());
+}
 // per row of a decode step: x, ln, att, proj [C], qkv [qkv_width], fch [mlp_width], act [F], logits [V], the
 // norm's mean and rstd
 size_t row_floats(const Config& c) {
@@ -25,17 +29,53 @@ size_t row_floats(const Config& c) {
 // per sequence besides its cache: its pending logits [V] and the penalties' token counts [V] (int32)
 size_t sequence_floats(const Config& c) { return 2 * (size_t)c.vocab_size; }
 
-// One prompt's state: the tokens in its cache (kept to prefill again when the context is full), the qkv rows of
-// every layer [max_seq_len, qkv_width] in the training layout (q, then the K/V heads' k and v; LLAMA: q and k
-// rotated at their positions), its output so far and the logits of its next token.
+// One prompt's state: the tokens in its cache (kept to prefill again when the context is full), the cache of
+// every layer, its output so far and the logits of its next token. The cache (fp32) holds the qkv rows
+// [max_seq_len, qkv_width] in the training layout (q, then the K/V heads' k and v; LLAMA: q and k rotated at their
+// positions), or (bf16) the k | v rows [max_seq_len, 2 KV hs] in bf16.
 struct Sequence {
     std::vector<int32_t> ctx, out;
-    std::vector<FloatBuffer> qkv;
+    std::vector<FloatBuffer> cache;
     std::vector<int32_t> counts;  // occurrences of each token in the prompt (<0 marks) and the output, for penalties
     std::vector<int32_t> seen;    // the distinct tokens of prompt and output, in first-seen order
     FloatBuffer logits;
     int len = 0;
     bool done = false;
+    uint16_t* kv(int l) { return (uint16_t*)cache[l].get(); }  // the bf16 cache of layer l
+};
+
+// The bf16 copies of the weights a decode step reads (generate with bf16), made once per generate call. A layer's
+// q | k | v and LLAMA's gate | up are one packed weight each, so that they take one product.
+struct DecodeWeights {
+    struct Layer {
+        PackedBF16 qkv, out, up, down;
+    };
+    std::vector<Layer> layers;
+    PackedBF16 head;
+
+    explicit DecodeWeights(const Model& m) {
+        const Config& c = m.cfg;
+        const int C = c.embedding_dim, F = c.ff_dim, H = c.num_heads, KV = c.kv_heads(), hs = c.head_dim();
+        for (const LayerTensors& w : m.p.layers) {
+            if (c.llama())  // nn.Linear's [out, in]: op(w) = w^T
+                layers.push_back({pack_bf16(C, {{{w.q_w, C, true}, H * hs}, {{w.k_w, C, true}, KV * hs},
+                                                {{w.v_w, C, true}, KV * hs}}),
+                                  pack_bf16(C, {{{w.o_w, C, true}, C}}),
+                                  pack_bf16(C, {{{w.gate_w, C, true}, F}, {{w.up_w, C, true}, F}}),
+                                  pack_bf16(F, {{{w.down_w, F, true}, C}})});
+            else  // [in, out]
+                layers.push_back({pack_bf16(C, {{{w.qkv_w, 3 * C}, 3 * C}}), pack_bf16(C, {{{w.attproj_w, C}, C}}),
+                                  pack_bf16(C, {{{w.fc_w, F}, F}}), pack_bf16(F, {{{w.fcproj_w, C}, C}})});
+        }
+        head = pack_bf16(C, {{{m.p.head(), C, true}, c.vocab_size}});
+    }
+    // floats the copies take for this config, without packing
+    static size_t floats(const Config& c) {
+        const int C = c.embedding_dim, F = c.ff_dim;
+        const size_t layer = packed_bf16_floats(C, c.qkv_width()) + packed_bf16_floats(C, C) +
+                             packed_bf16_floats(C, c.mlp_width()) + packed_bf16_floats(F, C);
+        return c.num_layers * layer + packed_bf16_floats(C, c.vocab_size);
+    }
 };
 
 // One decode step's rows: scratch for up to B sequences at once.
@@ -57,20 +97,78 @@ void add_inplace(float* x, const float* y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+// Row t of a bf16 cache: the k | v columns of a qkv row, rounded to bf16.
+void store_kv(uint16_t* cache, int t, const float* qkv_row, const Config& c) {
+    const int H = c.num_heads, n = 2 * c.kv_heads() * c.head_dim();
+    const float* kv = qkv_row + (size_t)H * c.head_dim();
+    uint16_t* dst = cache + (size_t)t * n;
+    #pragma omp simd
+    for (int i = 0; i < n; i++) dst[i] = (uint16_t)to_bf16(kv[i]);
+}
+
 // Fill a sequence's cache from a batched forward over its ctx; its logits are those of the last position.
-void prefill(Model& m, Sequence& s) {
-    const int T = (int)s.ctx.size(), V = m.cfg.vocab_size;
+void prefill(Model& m, Sequence& s, bool bf16) {
+    const int T = (int)s.ctx.size(), V = m.cfg.vocab_size, W = m.cfg.qkv_width();
     m.forward(s.ctx.data(), 1, T, Dropout{});
-    for (int l = 0; l < m.cfg.num_layers; l++)
-        std::memcpy(s.qkv[l].get(), m.acts.layers[l].qkv, (size_t)T * m.cfg.qkv_width() * sizeof(float));
+    for (int l = 0; l < m.cfg.num_layers; l++) {
+        const float* qkv = m.acts.layers[l].qkv;
+        if (!bf16) {
+            std::memcpy(s.cache[l].get(), qkv, (size_t)T * W * sizeof(float));
+            continue;
+        }
+        for (int t = 0; t < T; t++) store_kv(s.kv(l), t, qkv + (size_t)t * W, m.cfg);
+    }
     std::memcpy(s.logits.get(), m.acts.logits + (size_t)(T - 1) * V, V * sizeof(float));
     s.len = T;
 }
 
+// The decode step's products, from the fp32 weights through the training parts (dw null) or from their bf16
+// copies: qkv, the attention's output projection, the MLP, the head.
+void project_qkv(const Model& m, const DecodeWeights* dw, int l, float* qkv, const float* ln, int B) {
+    if (!dw) return m.qkv_project(l, qkv, ln, B, false);
+    bf16_product(qkv, m.cfg.qkv_width(), ln, m.cfg.embedding_dim, B, dw->layers[l].qkv, m.p.layers[l].qkv_b);
+}
+
+void project_out(const Model& m, const DecodeWeights* dw, int l, float* out, const float* att, int B) {
+    if (!dw) return m.attn_out_forward(l, out, att, B, false);
+    const int C = m.cfg.embedding_dim;
+    bf16_product(out, C, att, C, B, dw->layers[l].out, m.p.layers[l].attproj_b);
+}
+
+void mlp_rows(const Model& m, const DecodeWeights* dw, int l, float* out, Rows& r, const float* ln, int B) {
+    FeedForward ff = m.mlp(l);
+    if (!dw) {
+        ff.bf16 = false;
+        return feedforward_forward(out, r.fch.get(), r.act.get(), ln, ff, B);
+    }
+    const DecodeWeights::Layer& w = dw->layers[l];
+    const int C = ff.C, F = ff.F;
+    if (ff.swiglu()) {
+        bf16_product(r.fch.get(), 2 * F, ln, C, B, w.up, nullptr);
+        swiglu_forward(r.act.get(), r.fch.get(), B, F);
+    } else {
+        bf16_product(r.fch.get(), F, ln, C, B, w.up, ff.fc_b, r.act.get());
+    }
+    bf16_product(out, C, r.act.get(), F, B, w.down, ff.proj_b);
+}
+
+void head_rows(const Model& m, const DecodeWeights* dw, float* logits, const float* ln, int B) {
+    const int C = m.cfg.embedding_dim, V = m.cfg.vocab_size;
+    const float* head = m.p.head();
+    if (dw) {
+        bf16_product(logits, V, ln, C, B, dw->head, nullptr);
+    } else if (B == 1) {  // one row: the GEMM would pack all of the head for it
+        #pragma omp parallel for schedule(static)
+        for (int v = 0; v < V; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
+    } else {
+        gemm({.c = logits, .ldc = V, .a = {ln, C}, .b = {head, C, true}, .m = B, .n = V, .k = C});
+    }
+}
+
 // Append each sequence's last token at its position s.len; their logits land in s.logits. Runs in fp32 whatever
-// the model's precision (a few rows are bound by reading the weights, not by the products).
-// The block is Model::forward's, on B rows, from the same parts (cllm_block.cpp).
-void decode_step(Model& m, Rows& r, const std::vector<Sequence*>& seqs) {
+// the model's precision (a few rows are bound by reading the weights, not by the products), or with dw on the bf16
+// weights and caches. The block is Model::forward's, on B rows, from the same parts (cllm_block.cpp).
+void decode_step(Model& m, Rows& r, const std::vector<Sequence*>& seqs, const DecodeWeights* dw) {
     const Config& c = m.cfg;
     const int C = c.embedding_dim, V = c.vocab_size, W = c.qkv_width(), B = (int)seqs.size();
     float *x = r.x.get(), *ln = r.ln.get(), *att = r.att.get(), *proj = r.proj.get(), *qkv = r.qkv.get();
@@ -82,32 +180,29 @@ void decode_step(Model& m, Rows& r, const std::vector<Sequence*>& seqs) {
     for (int l = 0; l < c.num_layers; l++) {
         const LayerTensors& w = m.p.layers[l];
         m.norm_forward(ln, mean, rstd, x, w.ln1_w, w.ln1_b, B);
-        m.qkv_project(l, qkv, ln, B, false);
+        project_qkv(m, dw, l, qkv, ln, B);
         for (int b = 0; b < B; b++) {  // each row at its own position into its own cache, then attends to it
             float* row = qkv + (size_t)b * W;
-            const int t = seqs[b]->len;
+            Sequence& s = *seqs[b];
+            const int t = s.len;
             m.rope_qk(row, 1, 1, t);
-            float* cache = seqs[b]->qkv[l].get();
-            std::memcpy(cache + (size_t)t * W, row, W * sizeof(float));
-            attention_decode(att + (size_t)b * C, cache, t, C, c.num_heads, c.kv_heads());
+            if (dw) {
+                store_kv(s.kv(l), t, row, c);
+                attention_decode_bf16(att + (size_t)b * C, row, s.kv(l), t, C, c.num_heads, c.kv_heads());
+            } else {
+                std::memcpy(s.cache[l].get() + (size_t)t * W, row, W * sizeof(float));
+                attention_decode(att + (size_t)b * C, s.cache[l].get(), t, C, c.num_heads, c.kv_heads());
+            }
         }
-        m.attn_out_forward(l, proj, att, B, false);
+        project_out(m, dw, l, proj, att, B);
         add_inplace(x, proj, (size_t)B * C);
         m.norm_forward(ln, mean, rstd, x, w.ln2_w, w.ln2_b, B);
-        FeedForward ff = m.mlp(l);
-        ff.bf16 = false;
-        feedforward_forward(proj, r.fch.get(), r.act.get(), ln, ff, B);
+        mlp_rows(m, dw, l, proj, r, ln, B);
         add_inplace(x, proj, (size_t)B * C);
     }
     m.norm_forward(ln, mean, rstd, x, m.p.lnf_w, m.p.lnf_b, B);
     float* logits = r.logits.get();
-    const float* head = m.p.head();
-    if (B == 1) {  // one row: the GEMM would pack all of the head for it
-        #pragma omp parallel for schedule(static)
-        for (int v = 0; v < V; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
-    } else {
-        gemm({.c = logits, .ldc = V, .a = {ln, C}, .b = {head, C, true}, .m = B, .n = V, .k = C});
-    }
+    head_rows(m, dw, logits, ln, B);
     for (int b = 0; b < B; b++) {
         std::memcpy(seqs[b]->logits.get(), logits + (size_t)b * V, V * sizeof(float));
         seqs[b]->len++;
@@ -168,7 +263,7 @@ int32_t sample_token(float* logits, int V, float temperature, int top_k, float t
 }
 
 std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
-                                           int max_new_tokens, const Sampling& sampling,
+                                           int max_new_tokens, const Sampling& sampling, bool bf16,
                                            const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
                                            const StepCallback& on_step, std::vector<std::vector<float>>* all_logits) {
     const Config& c = m.cfg;
@@ -186,12 +281,14 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
     for (int b = 0; b < B && max_new_tokens > 0; b++) {
         Sequence& s = seqs[b];
         s.ctx = prompts[b];
-        for (int l = 0; l < c.num_layers; l++) s.qkv.push_back(alloc_floats(cache_floats_per_layer(c)));
+        for (int l = 0; l < c.num_layers; l++) s.cache.push_back(alloc_floats(cache_floats_per_layer(c, bf16)));
         s.logits = alloc_floats(V);
         s.counts.assign(V, 0);
         for (int32_t t : prompts[b]) note_token(s, t, false);
-        prefill(m, s);
+        prefill(m, s, bf16);
     }
+    // the bf16 weights, when a step will read them
+    const std::unique_ptr<DecodeWeights> dw(bf16 && max_new_tokens > 1 ? new DecodeWeights(m) : nullptr);
     if (all_logits) all_logits->assign(B, {});
     Rows rows(c, std::max(1, B));
     std::vector<Sequence*> step;  // the sequences decoded together this step
@@ -226,12 +323,12 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
             if (s.len == Tmax) {
                 // Context full: keep the most recent half and prefill again (positions are absolute).
                 s.ctx.erase(s.ctx.begin(), s.ctx.end() - std::max(1, Tmax / 2));
-                prefill(m, s);
+                prefill(m, s, bf16);
             } else {
                 step.push_back(&s);
             }
         }
-        if (!step.empty()) decode_step(m, rows, step);
+        if (!step.empty()) decode_step(m, rows, step, dw.get());
         if (std::all_of(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.done; })) break;
     }
     std::vector<std::vector<int32_t>> out(B);
@@ -239,11 +336,11 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
     return out;
 }
 
-size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits) {
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16) {
     using u128 = unsigned __int128;
     const u128 B = (u128)std::max(1, batch);
-    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c) + row_floats(c) + sequence_floats(c)) +
-                       activation_floats(c, 1, c.max_seq_len) +
+    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c, bf16) + row_floats(c) + sequence_floats(c)) +
+                       activation_floats(c, 1, c.max_seq_len) + (bf16 ? DecodeWeights::floats(c) : 0) +
                        (return_logits ? B * (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
     return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
 }

@@ -114,13 +114,7 @@ struct KernelF32 {
 // pairs, Ap[k/2][r][2] and Bp[k/2][j][2], the layout of the AVX-512 BF16 dot product vdpbf16ps, which adds
 // a[2k]*b[2k] + a[2k+1]*b[2k+1] into each fp32 lane. Without AVX-512 BF16 the same rounded values run
 // through the fp32 kernel, so results agree across CPUs up to summation order.
-// Branch-free, so the packing loops vectorise.
-inline uint32_t to_bf16(float x) {
-    const uint32_t u = __builtin_bit_cast(uint32_t, x);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t quiet_nan = (u >> 16) | 0x40u;  // NaN stays NaN
-    return (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
-}
+// to_bf16 (cllm.h) is branch-free, so the packing loops vectorise.
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 struct KernelBF16 {
     using T = uint16_t;

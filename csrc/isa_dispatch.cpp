@@ -292,13 +292,13 @@ void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& 
     kernels().sgd_step(params, grads, buf, layout, lr, momentum, weight_decay, nesterov, first_step);
 }
 std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vector<int32_t>>& prompts,
-                                           int max_new_tokens, const Sampling& sampling,
+                                           int max_new_tokens, const Sampling& sampling, bool bf16,
                                            const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
                                            const StepCallback& on_step, std::vector<std::vector<float>>* all_logits) {
-    return kernels().generate(m, prompts, max_new_tokens, sampling, seeds, stop_tokens, on_step, all_logits);
+    return kernels().generate(m, prompts, max_new_tokens, sampling, bf16, seeds, stop_tokens, on_step, all_logits);
 }
-size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits) {
-    return kernels().generation_floats(c, batch, max_new_tokens, return_logits);
+size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16) {
+    return kernels().generation_floats(c, batch, max_new_tokens, return_logits, bf16);
 }
 
 void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {

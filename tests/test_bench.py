@@ -60,3 +60,42 @@ def test_a_malformed_report_file_is_one_line(tmp_path, content):
                           timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and str(bad) in proc.stderr
+
+
+def test_long_context_configs_keep_activation_memory_linear_in_T():
+    """small, small-t1024 and small-t2048 train on the same B*T = 2048 tokens per step: the activation arena is the
+    same size (attention keeps a log-sum-exp per row, never a T x T block), so memory grows with B*T, not T^2."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_common import CONFIGS, model_config
+    from cllm.model import activation_count
+
+    sizes = {}
+    for name in ("small", "small-t1024", "small-t2048"):
+        c = CONFIGS[name]
+        assert c["B"] * c["T"] == 2048 and model_config(name).max_seq_len == c["T"]
+        sizes[name] = activation_count(model_config(name), c["B"], c["T"])
+    assert max(sizes.values()) <= min(sizes.values()) * 1.001, sizes
+
+
+def test_plot_writes_the_charts_from_result_files(tmp_path):
+    train = {"mode": "train", "results": [
+        dict(config=c, threads=t, engine=e, tokens_per_s=v * (1 + t))
+        for c, v in (("small", 2000.0), ("small-t1024", 1800.0), ("small-t2048", 1500.0))
+        for t in (1, 2) for e in ("cllm", "torch")] + [dict(config="gpt2", threads=2, engine="torch", skipped="x")]}
+    runs = [dict(engine=e, batch=b, tokens_per_s=10.0 * b, seconds=1.0,
+                 **({"weight_gbs": 20.0, "decode_steps_per_s": 70.0} if e != "transformers" else {}))
+            for e in ("cllm", "cllm-bf16", "transformers") for b in (1, 8)]
+    gen = {"what": "generation", "config": "gpt2", "parameters": 124e6, "threads": 2, "new_tokens": 64,
+           "rounds": [{"bandwidth_gbs": {"1": 20.0, "2": 25.0}, "runs": runs}] * 3}
+    files = []
+    for name, data in (("t.json", train), ("g.json", gen)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(BENCH), "--plot", str(tmp_path / "png"), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for png in ("train_tokens_per_s.png", "long_context.png", "generation.png"):
+        assert (tmp_path / "png" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    bad = subprocess.run([sys.executable, str(BENCH), "--plot", str(tmp_path / "png"), str(BENCH)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "bench_train.py" in bad.stderr

@@ -66,6 +66,10 @@ def test_train_then_sample(trained_run):
     again = run_cllm("sample", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", 30, "--seed", 3,
                      "--top-k", 20, "--top-p", 0.9, "--temperature", 0)
     assert again.returncode == 0, again.stderr  # a run directory works too (its best.safetensors)
+    bf16 = run_cllm("sample", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", 30, "--seed", 3,
+                    "--temperature", 0, "--precision", "bf16")
+    assert bf16.returncode == 0 and bf16.stdout.startswith("def "), bf16.stderr
+    one_line_error(run_cllm("sample", "--checkpoint", out, "--precision", "fp16"), "--precision", "fp16")
 
 
 def test_train_llama_then_sample_and_export(corpus, tmp_path):

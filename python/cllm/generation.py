@@ -45,20 +45,22 @@ class _TextStream:
 def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                   temperature: float = 1.0, top_k=None, top_p=None, seed=0, stop: Sequence[str] = (),
                   stop_at_eos: bool = True, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                  presence_penalty: float = 0.0, on_text: Optional[Callable[[int, str], None]] = None) -> List[str]:
+                  presence_penalty: float = 0.0, on_text: Optional[Callable[[int, str], None]] = None,
+                  precision: str = "fp32") -> List[str]:
     """The decoded continuation of each prompt (not including the prompt), generated together in one batch.
 
     An empty prompt starts from a newline; a prompt longer than the context keeps its last max_seq_len tokens.
     A sequence ends at the tokenizer's EOS token (unless stop_at_eos=False) and just before the first of the
     `stop` strings it produces. on_text(i, piece) receives prompt i's text as it is produced; the pieces of a
-    prompt add up to its result. `seed` is an int or one per prompt; see Model.generate for the rest."""
+    prompt add up to its result. `seed` is an int or one per prompt; precision "bf16" decodes with bf16 weights and
+    cache; see Model.generate for the rest."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise TypeError("prompts must be a non-empty list of str")
     if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
         raise TypeError("stop must be a list of str")
     if any(s == "" for s in stop):
         raise ValueError("a stop string is empty")
-    model.check_generation_memory(len(prompts), max_new_tokens)  # before encoding them all
+    model.check_generation_memory(len(prompts), max_new_tokens, precision=precision)  # before encoding them all
     ids = []
     for p in prompts:
         enc = tokenizer.encode(p)
@@ -78,7 +80,8 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ma
     eos = tokenizer.eos_id if stop_at_eos else None
     model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stop_tokens=[] if eos is None else [eos], repetition_penalty=repetition_penalty,
-                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, on_step=on_step)
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, on_step=on_step,
+                   precision=precision)
     texts = [s.text() for s in streams]
     for i, (s, text) in enumerate(zip(streams, texts)):  # what was held back for a stop string that never came
         piece = s.flush(text)
