@@ -24,6 +24,7 @@ from cllm.data import prepare
 from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
                               launched_world_size, mpirun_command)
 from cllm.errors import MPISetupError
+from cllm.netns_hosts import NamespaceHosts, namespace_hosts_missing
 from cllm.run_files import read_metrics
 from cllm.train_config import TrainConfig
 from cllm.trainer import Trainer
@@ -60,10 +61,10 @@ def _env() -> dict:
     return env
 
 
-def run_mpi(n, args, cwd, timeout=JOB_TIMEOUT, env=None):
-    """Run `mpirun -n n <python> args...`; returns (exit status, stdout + stderr, seconds). Never hangs: on
-    timeout the whole process group is killed and the test fails."""
-    cmd = mpirun_command(n) + [sys.executable] + [str(a) for a in args]
+def run_mpi(n, args, cwd, timeout=JOB_TIMEOUT, env=None, launcher=None):
+    """Run `mpirun -n n <python> args...` (or `launcher <python> args...`); returns (exit status, stdout + stderr,
+    seconds). Never hangs: on timeout the whole process group is killed and the test fails."""
+    cmd = (launcher or mpirun_command(n)) + [sys.executable] + [str(a) for a in args]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -148,6 +149,49 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, one_rank):
     assert log.count("stopped (max_steps) at step 20") == 1, log
     ckpt = load_checkpoint(out / "last.safetensors")
     assert ckpt.trainer_state["world_size"] == 2 and ckpt.trainer_state["step"] == STEPS
+
+
+@needs_mpi
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_two_hosts_match_one_host_and_one_process(two_ranks, one_rank, data_dir, tmp_path):
+    """Two "hosts" (network namespaces on a bridge, each link shaped to 1 Gbit/s by tc tbf), one rank each,
+    Open MPI over TCP between their addresses only: the same training as on one host."""
+    out = tmp_path / "run"
+    with NamespaceHosts(2, rate="1gbit") as hosts:
+        sent0 = hosts.bytes_sent()
+        code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                               + cli_flags(SETTINGS), cwd=tmp_path, launcher=hosts.mpirun_command(1))
+        sent = [b - a for a, b in zip(sent0, hosts.bytes_sent())]
+    assert code == 0, log
+    got = params(out / "last.safetensors")
+    # every step's gradients crossed the link: each rank sends at least the buffer's bytes (ring: 2 halves)
+    assert min(sent) >= STEPS * got.nbytes, (sent, got.nbytes)
+    # a + b is a + b over shared memory or TCP: bit for bit the one-host run, and the one-process run's result
+    np.testing.assert_array_equal(got, params(two_ranks[0] / "last.safetensors"))
+    np.testing.assert_allclose(got, params(one_rank / "last.safetensors"), rtol=0, atol=1e-4)
+    assert train_losses(out) == train_losses(two_ranks[0])
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_namespace_hosts_are_removed_even_after_an_error():
+    with pytest.raises(RuntimeError, match="inside"):
+        with NamespaceHosts(3) as hosts:
+            names = hosts.namespaces + [hosts.switch]
+            assert all(n in _namespaces() for n in names)
+            raise RuntimeError("inside")
+    assert not any(n in _namespaces() for n in names)
+    assert hosts.agent is None
+
+
+def test_namespace_hosts_arguments_are_checked():
+    with pytest.raises(ValueError, match="2 to 200 hosts, got 1"):
+        NamespaceHosts(1)
+    with pytest.raises(ValueError, match="rate must be a tc rate such as '1gbit'.*got 'fast'"):
+        NamespaceHosts(2, rate="fast")
 
 
 @needs_mpi
