@@ -124,13 +124,20 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_tokens(y, "targets", pm.cfg().vocab_size, pm.cfg().max_seq_len);
 }
 
+// on_grads_ready (None or a callable(from)) runs with the GIL as the backward finishes the gradients [from, total).
 float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
-                       float label_smoothing) {
+                       float label_smoothing, py::object on_grads_ready) {
     check_pair(pm, x, y);
     require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
     const int B = (int)x.shape(0), T = (int)x.shape(1);
+    GradsReady ready;
+    if (!on_grads_ready.is_none())
+        ready = [&on_grads_ready](size_t from) {
+            py::gil_scoped_acquire gil;
+            on_grads_ready(from);  // a Python exception leaves the backward as error_already_set
+        };
     return locked(pm, [&](Model& m) {
-        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing);
+        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing, ready);
     });
 }
 
@@ -252,7 +259,7 @@ void bind_model(py::module_& mod) {
             "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def("forward_backward", &forward_backward, py::arg("x"), py::arg("y"), py::arg("accumulate") = false,
-             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f)
+             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f, py::arg("on_grads_ready") = py::none())
         .def("forward", &forward, py::arg("x"))
         .def("loss", &loss, py::arg("x"), py::arg("y"))
         .def("zero_grad", &zero_grad)

@@ -319,6 +319,11 @@ void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t*
                          float scale, float eps = 0.0f);
 
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
+// The backward's progress, for sending gradients while it still computes (data parallelism): called with an
+// offset `from` once the gradient buffer's floats [from, layout.total) are final in this backward, with `from`
+// decreasing (each layer's tensors follow the earlier layers' in the layout) and 0 last.
+using GradsReady = std::function<void(size_t from)>;
+
 struct Model {
     Config cfg;
     ParamLayout layout;
@@ -358,9 +363,10 @@ struct Model {
     // grad_scale/(B*T).
     float loss_and_dlogits(const int32_t* targets, float grad_scale, float eps = 0.0f);
     float loss_only(const int32_t* targets);
-    void backward(const int32_t* tokens, const Dropout& d);
+    // ready (optional) is called as the gradients become final, last layer first (see GradsReady).
+    void backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready = {});
     float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                           float grad_scale, float label_smoothing = 0.0f);
+                           float grad_scale, float label_smoothing = 0.0f, const GradsReady& ready = {});
     void zero_grad();
 };
 

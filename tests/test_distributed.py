@@ -22,7 +22,8 @@ import pytest
 from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
 from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
-                              launched_world_size, mpirun_command)
+                              from_bf16, launched_world_size, mpirun_command, to_bf16)
+from cllm.model import Model, ModelConfig
 from cllm.errors import MPISetupError
 from cllm.netns_hosts import NamespaceHosts, namespace_hosts_missing
 from cllm.run_files import read_metrics
@@ -219,6 +220,53 @@ def test_resume_under_mpi_continues_exactly(two_ranks, one_rank, data_dir, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------------
+# the gradient exchange: buckets, overlap with the backward, bf16
+# ------------------------------------------------------------------------------------------------------
+SMALL_BUCKETS = ["--bucket-mb", "0.01"]  # 2621 floats: the tiny model's ~36k gradients in 14 buckets
+
+
+@needs_mpi
+def test_overlapped_buckets_equal_the_exchange_after_the_backward(two_ranks, data_dir, tmp_path):
+    """Overlap on or off does the same collectives on the same buckets: bit for bit the same parameters, with
+    3 ranks (where the reduction order inside MPI could differ between buckets) and with 2 (where a + b is
+    exact: small overlapped buckets equal the one-bucket run)."""
+    runs = {}
+    for name, n, extra in (("3 overlap", 3, SMALL_BUCKETS), ("3 after", 3, SMALL_BUCKETS + ["--no-overlap"]),
+                           ("2 overlap", 2, SMALL_BUCKETS)):
+        out = tmp_path / name.replace(" ", "_")
+        code, log, _ = run_mpi(n, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                               + cli_flags(SETTINGS) + extra, cwd=tmp_path)
+        assert code == 0, log
+        runs[name] = params(out / "last.safetensors")
+    np.testing.assert_array_equal(runs["3 overlap"], runs["3 after"])
+    np.testing.assert_array_equal(runs["2 overlap"], params(two_ranks[0] / "last.safetensors"))
+
+
+@needs_mpi
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_bf16_gradients_halve_the_bytes_between_hosts(two_ranks, data_dir, tmp_path):
+    """Two namespace hosts: --grad-dtype bf16 sends about half the bytes of fp32 over the link, the replicas
+    stay equal (the run's replica checks pass), and the losses stay close to the fp32 run's."""
+    sent, outs = {}, {}
+    for dtype in ("fp32", "bf16"):
+        out = outs[dtype] = tmp_path / dtype
+        with NamespaceHosts(2) as hosts:
+            before = hosts.bytes_sent()
+            code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size",
+                                       B, "--grad-dtype", dtype] + cli_flags(SETTINGS) + SMALL_BUCKETS,
+                                   cwd=tmp_path, launcher=hosts.mpirun_command(1))
+            sent[dtype] = sum(hosts.bytes_sent()) - sum(before)
+        assert code == 0, log
+    ratio = sent["bf16"] / sent["fp32"]
+    assert 0.4 < ratio < 0.6, sent  # measured 0.52; the rest: losses, checks, start-up, TCP/IP headers
+    np.testing.assert_array_equal(params(outs["fp32"] / "last.safetensors"),
+                                  params(two_ranks[0] / "last.safetensors"))
+    fp32, bf16 = train_losses(outs["fp32"]), train_losses(outs["bf16"])
+    assert fp32 != bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------------
 # divergence and failures
 # ------------------------------------------------------------------------------------------------------
 FAULT_SCRIPT = textwrap.dedent("""
@@ -318,6 +366,48 @@ def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CLLM_REPLICA_CHECK_INTERVAL", "often")
     with pytest.raises(ValueError, match="CLLM_REPLICA_CHECK_INTERVAL"):
         auto_communicator()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_backward_reports_final_gradients_back_to_front(arch):
+    """on_grads_ready(from) comes after the final norm, after each layer (at its first tensor) and with 0 last;
+    at each call the gradients [from:] already hold their final values."""
+    extra = dict(architecture="llama", tie_embeddings=False, pos_encoding=None) if arch == "llama" else {}
+    model = Model(ModelConfig(vocab_size=64, max_seq_len=16, embedding_dim=32, num_layers=3, num_heads=2,
+                              ff_dim=64, dropout=0.1, **extra), seed=1)
+    x = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
+    grads, seen = model.flat_gradients(), []
+    model.forward_backward(x, x, on_grads_ready=lambda f: seen.append((f, grads[f:].copy())))
+    first = {t["name"]: t["offset"] for t in model.tensor_info}
+    norm, layer = ("norm.weight", "layers.{}.input_layernorm.weight") if arch == "llama" else \
+                  ("ln_f.weight", "h.{}.ln_1.weight")
+    assert [f for f, _ in seen] == [first[norm]] + [first[layer.format(i)] for i in (2, 1, 0)] + [0]
+    for f, copy in seen:
+        np.testing.assert_array_equal(copy, grads[f:])
+    reference = Model(model.config, seed=1)  # without the callback: the same gradients
+    reference.forward_backward(x, x)
+    np.testing.assert_array_equal(reference.flat_gradients(), grads)
+
+    def fail(offset):
+        raise RuntimeError(f"stop at {offset}")
+
+    with pytest.raises(RuntimeError, match=f"stop at {first[norm]}"):
+        model.forward_backward(x, x, on_grads_ready=fail)
+    with pytest.raises(TypeError, match="on_grads_ready must be callable or None, got int"):
+        model.forward_backward(x, x, on_grads_ready=3)
+    assert np.isfinite(model.forward_backward(x, x))  # the model is usable after a callback's exception
+
+
+def test_bf16_rounding_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 1e-40], np.float32)])
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16(x), ref)
+    np.testing.assert_array_equal(from_bf16(ref), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    nan = to_bf16(np.array([0x7FC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32))  # NaNs
+    assert np.isnan(from_bf16(nan)).all()
 
 
 def test_divergence_message_names_ranks_and_step():

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -36,8 +38,13 @@ import numpy as np
 
 from .errors import USER_ERRORS, MPISetupError, ReplicaDivergenceError
 
-__all__ = ["SingleProcess", "MPICommunicator", "auto_communicator", "abort_on_error", "launched_world_size",
-           "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
+__all__ = ["SingleProcess", "MPICommunicator", "GradientReducer", "auto_communicator", "abort_on_error",
+           "launched_world_size", "mpirun_command", "DEFAULT_CHECK_INTERVAL", "GRAD_DTYPES"]
+
+#: how gradients travel between ranks: float32, or bfloat16 (halves the bytes; sums accumulated in float32)
+GRAD_DTYPES = ("fp32", "bf16")
+#: seconds between two progress polls of the in-flight bucket while the backward runs
+POLL_S = 2e-4
 
 #: steps between two comparisons of the replicas' parameters (also compared at the end of training)
 DEFAULT_CHECK_INTERVAL = 100
@@ -87,7 +94,9 @@ class SingleProcess:
     A data-parallel communicator (e.g. MPICommunicator) provides the same members: `rank`, `world_size`,
     `allreduce_mean_(buf)` averaging a float32 array across ranks in place (the flat gradient buffer),
     `allreduce_mean(x)` averaging a float (losses) and `barrier()`; optionally `check_replicas(model, step,
-    final=False)`, which the trainer calls after every step and at the end."""
+    final=False)`, which the trainer calls after every step and at the end, and `gradient_reducer(grads,
+    bucket_floats, overlap, grad_dtype)` (see GradientReducer), which the trainer then uses for the gradients
+    instead of allreduce_mean_."""
 
     rank = 0
     world_size = 1
@@ -151,6 +160,11 @@ class MPICommunicator:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def gradient_reducer(self, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
+                         grad_dtype: str = "fp32") -> "GradientReducer":
+        """A GradientReducer averaging `grads` (the flat gradient buffer) across these ranks."""
+        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype)
+
     # -- replicas -------------------------------------------------------------------------------
     def check_replicas(self, model, step: int, final: bool = False) -> None:
         """Every `check_interval` steps (and when `final`), compare a checksum of the model's parameters
@@ -196,6 +210,137 @@ class MPICommunicator:
             if self.world_size == 1:
                 raise
             self.abort(e, prog=prog)
+
+
+class GradientReducer:
+    """Averages the flat gradient buffer across ranks in buckets, optionally while the backward still runs.
+
+    The buckets are fixed ranges of `bucket_floats` floats (0: the whole buffer) counted from the end of the
+    buffer, because the backward finishes the gradients back to front (`Model.forward_backward`'s
+    on_grads_ready). A step is `start()`, then `ready(offset)` as the gradients [offset:] become final (pass
+    it as on_grads_ready of the step's last micro-batch when `overlap`), then `finish()`. With `overlap`, a
+    thread of this rank starts each bucket's non-blocking collective as soon as the bucket is final, and polls
+    it (Open MPI moves data only inside MPI calls), so the sending hides behind the computing of the earlier
+    layers; without it the same collectives run in `finish()`. Both do the same operations on the same
+    buckets, so they give the same gradients bit for bit, for any number of ranks.
+
+    `grad_dtype` "bf16": each bucket is rounded to bfloat16, Alltoall'ed so that rank r receives every rank's
+    r-th part, summed in float32 in rank order, rounded to bfloat16 again and Allgather'ed: half the bytes of
+    a float32 allreduce, and the same result on every rank."""
+
+    def __init__(self, comm: MPICommunicator, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
+                 grad_dtype: str = "fp32"):
+        if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 or grads.ndim != 1:
+            raise TypeError(f"GradientReducer needs the flat float32 gradient buffer, got "
+                            f"{getattr(grads, 'dtype', type(grads).__name__)}")
+        if isinstance(bucket_floats, bool) or int(bucket_floats) < 0:
+            raise ValueError(f"bucket_floats must be a non-negative int (0: one bucket), got {bucket_floats!r}")
+        if grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
+        self.MPI, self.world_size, self.grads = comm.MPI, comm.world_size, grads
+        self.comm = comm.comm.Dup()  # its own communicator: never ordered against the trainer's collectives
+        self.overlap, self.grad_dtype = bool(overlap), grad_dtype
+        n = grads.size
+        b = int(bucket_floats) or n
+        self.buckets = [(max(0, end - b), end) for end in range(n, 0, -b)]
+        self._next = 0  # the first bucket not yet handed over in this step
+        self._queue: "queue.Queue" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Begin a step: every bucket is pending again."""
+        self._next = 0
+        if self.overlap and self._thread is None:
+            if self.MPI.Query_thread() < self.MPI.THREAD_SERIALIZED:
+                raise MPISetupError("overlapping the gradient exchange needs an MPI with thread support "
+                                    "(MPI_THREAD_SERIALIZED or more); run without it (--no-overlap)")
+            self._thread = threading.Thread(target=self._serve, name="cllm-grad-reducer", daemon=True)
+            self._thread.start()
+
+    def ready(self, offset: int) -> None:
+        """The gradients [offset:] are final: hand over every bucket lying inside them."""
+        while self._next < len(self.buckets) and self.buckets[self._next][0] >= offset:
+            if self.overlap:
+                self._queue.put(self.buckets[self._next])
+            self._next += 1
+
+    def finish(self) -> None:
+        """Reduce what is left, wait for every bucket, divide by the number of ranks."""
+        self.ready(0)
+        if self.overlap:
+            self._queue.join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+        else:
+            for bucket in self.buckets:
+                self._reduce(bucket, threaded=False)
+        self.grads *= np.float32(1.0 / self.world_size)
+
+    def close(self) -> None:
+        """Stop the thread (idempotent)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+    # -- the thread and the collectives -----------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            bucket = self._queue.get()
+            try:
+                if bucket is None:
+                    return
+                if self._error is None:  # after a failure, only drain the queue: finish() raises it
+                    self._reduce(bucket, threaded=True)
+            except BaseException as e:  # noqa: B902 - reported by finish() in the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _wait(self, request, threaded: bool) -> None:
+        if not threaded:
+            request.Wait()
+            return
+        while not request.Test():  # each test moves the transfer on; the sleep leaves the core to the backward
+            time.sleep(POLL_S)
+
+    def _reduce(self, bucket, threaded: bool) -> None:
+        view = self.grads[bucket[0]:bucket[1]]
+        R, MPI = self.world_size, self.MPI
+        if self.grad_dtype == "fp32":
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM), threaded)
+            return
+        part = -(-view.size // R)
+        send = np.zeros(part * R, dtype=np.uint16)
+        send[:view.size] = to_bf16(view)
+        parts = np.empty((R, part), dtype=np.uint16)
+        self._wait(self.comm.Ialltoall(send, parts), threaded)  # parts[r]: rank r's values of my part
+        total = from_bf16(parts[0])
+        for r in range(1, R):  # in rank order: every rank's part is summed the same way
+            total += from_bf16(parts[r])
+        whole = np.empty(part * R, dtype=np.uint16)
+        self._wait(self.comm.Iallgather(to_bf16(total), whole), threaded)
+        view[:] = from_bf16(whole[:view.size])
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    out = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # rounding could carry a NaN's low mantissa bits into an infinity
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def parameter_checksum(model) -> tuple:

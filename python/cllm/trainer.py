@@ -83,6 +83,7 @@ class Trainer:
         self.console = Console(enabled=self.main, progress=config.progress)
         self._metrics: Optional[MetricsLog] = None
         self._lock: Optional[RunLock] = None  # held from setup to the end of fit (rank 0)
+        self.reducer = None  # the gradients' exchange across ranks (its thread lives until the end of fit)
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -125,6 +126,9 @@ class Trainer:
         else:
             self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay else None
+        make_reducer = getattr(self.comm, "gradient_reducer", None)
+        self.reducer = None if self.comm.world_size == 1 or make_reducer is None else make_reducer(
+            self.model.flat_gradients(), int(c.bucket_mb * 2**20) // 4, c.overlap, c.grad_dtype)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
         try:
@@ -254,12 +258,20 @@ class Trainer:
         c = self.config
         x, y = self.loader.next_batch()  # [batch_size * grad_accum, T] rows of this rank
         loss = 0.0
+        reducer = self.reducer
         for i in range(c.grad_accum):
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
+            last = i == c.grad_accum - 1  # its backward finishes the gradients: their exchange may begin
+            if last and reducer is not None:
+                reducer.start()
             loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
-                                                label_smoothing=c.label_smoothing)
+                                                label_smoothing=c.label_smoothing,
+                                                on_grads_ready=reducer.ready if last and reducer and reducer.overlap else None)
+        if reducer is not None:
+            reducer.finish()
+        else:
+            self.comm.allreduce_mean_(self.model.flat_gradients())
         loss = self.comm.allreduce_mean(loss / c.grad_accum)
-        self.comm.allreduce_mean_(self.model.flat_gradients())
         if c.grad_clip:
             norm = clip_grad_norm(self.model, c.grad_clip)
         else:
@@ -329,6 +341,9 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.reducer is not None:
+                self.reducer.close()
+                self.reducer = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
