@@ -373,8 +373,11 @@ struct Model {
 // ---- optimizer (cllm_optimizer.cpp) -------------------------------------------------------------
 double grad_norm(const float* g, size_t n);
 void scale_inplace(float* x, size_t n, float s);
+// Updates the parameters [lo, hi) of the flat buffer (default: all); m and v hold the moments of that range only
+// (m[0] is element lo's): a rank's shard under ZeRO-1. Element-wise, so a range gives the bits of the whole update.
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                double beta1, double beta2, float eps, float weight_decay, int64_t step);
+                double beta1, double beta2, float eps, float weight_decay, int64_t step, size_t lo = 0,
+                size_t hi = SIZE_MAX);
 void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
               float weight_decay, bool nesterov, bool first_step);
 

@@ -22,7 +22,7 @@ import pytest
 from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
 from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
-                              from_bf16, launched_world_size, mpirun_command, to_bf16)
+                              from_bf16, launched_world_size, mpirun_command, shard_ranges, to_bf16)
 from cllm.model import Model, ModelConfig
 from cllm.errors import MPISetupError
 from cllm.netns_hosts import NamespaceHosts, namespace_hosts_missing
@@ -264,6 +264,54 @@ def test_bf16_gradients_halve_the_bytes_between_hosts(two_ranks, data_dir, tmp_p
     fp32, bf16 = train_losses(outs["fp32"]), train_losses(outs["bf16"])
     assert fp32 != bf16
     np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# ZeRO-1: the AdamW moments sharded across ranks
+# ------------------------------------------------------------------------------------------------------
+def moments(path) -> np.ndarray:
+    state = load_checkpoint(path).optimizer_state
+    return np.concatenate([state[slot][name].ravel() for slot in ("exp_avg", "exp_avg_sq")
+                           for name in sorted(state[slot])])
+
+
+@needs_mpi
+def test_zero1_equals_plain_data_parallelism_and_resumes_with_other_rank_counts(two_ranks, one_rank, data_dir,
+                                                                                  tmp_path):
+    """--zero: the same parameters as plain data parallelism (the only difference: the global gradient norm is
+    summed from the shards' in another order, which may move the clipping factor by a float32 rounding); one
+    checkpoint file with the whole moments; resumed by 4 ranks x B/2 and by one process x 2B."""
+    def train(out, n, batch, extra):
+        code, log, _ = run_mpi(n, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size",
+                                   batch, "--zero"] + cli_flags(SETTINGS) + SMALL_BUCKETS + extra, cwd=tmp_path)
+        assert code == 0, log
+        return log
+
+    full = tmp_path / "zero"
+    log = train(full, 2, B, [])
+    total = load_checkpoint(two_ranks[0] / "last.safetensors").model.layout.total
+    share = shard_ranges(total, 2)[0][1]  # rank 0's: about half, cut on a 16-float boundary
+    assert abs(share - total / 2) <= 16
+    assert f"the optimizer moments are sharded, {share:,} of {total:,} floats each on rank 0 (of 2" in log, log
+    plain = two_ranks[0] / "last.safetensors"
+    np.testing.assert_allclose(params(full / "last.safetensors"), params(plain), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(moments(full / "last.safetensors"), moments(plain), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(train_losses(full), train_losses(two_ranks[0]), rtol=1e-6)
+
+    half = tmp_path / "half"
+    train(half, 2, B, ["--max-steps", "10"])
+    single = tmp_path / "single"
+    shutil.copytree(half, single)
+    code, log, _ = run_mpi(4, ["-m", "cllm", "train", "--out-dir", half, "--resume", "--batch-size", B // 2,
+                               "--max-steps", STEPS],
+                           cwd=tmp_path)
+    assert code == 0, log
+    np.testing.assert_allclose(params(half / "last.safetensors"), params(full / "last.safetensors"), rtol=0,
+                               atol=1e-4)
+    Trainer(TrainConfig(data=str(data_dir), out_dir=str(single), batch_size=2 * B, resume=True, zero=True,
+                        **SETTINGS)).fit()
+    np.testing.assert_allclose(params(single / "last.safetensors"), params(full / "last.safetensors"), rtol=0,
+                               atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------

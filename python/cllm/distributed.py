@@ -39,7 +39,7 @@ import numpy as np
 from .errors import USER_ERRORS, MPISetupError, ReplicaDivergenceError
 
 __all__ = ["SingleProcess", "MPICommunicator", "GradientReducer", "auto_communicator", "abort_on_error",
-           "launched_world_size", "mpirun_command", "DEFAULT_CHECK_INTERVAL", "GRAD_DTYPES"]
+           "launched_world_size", "mpirun_command", "shard_ranges", "DEFAULT_CHECK_INTERVAL", "GRAD_DTYPES"]
 
 #: how gradients travel between ranks: float32, or bfloat16 (halves the bytes; sums accumulated in float32)
 GRAD_DTYPES = ("fp32", "bf16")
@@ -161,9 +161,30 @@ class MPICommunicator:
         self.comm.Barrier()
 
     def gradient_reducer(self, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
-                         grad_dtype: str = "fp32") -> "GradientReducer":
+                         grad_dtype: str = "fp32", shards=None) -> "GradientReducer":
         """A GradientReducer averaging `grads` (the flat gradient buffer) across these ranks."""
-        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype)
+        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype, shards)
+
+    # -- ZeRO-1: every rank owns a shard of the flat buffers (shard_ranges) ------------------------
+    def allgather_shards_(self, buf: np.ndarray, shards) -> None:
+        """Every rank's shard of `buf` to every rank, in place (the parameters after a sharded update)."""
+        counts = [hi - lo for lo, hi in shards]
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, counts, [lo for lo, _ in shards], self.MPI.FLOAT])
+
+    def gather_shards(self, part: np.ndarray, shards) -> Optional[np.ndarray]:
+        """The whole array on rank 0, of every rank's `part` (its shard); None on the other ranks."""
+        whole = np.empty(shards[-1][1], dtype=np.float32) if self.rank == 0 else None
+        counts = [hi - lo for lo, hi in shards]
+        self.comm.Gatherv(part, [whole, counts, [lo for lo, _ in shards], self.MPI.FLOAT] if self.rank == 0
+                          else None, root=0)
+        return whole
+
+    def allreduce_sum(self, value: float) -> float:
+        """The sum of a float over the ranks (float64)."""
+        s = self._scalar
+        s[0] = float(value)
+        self.comm.Allreduce(self.MPI.IN_PLACE, s, op=self.MPI.SUM)
+        return float(s[0])
 
     # -- replicas -------------------------------------------------------------------------------
     def check_replicas(self, model, step: int, final: bool = False) -> None:
@@ -212,6 +233,13 @@ class MPICommunicator:
             self.abort(e, prog=prog)
 
 
+def shard_ranges(total: int, world_size: int) -> List[tuple]:
+    """ZeRO-1's split of a flat buffer of `total` floats: rank r owns [lo, hi), contiguous, in rank order, about
+    total / world_size floats each, the cuts on 16-float (64-byte) boundaries."""
+    cuts = [min(total, (r * total // world_size + 15) // 16 * 16) for r in range(world_size)] + [total]
+    return [(cuts[r], cuts[r + 1]) for r in range(world_size)]
+
+
 class GradientReducer:
     """Averages the flat gradient buffer across ranks in buckets, optionally while the backward still runs.
 
@@ -226,10 +254,14 @@ class GradientReducer:
 
     `grad_dtype` "bf16": each bucket is rounded to bfloat16, Alltoall'ed so that rank r receives every rank's
     r-th part, summed in float32 in rank order, rounded to bfloat16 again and Allgather'ed: half the bytes of
-    a float32 allreduce, and the same result on every rank."""
+    a float32 allreduce, and the same result on every rank.
+
+    `shards` (ZeRO-1, `shard_ranges`): each bucket is reduce-scattered instead, so that each rank gets the
+    averaged gradients of its own shard only (the rest of its buffer keeps its local gradients): half the
+    bytes of an allreduce; the parameters are all-gathered after the update instead."""
 
     def __init__(self, comm: MPICommunicator, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
-                 grad_dtype: str = "fp32"):
+                 grad_dtype: str = "fp32", shards=None):
         if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 or grads.ndim != 1:
             raise TypeError(f"GradientReducer needs the flat float32 gradient buffer, got "
                             f"{getattr(grads, 'dtype', type(grads).__name__)}")
@@ -239,7 +271,12 @@ class GradientReducer:
             raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
         self.MPI, self.world_size, self.grads = comm.MPI, comm.world_size, grads
         self.comm = comm.comm.Dup()  # its own communicator: never ordered against the trainer's collectives
-        self.overlap, self.grad_dtype = bool(overlap), grad_dtype
+        if shards is not None and grad_dtype != "fp32":
+            raise ValueError(f"grad_dtype {grad_dtype} with sharded optimizer state (zero) is not supported: use fp32")
+        if shards is not None and (len(shards) != comm.world_size or shards[-1][1] != grads.size):
+            raise ValueError(f"shards must be {comm.world_size} ranges covering the {grads.size} gradients")
+        self.overlap, self.grad_dtype, self.shards = bool(overlap), grad_dtype, shards
+        self.mine = (0, grads.size) if shards is None else shards[comm.rank]  # what finish() leaves averaged
         n = grads.size
         b = int(bucket_floats) or n
         self.buckets = [(max(0, end - b), end) for end in range(n, 0, -b)]
@@ -276,7 +313,7 @@ class GradientReducer:
         else:
             for bucket in self.buckets:
                 self._reduce(bucket, threaded=False)
-        self.grads *= np.float32(1.0 / self.world_size)
+        self.grads[self.mine[0]:self.mine[1]] *= np.float32(1.0 / self.world_size)
 
     def close(self) -> None:
         """Stop the thread (idempotent)."""
@@ -312,6 +349,14 @@ class GradientReducer:
     def _reduce(self, bucket, threaded: bool) -> None:
         view = self.grads[bucket[0]:bucket[1]]
         R, MPI = self.world_size, self.MPI
+        if self.shards is not None:  # each rank receives the sums of its shard's part of the bucket
+            parts = [(max(lo, bucket[0]), min(hi, bucket[1])) for lo, hi in self.shards]
+            counts = [max(0, hi - lo) for lo, hi in parts]
+            mine = np.empty(counts[self.comm.Get_rank()], dtype=np.float32)
+            self._wait(self.comm.Ireduce_scatter(view, mine, counts, op=MPI.SUM), threaded)
+            lo = parts[self.comm.Get_rank()][0]
+            self.grads[lo:lo + mine.size] = mine
+            return
         if self.grad_dtype == "fp32":
             self._wait(self.comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM), threaded)
             return

@@ -96,6 +96,8 @@ class TrainConfig:
                              "(bit for bit the same result as --no-overlap)", "bool")
     grad_dtype: str = _f("fp32", "MPI: gradients travel as fp32, or bf16 (half the bytes, sums accumulated in "
                                  "fp32)", "choice", GRAD_DTYPES)
+    zero: bool = _f(False, "MPI: ZeRO stage 1, the AdamW moments sharded across ranks (optimizer memory / ranks; "
+                           "gradients reduce-scattered, parameters all-gathered)", "bool")
     grad_clip: Optional[float] = _f(1.0, "clip the global gradient norm to this (none or 0: off)", "opt_float")
     on_nonfinite: str = _f("skip", "on a NaN/Inf loss or gradient: skip the step, or stop the run", "choice",
                            ("skip", "stop"))
@@ -308,6 +310,9 @@ def _check_ranges(c: TrainConfig) -> None:
     need(0.0 <= c.momentum < 1.0, f"momentum must be in [0, 1), got {c.momentum}")
     need(math.isfinite(c.bucket_mb) and 0.0 <= c.bucket_mb <= 1024.0,
          f"bucket_mb must be in [0, 1024] MiB (0: one bucket), got {c.bucket_mb}")
+    need(not c.zero or c.optimizer == "adamw", f"zero shards AdamW's moments: it needs optimizer adamw, got "
+                                               f"{c.optimizer}")
+    need(not c.zero or c.grad_dtype == "fp32", "zero with grad_dtype bf16 is not supported: use grad_dtype fp32")
     need(0.0 <= c.label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
     need(c.ema_decay is None or 0.0 < c.ema_decay < 1.0, f"ema_decay must be in (0, 1) or none, got {c.ema_decay}")
 
