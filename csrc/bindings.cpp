@@ -330,7 +330,8 @@ void adamw(const ParamLayout& layout, FlatArray params, const FlatArray& grads, 
                 std::to_string(layout.total) + ")");
     for (auto [a, name] : {std::pair{&m, "exp_avg"}, std::pair{&v, "exp_avg_sq"}})
         require(a->ndim() == 1 && a->shape(0) == hi - lo,
-                std::string(name) + " must be a flat float32 array of " + std::to_string(hi - lo) + " floats (the range)");
+                std::string(name) + " must be a flat float32 array of " + std::to_string(hi - lo) +
+                    " floats (the range)");
     require(step >= 1, "step must be >= 1");
     float *pp = params.mutable_data(), *mp = m.mutable_data(), *vp = v.mutable_data();
     const float* gp = grads.data();

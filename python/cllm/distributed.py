@@ -95,8 +95,9 @@ class SingleProcess:
     `allreduce_mean_(buf)` averaging a float32 array across ranks in place (the flat gradient buffer),
     `allreduce_mean(x)` averaging a float (losses) and `barrier()`; optionally `check_replicas(model, step,
     final=False)`, which the trainer calls after every step and at the end, and `gradient_reducer(grads,
-    bucket_floats, overlap, grad_dtype)` (see GradientReducer), which the trainer then uses for the gradients
-    instead of allreduce_mean_."""
+    bucket_floats, overlap, grad_dtype, shards)` (see GradientReducer), which the trainer then uses for the
+    gradients instead of allreduce_mean_ (with shards also `allreduce_sum`, `allgather_shards_` and
+    `gather_shards`)."""
 
     rank = 0
     world_size = 1
@@ -315,8 +316,12 @@ class GradientReducer:
                 self._reduce(bucket, threaded=False)
         self.grads[self.mine[0]:self.mine[1]] *= np.float32(1.0 / self.world_size)
 
-    def close(self) -> None:
-        """Stop the thread (idempotent)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread and free the communicator (idempotent). wait=False (while an error ends the job):
+        leave both, since a collective in flight may never complete; the daemon thread dies with the process."""
+        if not wait:
+            self._thread = self.comm = None
+            return
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()

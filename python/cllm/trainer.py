@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -265,6 +266,7 @@ class Trainer:
         x, y = self.loader.next_batch()  # [batch_size * grad_accum, T] rows of this rank
         loss = 0.0
         reducer = self.reducer
+        hook = reducer.ready if reducer is not None and reducer.overlap else None
         for i in range(c.grad_accum):
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
             last = i == c.grad_accum - 1  # its backward finishes the gradients: their exchange may begin
@@ -272,7 +274,7 @@ class Trainer:
                 reducer.start()
             loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
                                                 label_smoothing=c.label_smoothing,
-                                                on_grads_ready=reducer.ready if last and reducer and reducer.overlap else None)
+                                                on_grads_ready=hook if last else None)
         if reducer is not None:
             reducer.finish()
         else:
@@ -353,8 +355,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            if self.reducer is not None:
-                self.reducer.close()
+            if self.reducer is not None:  # not waiting for its collectives while an error ends the job
+                self.reducer.close(wait=sys.exc_info()[0] is None)
                 self.reducer = None
             if self._lock is not None:
                 self._lock.release()
