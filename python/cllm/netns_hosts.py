@@ -15,6 +15,7 @@ are removed on exit, also after an error, and ones left by a killed process are 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ from typing import List, Optional
 __all__ = ["NamespaceHosts", "namespace_hosts_missing"]
 
 SUBNET = "10.231.0.0/24"
-_PREFIX = "cllmh"  # namespaces are named cllmh<pid>-h<i> and cllmh<pid>-sw
+_PREFIX = "cllmh"  # namespaces are named cllmh<pid>-<instance>-h<i> and cllmh<pid>-<instance>-sw
+_instances = itertools.count()
 
 
 def namespace_hosts_missing() -> str:
@@ -64,12 +66,12 @@ class NamespaceHosts:
         if rate is not None and not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", str(rate)):
             raise ValueError(f"rate must be a tc rate such as '1gbit' or '500mbit', got {rate!r}")
         self.n, self.rate = n, rate
-        tag = f"{_PREFIX}{os.getpid()}"
+        tag = f"{_PREFIX}{os.getpid()}-{next(_instances)}"
         self.switch = f"{tag}-sw"
         self.namespaces = [f"{tag}-h{i}" for i in range(n)]
         self.hostnames = [f"host{i}" for i in range(n)]
         self.addresses = [f"10.231.0.{i + 1}" for i in range(n)]
-        self.interfaces = [f"v{os.getpid()}h{i}"[:15] for i in range(n)]  # each host's end of its link
+        self.interface = "eth0"  # each host's end of its link (interface names are per namespace)
         self._dir: Optional[str] = None
         self.agent: Optional[str] = None
 
@@ -94,7 +96,7 @@ class NamespaceHosts:
         _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
         for i, ns in enumerate(self.namespaces):
-            host_if, port = self.interfaces[i], "s" + self.interfaces[i][1:]
+            host_if, port = self.interface, f"port{i}"
             _run("ip", "netns", "add", ns)
             _run("ip", "link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", port, "netns",
                  self.switch)
@@ -148,8 +150,8 @@ class NamespaceHosts:
     def bytes_sent(self) -> List[int]:
         """Bytes each host has sent on its link so far (its interface's counter)."""
         out = []
-        for ns, dev in zip(self.namespaces, self.interfaces):
-            path = f"/sys/class/net/{dev}/statistics/tx_bytes"  # `ip netns exec` mounts the namespace's sysfs
+        path = f"/sys/class/net/{self.interface}/statistics/tx_bytes"  # `ip netns exec` mounts the namespace's sysfs
+        for ns in self.namespaces:
             text = subprocess.run(["ip", "netns", "exec", ns, "cat", path], capture_output=True, text=True)
             out.append(int(text.stdout.strip() or 0))
         return out
