@@ -250,16 +250,20 @@ class GradientReducer:
     it as on_grads_ready of the step's last micro-batch when `overlap`), then `finish()`. With `overlap`, a
     thread of this rank starts each bucket's non-blocking collective as soon as the bucket is final, and polls
     it (Open MPI moves data only inside MPI calls), so the sending hides behind the computing of the earlier
-    layers; without it the same collectives run in `finish()`. Both do the same operations on the same
-    buckets, so they give the same gradients bit for bit, for any number of ranks.
+    layers; without it the same collectives run in `finish()`.
 
-    `grad_dtype` "bf16": each bucket is rounded to bfloat16, Alltoall'ed so that rank r receives every rank's
-    r-th part, summed in float32 in rank order, rounded to bfloat16 again and Allgather'ed: half the bytes of
-    a float32 allreduce, and the same result on every rank.
+    A bucket is summed as a reduce-scatter then an all-gather built from Ialltoallv and Iallgatherv (`_reduce`):
+    rank r sums every rank's values of its part of the bucket itself, in rank order. So every gradient is
+    g_0 + g_1 + ... + g_(R-1) in that order, whatever the bucket size and with or without overlap (bit for
+    bit, for any number of ranks), and both directions of every link carry data at once (Open MPI's
+    non-blocking allreduce sends half-duplex between 2 ranks: twice the time).
 
-    `shards` (ZeRO-1, `shard_ranges`): each bucket is reduce-scattered instead, so that each rank gets the
-    averaged gradients of its own shard only (the rest of its buffer keeps its local gradients): half the
-    bytes of an allreduce; the parameters are all-gathered after the update instead."""
+    `grad_dtype` "bf16": the values travel as bfloat16 (rounded to nearest even), are summed in float32, and
+    the sums travel back as bfloat16: half the bytes, the same result on every rank.
+
+    `shards` (ZeRO-1, `shard_ranges`): a rank's part of a bucket is what lies in its shard, and there is no
+    all-gather: each rank gets the averaged gradients of its own shard only (the rest of its buffer keeps its
+    local gradients), half the bytes; the parameters are all-gathered after the update instead."""
 
     def __init__(self, comm: MPICommunicator, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
                  grad_dtype: str = "fp32", shards=None):
@@ -351,31 +355,40 @@ class GradientReducer:
         while not request.Test():  # each test moves the transfer on; the sleep leaves the core to the backward
             time.sleep(POLL_S)
 
+    def _parts(self, bucket) -> tuple:
+        """(counts, displacements) in the bucket of the part each rank sums: its shard's with `shards`,
+        otherwise an equal split. The parts are contiguous and in rank order."""
+        s, e, R = bucket[0], bucket[1], self.world_size
+        if self.shards is None:
+            cuts = [s + (e - s) * r // R for r in range(R)] + [e]
+        else:
+            cuts = [min(max(lo, s), e) for lo, _ in self.shards] + [e]
+        return [cuts[r + 1] - cuts[r] for r in range(R)], [cuts[r] - s for r in range(R)]
+
     def _reduce(self, bucket, threaded: bool) -> None:
+        """Sum one bucket over the ranks: an Alltoallv gives every rank all ranks' values of its part, which
+        it sums in rank order (the same float32 additions whatever the buckets, and on every rank); an
+        Allgatherv then gives everyone every part (not with shards: each rank keeps its own). Both move the
+        (R-1)/R of the bucket a ring allreduce moves, in both directions of every link at once."""
         view = self.grads[bucket[0]:bucket[1]]
-        R, MPI = self.world_size, self.MPI
-        if self.shards is not None:  # each rank receives the sums of its shard's part of the bucket
-            parts = [(max(lo, bucket[0]), min(hi, bucket[1])) for lo, hi in self.shards]
-            counts = [max(0, hi - lo) for lo, hi in parts]
-            mine = np.empty(counts[self.comm.Get_rank()], dtype=np.float32)
-            self._wait(self.comm.Ireduce_scatter(view, mine, counts, op=MPI.SUM), threaded)
-            lo = parts[self.comm.Get_rank()][0]
-            self.grads[lo:lo + mine.size] = mine
+        R, me, bf16 = self.world_size, self.comm.Get_rank(), self.grad_dtype == "bf16"
+        counts, displs = self._parts(bucket)
+        n, at = counts[me], displs[me]
+        send = to_bf16(view) if bf16 else view
+        parts = np.empty((R, n), dtype=send.dtype)  # parts[r]: rank r's values of my part
+        self._wait(self.comm.Ialltoallv([send, (counts, displs)], [parts, ([n] * R, [n * r for r in range(R)])]),
+                   threaded)
+        total = from_bf16(parts[0]) if bf16 else parts[0].copy()
+        for r in range(1, R):
+            total += from_bf16(parts[r]) if bf16 else parts[r]
+        if self.shards is not None:
+            view[at:at + n] = total
             return
-        if self.grad_dtype == "fp32":
-            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM), threaded)
-            return
-        part = -(-view.size // R)
-        send = np.zeros(part * R, dtype=np.uint16)
-        send[:view.size] = to_bf16(view)
-        parts = np.empty((R, part), dtype=np.uint16)
-        self._wait(self.comm.Ialltoall(send, parts), threaded)  # parts[r]: rank r's values of my part
-        total = from_bf16(parts[0])
-        for r in range(1, R):  # in rank order: every rank's part is summed the same way
-            total += from_bf16(parts[r])
-        whole = np.empty(part * R, dtype=np.uint16)
-        self._wait(self.comm.Iallgather(to_bf16(total), whole), threaded)
-        view[:] = from_bf16(whole[:view.size])
+        whole = send if bf16 else view  # my part's sums in place, then everyone's
+        whole[at:at + n] = to_bf16(total) if bf16 else total
+        self._wait(self.comm.Iallgatherv(self.MPI.IN_PLACE, [whole, (counts, displs)]), threaded)
+        if bf16:
+            view[:] = from_bf16(whole)
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
