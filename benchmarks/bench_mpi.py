@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hosts", type=int, default=0,
                     help="also run across this many network-namespace hosts (root; 0: one host only)")
     ap.add_argument("--rate", default="1gbit", help="tc rate of each namespace host's link (default: 1gbit)")
-    ap.add_argument("--bucket-mb", type=float, default=4.0, help="gradient bucket size in MiB (default: 4)")
+    ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default: 1)")
     ap.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"), help="gradients sent as (default: fp32)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: 8)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps, alternating the two modes (default: 6)")

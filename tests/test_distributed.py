@@ -229,7 +229,7 @@ SMALL_BUCKETS = ["--bucket-mb", "0.01"]  # 2621 floats: the tiny model's ~36k gr
 def test_overlapped_buckets_equal_the_exchange_after_the_backward(two_ranks, data_dir, tmp_path):
     """Overlap on or off does the same collectives on the same buckets, and every gradient is summed in rank
     order whatever the buckets: bit for bit the same parameters with 3 ranks, and with 2 ranks small overlapped
-    buckets equal the one-bucket (4 MiB) run."""
+    buckets equal the default (1 MiB: one bucket for this model) run."""
     runs = {}
     for name, n, extra in (("3 overlap", 3, SMALL_BUCKETS), ("3 after", 3, SMALL_BUCKETS + ["--no-overlap"]),
                            ("2 overlap", 2, SMALL_BUCKETS)):

@@ -90,7 +90,7 @@ class TrainConfig:
     ema_decay: Optional[float] = _f(None, "keep an exponential moving average of the weights with this decay in "
                                           "(0, 1), saved in the checkpoints and used for evaluation and samples "
                                           "(none: off)", "opt_float")
-    bucket_mb: float = _f(4.0, "MPI: gradients are averaged across ranks in buckets of this many MiB (0: one "
+    bucket_mb: float = _f(1.0, "MPI: gradients are averaged across ranks in buckets of this many MiB (0: one "
                                "bucket)", "float")
     overlap: bool = _f(True, "MPI: send each bucket while the backward still computes the earlier layers "
                              "(bit for bit the same result as --no-overlap)", "bool")
