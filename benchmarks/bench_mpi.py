@@ -1,18 +1,22 @@
-"""Data-parallel scaling over MPI: training tokens/s with 1 and 2 ranks (1 thread each) on one machine.
+"""Data-parallel scaling over MPI: training tokens/s with 1, 2, 4 ranks (1 thread each), on one machine or
+across "hosts" (network namespaces on a link shaped by tc, cllm.netns_hosts), with and without overlapping the
+gradient exchange with the backward.
 
-    python benchmarks/bench_mpi.py                       # small config, 1 and 2 ranks, 1 thread per rank
-    python benchmarks/bench_mpi.py --ranks 1,2,4 --steps 8 --warmup 2 --batch 8 --json mpi.json
+    python benchmarks/bench_mpi.py                                  # small config, 1 and 2 ranks, one host
+    python benchmarks/bench_mpi.py --ranks 1,2,4 --hosts 2 --rate 1gbit --plot mpi.png --json mpi.json
 
-Each run is `mpirun -n R python benchmarks/bench_mpi.py --worker ...`: every rank builds the same model
-(the "small" config: V=8192, T=256, C=384, L=6, H=6, ff 4C; 13.9 M parameters) and, for `warmup` + `steps`
-steps, does what the trainer's step does: forward_backward on its own `batch` random sequences, the loss
-averaged across ranks, MPICommunicator.allreduce_mean_ on the flat gradient buffer, clip_grad_norm(1.0) and
-AdamW. Tokens/s counts the global batch (batch * ranks * T per step). The output gives, per rank count,
-tokens/s, the step time, the part of it spent in the gradient allreduce (rank 0's wait for the slowest
-rank included), the scaling efficiency tok/s(R ranks) / (R * tok/s(1 rank)), and `other`: how many cores
-other processes kept busy meanwhile (a shared machine makes a run slower for reasons not its own;
---wait-idle waits for quiet cores first, --retry-busy repeats a disturbed run). With --threads-baseline it
-also times one rank with R threads and R times the batch (the same cores used by OpenMP instead of MPI).
+Each run is `mpirun -n R python benchmarks/bench_mpi.py --worker ...`: every rank builds the same model (the
+"small" config: V=8192, T=256, C=384, L=6, H=6, ff 4C; 13.9 M parameters) and, for `warmup` + `steps` steps,
+does what the trainer's step does: forward_backward on its own `batch` random sequences, the gradients averaged
+by a GradientReducer (buckets of --bucket-mb, --grad-dtype), the loss averaged, clip_grad_norm(1.0) and AdamW.
+With several ranks the steps alternate between the two modes, so that both see the same machine: "after" (the
+exchange after the backward) and "overlap" (each bucket sent as soon as the backward has finished it). From the
+"after" steps come compute (the step without the exchange) and comm (the exchange alone); an overlapped step
+ideally takes max(compute, comm). Tokens/s counts the global batch (batch * ranks * T per step); efficiency is
+tok/s(R ranks) / (R * tok/s(1 rank)); `other` is how many cores other processes kept busy meanwhile (--wait-idle
+waits for quiet cores first, --retry-busy repeats a disturbed run). With --threads-baseline it also times one
+rank with R threads and R times the batch. --hosts H (root only) spreads the ranks over H namespace hosts, R/H
+each, talking TCP over links of --rate.
 
 Needs mpi4py and an mpirun (pip install 'cllm[mpi]'). Ranks beyond the number of cores share cores.
 """
@@ -29,6 +33,7 @@ import time
 from bench_common import CONFIGS, machine_busy_seconds, model_config, wait_for_idle
 
 SMALL = CONFIGS["small"]
+MODES = ("after", "overlap")
 
 
 def worker(args) -> int:
@@ -45,28 +50,40 @@ def worker(args) -> int:
     B, T = args.batch, SMALL["T"]
     tokens = rng.integers(0, SMALL["V"], size=(args.warmup + args.steps, B, T + 1), dtype=np.int32)
     grads = model.flat_gradients()
-    step_times, reduce_times = [], []
+    reducers = {}
+    if comm.world_size > 1:
+        for mode in MODES:
+            reducers[mode] = comm.gradient_reducer(grads, int(args.bucket_mb * 2**20) // 4, mode == "overlap",
+                                                   args.grad_dtype)
+    times = {mode: [] for mode in (MODES if reducers else ("single",))}
     comm.barrier()
     for i in range(args.warmup + args.steps):
+        mode = list(times)[i % len(times)]
+        reducer = reducers.get(mode)
         t0 = time.perf_counter()
-        loss = model.forward_backward(tokens[i, :, :-1], tokens[i, :, 1:])
-        loss = comm.allreduce_mean(loss)
+        if reducer:
+            reducer.start()
+        loss = model.forward_backward(tokens[i, :, :-1], tokens[i, :, 1:],
+                                      on_grads_ready=reducer.ready if reducer and reducer.overlap else None)
         t1 = time.perf_counter()
-        comm.allreduce_mean_(grads)
+        if reducer:
+            reducer.finish()
         t2 = time.perf_counter()
+        loss = comm.allreduce_mean(loss)
         cllm.clip_grad_norm(model, 1.0)
         opt.step()
         t3 = time.perf_counter()
         if i >= args.warmup:
-            step_times.append(t3 - t0)
-            reduce_times.append(t2 - t1)
-    step = statistics.median(step_times)
-    reduce = statistics.median(reduce_times)
+            times[mode].append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2)))
+    for r in reducers.values():
+        r.close()
     if comm.rank == 0:
-        print("RESULT " + json.dumps({
-            "ranks": comm.world_size, "threads": args.threads, "batch_per_rank": B, "seq_len": T,
-            "parameters": model.num_parameters, "step_s": step, "allreduce_s": reduce,
-            "tokens_per_sec": B * T * comm.world_size / step, "loss": loss}), flush=True)
+        for mode, rows in times.items():
+            step, wait, compute = (statistics.median(c) for c in zip(*rows))
+            print("RESULT " + json.dumps({
+                "ranks": comm.world_size, "threads": args.threads, "batch_per_rank": B, "seq_len": T,
+                "mode": mode, "parameters": model.num_parameters, "step_s": step, "wait_s": wait,
+                "compute_s": compute, "tokens_per_sec": B * T * comm.world_size / step, "loss": loss}), flush=True)
     comm.barrier()
     return 0
 
@@ -78,40 +95,50 @@ def _children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(ranks: int, threads: int, args) -> dict:
+def run(ranks: int, threads: int, args) -> list:
+    """One mpirun of the worker; its results, one per mode."""
     from cllm.distributed import mpirun_command
+    from cllm.netns_hosts import NamespaceHosts
 
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
-
-    # a rank with several threads must not be bound to one core (Open MPI binds each rank to a core)
-    cmd = mpirun_command(ranks, bind_to="none" if threads > 1 else None)
-    cmd += [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--batch",
-            str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    hosts = args.hosts if ranks > 1 else 0
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--batch",
+            str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb",
+            str(args.bucket_mb), "--grad-dtype", args.grad_dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0, busy0, own0 = time.perf_counter(), machine_busy_seconds(), _children_cpu_seconds()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if hosts:
+        if ranks % hosts:
+            raise SystemExit(f"--hosts {hosts} must divide the rank count {ranks}")
+        with NamespaceHosts(hosts, rate=args.rate) as h:
+            cmd = h.mpirun_command(ranks // hosts) + argv
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    else:
+        # a rank with several threads must not be bound to one core (Open MPI binds each rank to a core)
+        cmd = mpirun_command(ranks, bind_to="none" if threads > 1 else None) + argv
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     wall, busy1, own1 = time.perf_counter() - t0, machine_busy_seconds(), _children_cpu_seconds()
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            # cores that other processes kept busy meanwhile: a disturbed measurement is slower for them
-            others = None if busy0 is None else max(0.0, (busy1 - busy0 - (own1 - own0)) / wall)
-            res["other_cores"] = others
-            return res
-    raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n"
-                       f"{out.stderr[-3000:]}")
+    # cores that other processes kept busy meanwhile: a disturbed measurement is slower for them
+    others = None if busy0 is None else max(0.0, (busy1 - busy0 - (own1 - own0)) / wall)
+    results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n"
+                           f"{out.stderr[-3000:]}")
+    for res in results:
+        res.update(other_cores=others, hosts=hosts, rate=args.rate if hosts else None)
+    return results
 
 
-def measure(ranks: int, threads: int, args) -> dict:
+def measure(ranks: int, threads: int, args) -> list:
     """run(), repeated up to --retry-busy times while other processes kept cores busy; the least disturbed
     run is kept."""
     best = None
     for _ in range(1 + max(0, args.retry_busy)):
         res = run(ranks, threads, args)
-        if best is None or (res["other_cores"] or 0.0) < (best["other_cores"] or 0.0):
+        if best is None or (res[0]["other_cores"] or 0.0) < (best[0]["other_cores"] or 0.0):
             best = res
-        if (best["other_cores"] or 0.0) < 0.3:
+        if (best[0]["other_cores"] or 0.0) < 0.3:
             break
     return best
 
@@ -120,21 +147,64 @@ def _other(res) -> str:
     return "-" if res.get("other_cores") is None else f"{res['other_cores']:.2f}"
 
 
+def _row(res, note: str = "") -> str:
+    where = f"{res['hosts']} x {res['rate'] or 'unshaped'}" if res.get("hosts") else "1"
+    ideal = res.get("ideal_s")
+    ratio = "-" if ideal is None else f"{res['step_s'] / ideal:.3f}"
+    return (f"{res['ranks']:>5} {res['threads']:>7} {where:>12} {res['mode']:>8} {res['tokens_per_sec']:>8,.0f} "
+            f"{res['step_s']:>7.3f} {res['compute_s']:>9.3f} {res.get('comm_s', float('nan')):>7.3f} "
+            f"{res['wait_s']:>7.3f} {ratio:>10} "
+            f"{res['efficiency']:>6.3f} {_other(res):>6}{note}")
+
+
+def plot(results: list, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for (hosts, mode), rows in sorted(_series(results).items()):
+        where = "one host" if not hosts else f"{hosts} hosts, {rows[-1]['rate'] or 'unshaped'}"
+        label = f"{where}, {mode}"
+        ax.plot([r["ranks"] for r in rows], [r["efficiency"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("ranks (1 thread each)")
+    ax.set_ylabel("scaling efficiency")
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    FigureCanvasAgg(fig).print_png(path)
+
+
+def _series(results: list) -> dict:
+    out = {}
+    single = [r for r in results if r["ranks"] == 1 and r["threads"] == results[0]["threads"]]
+    for r in results:
+        if r["ranks"] > 1 and r["threads"] == results[0]["threads"]:
+            out.setdefault((r["hosts"], r["mode"]), list(single)).append(r)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default: 1,2)")
+    ap.add_argument("--hosts", type=int, default=0,
+                    help="also run across this many network-namespace hosts (root; 0: one host only)")
+    ap.add_argument("--rate", default="1gbit", help="tc rate of each namespace host's link (default: 1gbit)")
+    ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default: 1)")
+    ap.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"), help="gradients sent as (default: fp32)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: 8)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (default: 1)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps, alternating the two modes (default: 6)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: 2)")
     ap.add_argument("--threads", type=int, default=1, help="threads per rank (default: 1)")
     ap.add_argument("--threads-baseline", action="store_true",
                     help="also time 1 rank with as many threads as the largest rank count")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per run (default: 600)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default: 900)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other processes to leave the cores idle")
     ap.add_argument("--retry-busy", type=int, default=0, metavar="N",
                     help="repeat a run up to N times while other processes kept >= 0.3 cores busy (default: 0)")
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
+    ap.add_argument("--plot", metavar="PNG", help="also plot the efficiency against the rank count here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -145,32 +215,37 @@ def main(argv=None) -> int:
         ranks = [1] + ranks
     print(f"small config V={SMALL['V']} T={SMALL['T']} C={SMALL['C']} L={SMALL['L']} H={SMALL['H']}, "
           f"batch {args.batch} per rank, {args.threads} thread(s) per rank, {os.cpu_count()} CPUs, "
-          f"{args.steps} timed steps (median) after {args.warmup} warmup", flush=True)
+          f"{args.steps} timed steps (median) after {args.warmup} warmup, buckets {args.bucket_mb} MiB "
+          f"{args.grad_dtype}", flush=True)
     results = []
-    for r in ranks:
-        res = measure(r, args.threads, args)
-        results.append(res)
+    for where in ([0] + ([args.hosts] if args.hosts else [])):
+        for r in ranks:
+            if r == 1 and where:
+                continue
+            results += measure(r, args.threads, argparse.Namespace(**{**vars(args), "hosts": where}))
     base = results[0]["tokens_per_sec"]
-    print(f"{'ranks':>5} {'threads':>7} {'tok/s':>10} {'step s':>8} {'allreduce s':>12} {'efficiency':>10} "
-          f"{'other':>6}")
     for res in results:
         res["efficiency"] = res["tokens_per_sec"] / (res["ranks"] * base)
-        print(f"{res['ranks']:>5} {res['threads']:>7} {res['tokens_per_sec']:>10,.0f} {res['step_s']:>8.3f} "
-              f"{res['allreduce_s']:>12.4f} {res['efficiency']:>10.3f} {_other(res):>6}")
+        if res["mode"] != "single":  # compute and comm come from the same run's "after" steps
+            after = next(a for a in results if a["mode"] == "after" and a["ranks"] == res["ranks"]
+                         and a["hosts"] == res["hosts"])
+            res["comm_s"], res["ideal_s"] = after["wait_s"], max(after["compute_s"], after["wait_s"])
+    print(f"{'ranks':>5} {'threads':>7} {'hosts':>12} {'mode':>8} {'tok/s':>8} {'step s':>7} {'compute s':>9} "
+          f"{'comm s':>7} {'wait s':>7} {'step/ideal':>10} {'eff.':>6} {'other':>6}")
+    for res in results:
+        print(_row(res))
     if args.threads_baseline and max(ranks) > 1:
         n = max(ranks)
-        res = measure(1, n * args.threads, argparse.Namespace(**{**vars(args), "batch": args.batch * n}))
+        res = measure(1, n * args.threads, argparse.Namespace(**{**vars(args), "batch": args.batch * n, "hosts": 0}))[0]
         res["efficiency"] = res["tokens_per_sec"] / (n * base)
         results.append(res)
-        print(f"{res['ranks']:>5} {res['threads']:>7} {res['tokens_per_sec']:>10,.0f} {res['step_s']:>8.3f} "
-              f"{'-':>12} {res['efficiency']:>10.3f} {_other(res):>6}   "
-              f"(1 rank, {n} threads, batch {args.batch * n})")
-    two = [r for r in results if r["ranks"] == 2 and r["threads"] == args.threads]
-    if two:
-        print(f"scaling efficiency, 2 ranks: tok/s(2) / (2 * tok/s(1)) = {two[0]['efficiency']:.3f}")
+        print(_row(res, f"   (1 rank, {n} threads, batch {args.batch * n})"))
+    print("ideal = max(compute, comm) of the run's `after` steps; wait = the exchange left after the backward")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
     return 0
 
 

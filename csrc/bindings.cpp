@@ -124,13 +124,20 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_tokens(y, "targets", pm.cfg().vocab_size, pm.cfg().max_seq_len);
 }
 
+// on_grads_ready (None or a callable(from)) runs with the GIL as the backward finishes the gradients [from, total).
 float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
-                       float label_smoothing) {
+                       float label_smoothing, py::object on_grads_ready) {
     check_pair(pm, x, y);
     require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
     const int B = (int)x.shape(0), T = (int)x.shape(1);
+    GradsReady ready;
+    if (!on_grads_ready.is_none())
+        ready = [&on_grads_ready](size_t from) {
+            py::gil_scoped_acquire gil;
+            on_grads_ready(from);  // a Python exception leaves the backward as error_already_set
+        };
     return locked(pm, [&](Model& m) {
-        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing);
+        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing, ready);
     });
 }
 
@@ -254,7 +261,7 @@ void bind_model(py::module_& mod) {
             "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def("forward_backward", &forward_backward, py::arg("x"), py::arg("y"), py::arg("accumulate") = false,
-             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f)
+             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f, py::arg("on_grads_ready") = py::none())
         .def("forward", &forward, py::arg("x"))
         .def("loss", &loss, py::arg("x"), py::arg("y"))
         .def("zero_grad", &zero_grad)
@@ -316,16 +323,23 @@ void bind_config(py::module_& mod) {
 }
 
 // ---- optimizer: kernels over flat buffers laid out by a ParamLayout -------------------------------
+// lo, hi: update only the parameters [lo, hi) (hi < 0: to the end), with moments of hi - lo floats (a ZeRO shard)
 void adamw(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray m, FlatArray v, float lr,
-           double beta1, double beta2, float eps, float weight_decay, int64_t step) {
+           double beta1, double beta2, float eps, float weight_decay, int64_t step, int64_t lo, int64_t hi) {
     check_flat(params, layout, "params");
     check_flat(grads, layout, "grads");
-    check_flat(m, layout, "exp_avg");
-    check_flat(v, layout, "exp_avg_sq");
+    if (hi < 0) hi = (int64_t)layout.total;
+    require(0 <= lo && lo <= hi && hi <= (int64_t)layout.total,
+            "adamw_step: the range [" + std::to_string(lo) + ", " + std::to_string(hi) + ") is not inside [0, " +
+                std::to_string(layout.total) + ")");
+    for (auto [a, name] : {std::pair{&m, "exp_avg"}, std::pair{&v, "exp_avg_sq"}})
+        require(a->ndim() == 1 && a->shape(0) == hi - lo,
+                std::string(name) + " must be a flat float32 array of " + std::to_string(hi - lo) +
+                    " floats (the range)");
     require(step >= 1, "step must be >= 1");
     float *pp = params.mutable_data(), *mp = m.mutable_data(), *vp = v.mutable_data();
     const float* gp = grads.data();
-    nogil([&] { adamw_step(pp, gp, mp, vp, layout, lr, beta1, beta2, eps, weight_decay, step); });
+    nogil([&] { adamw_step(pp, gp, mp, vp, layout, lr, beta1, beta2, eps, weight_decay, step, lo, hi); });
 }
 
 void sgd(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray buf, float lr, float momentum,
@@ -357,7 +371,7 @@ void scale(FlatArray x, float s) {
 void bind_optimizer(py::module_& mod) {
     mod.def("adamw_step", &adamw, py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
             py::arg("exp_avg_sq"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-            py::arg("weight_decay"), py::arg("step"));
+            py::arg("weight_decay"), py::arg("step"), py::arg("lo") = 0, py::arg("hi") = -1);
     mod.def("sgd_step", &sgd, py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("momentum_buffer"),
             py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"));
     mod.def("grad_norm", &global_norm, py::arg("grads"), "global L2 norm (accumulated in double)");

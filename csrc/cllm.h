@@ -357,6 +357,11 @@ void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t*
                          float scale, float eps = 0.0f);
 
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
+// The backward's progress, for sending gradients while it still computes (data parallelism): called with an
+// offset `from` once the gradient buffer's floats [from, layout.total) are final in this backward, with `from`
+// decreasing (each layer's tensors follow the earlier layers' in the layout) and 0 last.
+using GradsReady = std::function<void(size_t from)>;
+
 struct Model {
     Config cfg;
     ParamLayout layout;
@@ -396,17 +401,21 @@ struct Model {
     // grad_scale/(B*T).
     float loss_and_dlogits(const int32_t* targets, float grad_scale, float eps = 0.0f);
     float loss_only(const int32_t* targets);
-    void backward(const int32_t* tokens, const Dropout& d);
+    // ready (optional) is called as the gradients become final, last layer first (see GradsReady).
+    void backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready = {});
     float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                           float grad_scale, float label_smoothing = 0.0f);
+                           float grad_scale, float label_smoothing = 0.0f, const GradsReady& ready = {});
     void zero_grad();
 };
 
 // ---- optimizer (cllm_optimizer.cpp) -------------------------------------------------------------
 double grad_norm(const float* g, size_t n);
 void scale_inplace(float* x, size_t n, float s);
+// Updates the parameters [lo, hi) of the flat buffer (default: all); m and v hold the moments of that range only
+// (m[0] is element lo's): a rank's shard under ZeRO-1. Element-wise, so a range gives the bits of the whole update.
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                double beta1, double beta2, float eps, float weight_decay, int64_t step);
+                double beta1, double beta2, float eps, float weight_decay, int64_t step, size_t lo = 0,
+                size_t hi = SIZE_MAX);
 void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
               float weight_decay, bool nesterov, bool first_step);
 

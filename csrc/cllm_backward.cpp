@@ -6,7 +6,7 @@
 
 namespace cllm {
 
-void Model::backward(const int32_t* tokens, const Dropout& d) {
+void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready) {
     const int B = acts.B, T = acts.T;
     const int C = cfg.embedding_dim, V = cfg.vocab_size, H = cfg.num_heads, KV = cfg.kv_heads();
     const int N = B * T;
@@ -30,6 +30,12 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
     const float* x_last = cfg.num_layers > 0 ? acts.layers[cfg.num_layers - 1].res3 : acts.encoded;
     std::memset(dres, 0, NC * sizeof(float));
     norm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N);
+    // The final norm's tensors begin the layout's tail (an untied head after them is done too), each layer's
+    // begin with its ln1_w; only the embeddings at the front wait for the end.
+    auto done_from = [&](const float* first) {
+        if (ready) ready((size_t)(first - grads.get()));
+    };
+    done_from(g.lnf_w);
 
     for (int l = cfg.num_layers - 1; l >= 0; l--) {
         const LayerTensors& w = p.layers[l];
@@ -51,10 +57,12 @@ void Model::backward(const int32_t* tokens, const Dropout& d) {
         norm_forward(acts.ln_out, a.ln1_mean, a.ln1_rstd, x_in, w.ln1_w, w.ln1_b, N);  // recompute
         qkv_backward(l, acts.dln, acts.dqkv, acts.ln_out, B, T, cfg.bf16);
         norm_backward(dres, gw.ln1_w, gw.ln1_b, acts.dln, x_in, w.ln1_w, a.ln1_mean, a.ln1_rstd, N);
+        done_from(gw.ln1_w);
     }
 
     dropout_backward(dres, NC, d, site_embedding());
     embedding_backward(g.wte, g.wpe, dres, tokens, B, T, C);  // g.wpe is null without a learned table
+    done_from(grads.get());
 }
 
 }  // namespace cllm

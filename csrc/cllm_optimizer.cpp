@@ -1,5 +1,6 @@
 // AdamW and SGD with momentum over the flat buffers, and the global gradient norm for clipping.
 // Weight decay touches only 2-D weights (TensorInfo::decay), as is customary.
+#include <algorithm>
 #include <cmath>
 
 #include "cllm.h"
@@ -20,7 +21,7 @@ void scale_inplace(float* x, size_t n, float s) {
 
 // One pass per tensor: decoupled decay, moment updates, bias-corrected step (PyTorch AdamW semantics).
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                double beta1_d, double beta2_d, float eps, float weight_decay, int64_t step) {
+                double beta1_d, double beta2_d, float eps, float weight_decay, int64_t step, size_t lo, size_t hi) {
     // coefficients formed in double: float(1 - 0.999) differs from 1 - float(0.999) by 1e-5 relative
     const float beta1 = (float)beta1_d, beta2 = (float)beta2_d;
     const float one_minus_b1 = (float)(1.0 - beta1_d), one_minus_b2 = (float)(1.0 - beta2_d);
@@ -29,13 +30,15 @@ void adamw_step(float* params, const float* grads, float* m, float* v, const Par
     const float step_size = lr / bc1;
     const float bc2_sqrt = std::sqrt(bc2);
     for (const TensorInfo& t : layout.tensors) {
-        float* p = params + t.offset;
-        const float* g = grads + t.offset;
-        float* mt = m + t.offset;
-        float* vt = v + t.offset;
+        const size_t begin = std::max(t.offset, lo), end = std::min(t.offset + t.size, hi);  // its part in range
+        if (begin >= end) continue;
+        float* p = params + begin;
+        const float* g = grads + begin;
+        float* mt = m + (begin - lo);
+        float* vt = v + (begin - lo);
         const float decay = t.decay ? 1.0f - lr * weight_decay : 1.0f;
         #pragma omp parallel for simd schedule(static)
-        for (size_t i = 0; i < t.size; i++) {
+        for (size_t i = 0; i < end - begin; i++) {
             float gi = g[i];
             float mi = beta1 * mt[i] + one_minus_b1 * gi;
             float vi = beta2 * vt[i] + one_minus_b2 * gi * gi;

@@ -284,8 +284,8 @@ void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t*
 double grad_norm(const float* g, size_t n) { return kernels().grad_norm(g, n); }
 void scale_inplace(float* x, size_t n, float s) { kernels().scale_inplace(x, n, s); }
 void adamw_step(float* params, const float* grads, float* m, float* v, const ParamLayout& layout, float lr,
-                double beta1, double beta2, float eps, float weight_decay, int64_t step) {
-    kernels().adamw_step(params, grads, m, v, layout, lr, beta1, beta2, eps, weight_decay, step);
+                double beta1, double beta2, float eps, float weight_decay, int64_t step, size_t lo, size_t hi) {
+    kernels().adamw_step(params, grads, m, v, layout, lr, beta1, beta2, eps, weight_decay, step, lo, hi);
 }
 void sgd_step(float* params, const float* grads, float* buf, const ParamLayout& layout, float lr, float momentum,
               float weight_decay, bool nesterov, bool first_step) {
@@ -308,10 +308,13 @@ float Model::loss_only(const int32_t* targets) { return (this->*kernels().model_
 float Model::loss_and_dlogits(const int32_t* targets, float grad_scale, float eps) {
     return (this->*kernels().model_loss_and_dlogits)(targets, grad_scale, eps);
 }
-void Model::backward(const int32_t* tokens, const Dropout& d) { (this->*kernels().model_backward)(tokens, d); }
+void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready) {
+    (this->*kernels().model_backward)(tokens, d, ready);
+}
 float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                              float grad_scale, float label_smoothing) {
-    return (this->*kernels().model_forward_backward)(tokens, targets, B, T, accumulate, grad_scale, label_smoothing);
+                              float grad_scale, float label_smoothing, const GradsReady& ready) {
+    return (this->*kernels().model_forward_backward)(tokens, targets, B, T, accumulate, grad_scale, label_smoothing,
+                                                     ready);
 }
 
 }  // namespace cllm

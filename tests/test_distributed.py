@@ -22,8 +22,10 @@ import pytest
 from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
 from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
-                              launched_world_size, mpirun_command)
+                              from_bf16, launched_world_size, mpirun_command, shard_ranges, to_bf16)
+from cllm.model import Model, ModelConfig
 from cllm.errors import MPISetupError
+from cllm.netns_hosts import NamespaceHosts, namespace_hosts_missing
 from cllm.run_files import read_metrics
 from cllm.train_config import TrainConfig
 from cllm.trainer import Trainer
@@ -60,10 +62,10 @@ def _env() -> dict:
     return env
 
 
-def run_mpi(n, args, cwd, timeout=JOB_TIMEOUT, env=None):
-    """Run `mpirun -n n <python> args...`; returns (exit status, stdout + stderr, seconds). Never hangs: on
-    timeout the whole process group is killed and the test fails."""
-    cmd = mpirun_command(n) + [sys.executable] + [str(a) for a in args]
+def run_mpi(n, args, cwd, timeout=JOB_TIMEOUT, env=None, launcher=None):
+    """Run `mpirun -n n <python> args...` (or `launcher <python> args...`); returns (exit status, stdout + stderr,
+    seconds). Never hangs: on timeout the whole process group is killed and the test fails."""
+    cmd = (launcher or mpirun_command(n)) + [sys.executable] + [str(a) for a in args]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -151,6 +153,49 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, one_rank):
 
 
 @needs_mpi
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_two_hosts_match_one_host_and_one_process(two_ranks, one_rank, data_dir, tmp_path):
+    """Two "hosts" (network namespaces on a bridge, each link shaped to 1 Gbit/s by tc tbf), one rank each,
+    Open MPI over TCP between their addresses only: the same training as on one host."""
+    out = tmp_path / "run"
+    with NamespaceHosts(2, rate="1gbit") as hosts:
+        sent0 = hosts.bytes_sent()
+        code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                               + cli_flags(SETTINGS), cwd=tmp_path, launcher=hosts.mpirun_command(1))
+        sent = [b - a for a, b in zip(sent0, hosts.bytes_sent())]
+    assert code == 0, log
+    got = params(out / "last.safetensors")
+    # every step's gradients crossed the link: each rank sends at least the buffer's bytes (ring: 2 halves)
+    assert min(sent) >= STEPS * got.nbytes, (sent, got.nbytes)
+    # a + b is a + b over shared memory or TCP: bit for bit the one-host run, and the one-process run's result
+    np.testing.assert_array_equal(got, params(two_ranks[0] / "last.safetensors"))
+    np.testing.assert_allclose(got, params(one_rank / "last.safetensors"), rtol=0, atol=1e-4)
+    assert train_losses(out) == train_losses(two_ranks[0])
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_namespace_hosts_are_removed_even_after_an_error():
+    with pytest.raises(RuntimeError, match="inside"):
+        with NamespaceHosts(3) as hosts:
+            names = hosts.namespaces + [hosts.switch]
+            assert all(n in _namespaces() for n in names)
+            raise RuntimeError("inside")
+    assert not any(n in _namespaces() for n in names)
+    assert hosts.agent is None
+
+
+def test_namespace_hosts_arguments_are_checked():
+    with pytest.raises(ValueError, match="2 to 200 hosts, got 1"):
+        NamespaceHosts(1)
+    with pytest.raises(ValueError, match="rate must be a tc rate such as '1gbit'.*got 'fast'"):
+        NamespaceHosts(2, rate="fast")
+
+
+@needs_mpi
 @pytest.mark.filterwarnings("error:resuming with changed settings")  # 2 ranks x B and 1 x 2B: the same batch
 def test_resume_under_mpi_continues_exactly(two_ranks, one_rank, data_dir, tmp_path):
     out, single = tmp_path / "resumed", tmp_path / "single"
@@ -172,6 +217,101 @@ def test_resume_under_mpi_continues_exactly(two_ranks, one_rank, data_dir, tmp_p
                         **SETTINGS)).fit()
     np.testing.assert_allclose(params(single / "last.safetensors"), params(one_rank / "last.safetensors"),
                                rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the gradient exchange: buckets, overlap with the backward, bf16
+# ------------------------------------------------------------------------------------------------------
+SMALL_BUCKETS = ["--bucket-mb", "0.01"]  # 2621 floats: the tiny model's ~36k gradients in 14 buckets
+
+
+@needs_mpi
+def test_overlapped_buckets_equal_the_exchange_after_the_backward(two_ranks, data_dir, tmp_path):
+    """Overlap on or off does the same collectives on the same buckets, and every gradient is summed in rank
+    order whatever the buckets: bit for bit the same parameters with 3 ranks, and with 2 ranks small overlapped
+    buckets equal the default (1 MiB: one bucket for this model) run."""
+    runs = {}
+    for name, n, extra in (("3 overlap", 3, SMALL_BUCKETS), ("3 after", 3, SMALL_BUCKETS + ["--no-overlap"]),
+                           ("2 overlap", 2, SMALL_BUCKETS)):
+        out = tmp_path / name.replace(" ", "_")
+        code, log, _ = run_mpi(n, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size", B]
+                               + cli_flags(SETTINGS) + extra, cwd=tmp_path)
+        assert code == 0, log
+        runs[name] = params(out / "last.safetensors")
+    np.testing.assert_array_equal(runs["3 overlap"], runs["3 after"])
+    np.testing.assert_array_equal(runs["2 overlap"], params(two_ranks[0] / "last.safetensors"))
+
+
+@needs_mpi
+@pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
+def test_bf16_gradients_halve_the_bytes_between_hosts(two_ranks, data_dir, tmp_path):
+    """Two namespace hosts: --grad-dtype bf16 sends about half the bytes of fp32 over the link, the replicas
+    stay equal (the run's replica checks pass), and the losses stay close to the fp32 run's."""
+    sent, outs = {}, {}
+    for dtype in ("fp32", "bf16"):
+        out = outs[dtype] = tmp_path / dtype
+        with NamespaceHosts(2) as hosts:
+            before = hosts.bytes_sent()
+            code, log, _ = run_mpi(2, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size",
+                                       B, "--grad-dtype", dtype] + cli_flags(SETTINGS) + SMALL_BUCKETS,
+                                   cwd=tmp_path, launcher=hosts.mpirun_command(1))
+            sent[dtype] = sum(hosts.bytes_sent()) - sum(before)
+        assert code == 0, log
+    ratio = sent["bf16"] / sent["fp32"]
+    assert 0.4 < ratio < 0.6, sent  # measured 0.52; the rest: losses, checks, start-up, TCP/IP headers
+    np.testing.assert_array_equal(params(outs["fp32"] / "last.safetensors"),
+                                  params(two_ranks[0] / "last.safetensors"))
+    fp32, bf16 = train_losses(outs["fp32"]), train_losses(outs["bf16"])
+    assert fp32 != bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# ZeRO-1: the AdamW moments sharded across ranks
+# ------------------------------------------------------------------------------------------------------
+def moments(path) -> np.ndarray:
+    state = load_checkpoint(path).optimizer_state
+    return np.concatenate([state[slot][name].ravel() for slot in ("exp_avg", "exp_avg_sq")
+                           for name in sorted(state[slot])])
+
+
+@needs_mpi
+def test_zero1_equals_plain_data_parallelism_and_resumes_with_other_rank_counts(two_ranks, one_rank, data_dir,
+                                                                                  tmp_path):
+    """--zero: the same parameters as plain data parallelism (the only difference: the global gradient norm is
+    summed from the shards' in another order, which may move the clipping factor by a float32 rounding); one
+    checkpoint file with the whole moments; resumed by 4 ranks x B/2 and by one process x 2B."""
+    def train(out, n, batch, extra):
+        code, log, _ = run_mpi(n, ["-m", "cllm", "train", "--data", data_dir, "--out-dir", out, "--batch-size",
+                                   batch, "--zero"] + cli_flags(SETTINGS) + SMALL_BUCKETS + extra, cwd=tmp_path)
+        assert code == 0, log
+        return log
+
+    full = tmp_path / "zero"
+    log = train(full, 2, B, [])
+    total = load_checkpoint(two_ranks[0] / "last.safetensors").model.layout.total
+    share = shard_ranges(total, 2)[0][1]  # rank 0's: about half, cut on a 16-float boundary
+    assert abs(share - total / 2) <= 16
+    assert f"the optimizer moments are sharded, {share:,} of {total:,} floats each on rank 0 (of 2" in log, log
+    plain = two_ranks[0] / "last.safetensors"
+    np.testing.assert_allclose(params(full / "last.safetensors"), params(plain), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(moments(full / "last.safetensors"), moments(plain), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(train_losses(full), train_losses(two_ranks[0]), rtol=1e-6)
+
+    half = tmp_path / "half"
+    train(half, 2, B, ["--max-steps", "10"])
+    single = tmp_path / "single"
+    shutil.copytree(half, single)
+    code, log, _ = run_mpi(4, ["-m", "cllm", "train", "--out-dir", half, "--resume", "--batch-size", B // 2,
+                               "--max-steps", STEPS],
+                           cwd=tmp_path)
+    assert code == 0, log
+    np.testing.assert_allclose(params(half / "last.safetensors"), params(full / "last.safetensors"), rtol=0,
+                               atol=1e-4)
+    Trainer(TrainConfig(data=str(data_dir), out_dir=str(single), batch_size=2 * B, resume=True, zero=True,
+                        **SETTINGS)).fit()
+    np.testing.assert_allclose(params(single / "last.safetensors"), params(full / "last.safetensors"), rtol=0,
+                               atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -274,6 +414,48 @@ def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CLLM_REPLICA_CHECK_INTERVAL", "often")
     with pytest.raises(ValueError, match="CLLM_REPLICA_CHECK_INTERVAL"):
         auto_communicator()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_backward_reports_final_gradients_back_to_front(arch):
+    """on_grads_ready(from) comes after the final norm, after each layer (at its first tensor) and with 0 last;
+    at each call the gradients [from:] already hold their final values."""
+    extra = dict(architecture="llama", tie_embeddings=False, pos_encoding=None) if arch == "llama" else {}
+    model = Model(ModelConfig(vocab_size=64, max_seq_len=16, embedding_dim=32, num_layers=3, num_heads=2,
+                              ff_dim=64, dropout=0.1, **extra), seed=1)
+    x = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
+    grads, seen = model.flat_gradients(), []
+    model.forward_backward(x, x, on_grads_ready=lambda f: seen.append((f, grads[f:].copy())))
+    first = {t["name"]: t["offset"] for t in model.tensor_info}
+    norm, layer = ("norm.weight", "layers.{}.input_layernorm.weight") if arch == "llama" else \
+                  ("ln_f.weight", "h.{}.ln_1.weight")
+    assert [f for f, _ in seen] == [first[norm]] + [first[layer.format(i)] for i in (2, 1, 0)] + [0]
+    for f, copy in seen:
+        np.testing.assert_array_equal(copy, grads[f:])
+    reference = Model(model.config, seed=1)  # without the callback: the same gradients
+    reference.forward_backward(x, x)
+    np.testing.assert_array_equal(reference.flat_gradients(), grads)
+
+    def fail(offset):
+        raise RuntimeError(f"stop at {offset}")
+
+    with pytest.raises(RuntimeError, match=f"stop at {first[norm]}"):
+        model.forward_backward(x, x, on_grads_ready=fail)
+    with pytest.raises(TypeError, match="on_grads_ready must be callable or None, got int"):
+        model.forward_backward(x, x, on_grads_ready=3)
+    assert np.isfinite(model.forward_backward(x, x))  # the model is usable after a callback's exception
+
+
+def test_bf16_rounding_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 1e-40], np.float32)])
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16(x), ref)
+    np.testing.assert_array_equal(from_bf16(ref), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    nan = to_bf16(np.array([0x7FC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32))  # NaNs
+    assert np.isnan(from_bf16(nan)).all()
 
 
 def test_divergence_message_names_ranks_and_step():

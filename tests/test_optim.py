@@ -163,3 +163,56 @@ def test_training_reduces_loss(cllm, helpers, rng, opt_name):
     assert all(np.isfinite(losses))
     assert losses[0] == pytest.approx(first, abs=1e-5)
     assert last < 0.7 * first, f"{opt_name}: loss went {first:.4f} -> {last:.4f} in 15 steps: {losses}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# ZeRO-1: AdamW over a shard of the flat buffers
+def test_sharded_adamw_equals_the_whole_update_bit_for_bit(cllm, helpers, rng):
+    """Shards cutting through tensors (and padding), each updated by its own AdamW holding only its moments, give
+    the whole AdamW's parameters and moments bit for bit: the update is element-wise."""
+    from cllm.distributed import shard_ranges
+
+    model, x, y = setup(cllm, helpers, rng)
+    twin = cllm.Model(model.config, seed=0)
+    twin.load_parameters(model.parameters())
+    total = model.layout.total
+    shards = [(0, 1000), (1000, 1001), (1001, 7777), (7777, total)]
+    whole = cllm.AdamW(model, lr=1e-2, weight_decay=0.1)
+    parts = [cllm.AdamW(twin, lr=1e-2, weight_decay=0.1, shard=s) for s in shards]
+    assert [p.exp_avg.size for p in parts] == [hi - lo for lo, hi in shards]
+    for _ in range(3):
+        model.forward_backward(x, y)
+        twin.forward_backward(x, y)
+        whole.step()
+        for p in parts:
+            p.step()
+    np.testing.assert_array_equal(twin.flat_parameters(), model.flat_parameters())
+    gathered = whole.with_moments(np.concatenate([p.exp_avg for p in parts]),
+                                  np.concatenate([p.exp_avg_sq for p in parts]))
+    for slot in ("exp_avg", "exp_avg_sq"):
+        for name, v in whole.state()[slot].items():
+            np.testing.assert_array_equal(gathered.state()[slot][name], v)
+    # a shard loads its part of the whole (saved) moments
+    state = whole.state()
+    fresh = cllm.AdamW(twin, shard=shards[2])
+    fresh.load_state(state["step"], state["exp_avg"], state["exp_avg_sq"])
+    np.testing.assert_array_equal(fresh.exp_avg, whole.exp_avg[1001:7777])
+    assert fresh.step_count == 3
+    with pytest.raises(ValueError, match="sharded AdamW holds part of the moments"):
+        fresh.state()
+    with pytest.raises(ValueError, match=rf"shard must be \(lo, hi\) with 0 <= lo <= hi <= {total}"):
+        cllm.AdamW(model, shard=(5, total + 1))
+    with pytest.raises(ValueError, match=rf"exp_avg must be a flat float32 array of {total} floats \(the range\)"):
+        cllm._core.adamw_step(model.layout, model.flat_parameters(), model.flat_gradients(), fresh.exp_avg,
+                              fresh.exp_avg_sq, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
+    with pytest.raises(ValueError, match=r"adamw_step: the range \[10, 5\) is not inside"):
+        cllm._core.adamw_step(model.layout, model.flat_parameters(), model.flat_gradients(), fresh.exp_avg,
+                              fresh.exp_avg_sq, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 10, 5)
+
+    # rank r's shard: contiguous, in order, covering the buffer, cut on 16-float boundaries, ~total / R each
+    for R in (1, 2, 3, 4, 7):
+        ranges = shard_ranges(total, R)
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(lo % 16 == 0 for lo, _ in ranges)
+        assert max(hi - lo for lo, hi in ranges) <= total // R + 16

@@ -499,6 +499,11 @@ def test_sgd_label_smoothing_and_samples_during_training(data_dir, tmp_path, cap
     (dict(ema_decay="0.9"), "ema_decay must be a number"),
     (dict(sample_every=0), "sample_every must be positive"),
     (dict(sample_every=1.5), "sample_every must be an int"),
+    (dict(bucket_mb=-1.0), "bucket_mb must be in [0, 1024] MiB (0: one bucket), got -1.0"),
+    (dict(bucket_mb=float("inf")), "bucket_mb"),
+    (dict(grad_dtype="fp16"), "grad_dtype must be one of fp32, bf16"),
+    (dict(zero=True, optimizer="sgd"), "zero shards AdamW's moments: it needs optimizer adamw, got sgd"),
+    (dict(zero=True, grad_dtype="bf16"), "zero with grad_dtype bf16 is not supported: use grad_dtype fp32"),
 ])
 def test_extras_bad_values(kw, words):
     with pytest.raises((TypeError, ValueError)) as e:

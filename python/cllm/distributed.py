@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -36,8 +38,13 @@ import numpy as np
 
 from .errors import USER_ERRORS, MPISetupError, ReplicaDivergenceError
 
-__all__ = ["SingleProcess", "MPICommunicator", "auto_communicator", "abort_on_error", "launched_world_size",
-           "mpirun_command", "DEFAULT_CHECK_INTERVAL"]
+__all__ = ["SingleProcess", "MPICommunicator", "GradientReducer", "auto_communicator", "abort_on_error",
+           "launched_world_size", "mpirun_command", "shard_ranges", "DEFAULT_CHECK_INTERVAL", "GRAD_DTYPES"]
+
+#: how gradients travel between ranks: float32, or bfloat16 (halves the bytes; sums accumulated in float32)
+GRAD_DTYPES = ("fp32", "bf16")
+#: seconds between two progress polls of the in-flight bucket while the backward runs
+POLL_S = 2e-4
 
 #: steps between two comparisons of the replicas' parameters (also compared at the end of training)
 DEFAULT_CHECK_INTERVAL = 100
@@ -87,7 +94,10 @@ class SingleProcess:
     A data-parallel communicator (e.g. MPICommunicator) provides the same members: `rank`, `world_size`,
     `allreduce_mean_(buf)` averaging a float32 array across ranks in place (the flat gradient buffer),
     `allreduce_mean(x)` averaging a float (losses) and `barrier()`; optionally `check_replicas(model, step,
-    final=False)`, which the trainer calls after every step and at the end."""
+    final=False)`, which the trainer calls after every step and at the end, and `gradient_reducer(grads,
+    bucket_floats, overlap, grad_dtype, shards)` (see GradientReducer), which the trainer then uses for the
+    gradients instead of allreduce_mean_ (with shards also `allreduce_sum`, `allgather_shards_` and
+    `gather_shards`)."""
 
     rank = 0
     world_size = 1
@@ -151,6 +161,32 @@ class MPICommunicator:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def gradient_reducer(self, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
+                         grad_dtype: str = "fp32", shards=None) -> "GradientReducer":
+        """A GradientReducer averaging `grads` (the flat gradient buffer) across these ranks."""
+        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype, shards)
+
+    # -- ZeRO-1: every rank owns a shard of the flat buffers (shard_ranges) ------------------------
+    def allgather_shards_(self, buf: np.ndarray, shards) -> None:
+        """Every rank's shard of `buf` to every rank, in place (the parameters after a sharded update)."""
+        counts = [hi - lo for lo, hi in shards]
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, counts, [lo for lo, _ in shards], self.MPI.FLOAT])
+
+    def gather_shards(self, part: np.ndarray, shards) -> Optional[np.ndarray]:
+        """The whole array on rank 0, of every rank's `part` (its shard); None on the other ranks."""
+        whole = np.empty(shards[-1][1], dtype=np.float32) if self.rank == 0 else None
+        counts = [hi - lo for lo, hi in shards]
+        self.comm.Gatherv(part, [whole, counts, [lo for lo, _ in shards], self.MPI.FLOAT] if self.rank == 0
+                          else None, root=0)
+        return whole
+
+    def allreduce_sum(self, value: float) -> float:
+        """The sum of a float over the ranks (float64)."""
+        s = self._scalar
+        s[0] = float(value)
+        self.comm.Allreduce(self.MPI.IN_PLACE, s, op=self.MPI.SUM)
+        return float(s[0])
+
     # -- replicas -------------------------------------------------------------------------------
     def check_replicas(self, model, step: int, final: bool = False) -> None:
         """Every `check_interval` steps (and when `final`), compare a checksum of the model's parameters
@@ -196,6 +232,178 @@ class MPICommunicator:
             if self.world_size == 1:
                 raise
             self.abort(e, prog=prog)
+
+
+def shard_ranges(total: int, world_size: int) -> List[tuple]:
+    """ZeRO-1's split of a flat buffer of `total` floats: rank r owns [lo, hi), contiguous, in rank order, about
+    total / world_size floats each, the cuts on 16-float (64-byte) boundaries."""
+    cuts = [min(total, (r * total // world_size + 15) // 16 * 16) for r in range(world_size)] + [total]
+    return [(cuts[r], cuts[r + 1]) for r in range(world_size)]
+
+
+class GradientReducer:
+    """Averages the flat gradient buffer across ranks in buckets, optionally while the backward still runs.
+
+    The buckets are fixed ranges of `bucket_floats` floats (0: the whole buffer) counted from the end of the
+    buffer, because the backward finishes the gradients back to front (`Model.forward_backward`'s
+    on_grads_ready). A step is `start()`, then `ready(offset)` as the gradients [offset:] become final (pass
+    it as on_grads_ready of the step's last micro-batch when `overlap`), then `finish()`. With `overlap`, a
+    thread of this rank starts each bucket's non-blocking collective as soon as the bucket is final, and polls
+    it (Open MPI moves data only inside MPI calls), so the sending hides behind the computing of the earlier
+    layers; without it the same collectives run in `finish()`.
+
+    A bucket is summed as a reduce-scatter then an all-gather built from Ialltoallv and Iallgatherv (`_reduce`):
+    rank r sums every rank's values of its part of the bucket itself, in rank order. So every gradient is
+    g_0 + g_1 + ... + g_(R-1) in that order, whatever the bucket size and with or without overlap (bit for
+    bit, for any number of ranks), and both directions of every link carry data at once (Open MPI's
+    non-blocking allreduce sends half-duplex between 2 ranks: twice the time).
+
+    `grad_dtype` "bf16": the values travel as bfloat16 (rounded to nearest even), are summed in float32, and
+    the sums travel back as bfloat16: half the bytes, the same result on every rank.
+
+    `shards` (ZeRO-1, `shard_ranges`): a rank's part of a bucket is what lies in its shard, and there is no
+    all-gather: each rank gets the averaged gradients of its own shard only (the rest of its buffer keeps its
+    local gradients), half the bytes; the parameters are all-gathered after the update instead."""
+
+    def __init__(self, comm: MPICommunicator, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
+                 grad_dtype: str = "fp32", shards=None):
+        if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 or grads.ndim != 1:
+            raise TypeError(f"GradientReducer needs the flat float32 gradient buffer, got "
+                            f"{getattr(grads, 'dtype', type(grads).__name__)}")
+        if isinstance(bucket_floats, bool) or int(bucket_floats) < 0:
+            raise ValueError(f"bucket_floats must be a non-negative int (0: one bucket), got {bucket_floats!r}")
+        if grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
+        self.MPI, self.world_size, self.grads = comm.MPI, comm.world_size, grads
+        self.comm = comm.comm.Dup()  # its own communicator: never ordered against the trainer's collectives
+        if shards is not None and grad_dtype != "fp32":
+            raise ValueError(f"grad_dtype {grad_dtype} with sharded optimizer state (zero) is not supported: use fp32")
+        if shards is not None and (len(shards) != comm.world_size or shards[-1][1] != grads.size):
+            raise ValueError(f"shards must be {comm.world_size} ranges covering the {grads.size} gradients")
+        self.overlap, self.grad_dtype, self.shards = bool(overlap), grad_dtype, shards
+        self.mine = (0, grads.size) if shards is None else shards[comm.rank]  # what finish() leaves averaged
+        n = grads.size
+        b = int(bucket_floats) or n
+        self.buckets = [(max(0, end - b), end) for end in range(n, 0, -b)]
+        self._next = 0  # the first bucket not yet handed over in this step
+        self._queue: "queue.Queue" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Begin a step: every bucket is pending again."""
+        self._next = 0
+        if self.overlap and self._thread is None:
+            if self.MPI.Query_thread() < self.MPI.THREAD_SERIALIZED:
+                raise MPISetupError("overlapping the gradient exchange needs an MPI with thread support "
+                                    "(MPI_THREAD_SERIALIZED or more); run without it (--no-overlap)")
+            self._thread = threading.Thread(target=self._serve, name="cllm-grad-reducer", daemon=True)
+            self._thread.start()
+
+    def ready(self, offset: int) -> None:
+        """The gradients [offset:] are final: hand over every bucket lying inside them."""
+        while self._next < len(self.buckets) and self.buckets[self._next][0] >= offset:
+            if self.overlap:
+                self._queue.put(self.buckets[self._next])
+            self._next += 1
+
+    def finish(self) -> None:
+        """Reduce what is left, wait for every bucket, divide by the number of ranks."""
+        self.ready(0)
+        if self.overlap:
+            self._queue.join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+        else:
+            for bucket in self.buckets:
+                self._reduce(bucket, threaded=False)
+        self.grads[self.mine[0]:self.mine[1]] *= np.float32(1.0 / self.world_size)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread and free the communicator (idempotent). wait=False (while an error ends the job):
+        leave both, since a collective in flight may never complete; the daemon thread dies with the process."""
+        if not wait:
+            self._thread = self.comm = None
+            return
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+    # -- the thread and the collectives -----------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            bucket = self._queue.get()
+            try:
+                if bucket is None:
+                    return
+                if self._error is None:  # after a failure, only drain the queue: finish() raises it
+                    self._reduce(bucket, threaded=True)
+            except BaseException as e:  # noqa: B902 - reported by finish() in the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _wait(self, request, threaded: bool) -> None:
+        if not threaded:
+            request.Wait()
+            return
+        while not request.Test():  # each test moves the transfer on; the sleep leaves the core to the backward
+            time.sleep(POLL_S)
+
+    def _parts(self, bucket) -> tuple:
+        """(counts, displacements) in the bucket of the part each rank sums: its shard's with `shards`,
+        otherwise an equal split. The parts are contiguous and in rank order."""
+        s, e, R = bucket[0], bucket[1], self.world_size
+        if self.shards is None:
+            cuts = [s + (e - s) * r // R for r in range(R)] + [e]
+        else:
+            cuts = [min(max(lo, s), e) for lo, _ in self.shards] + [e]
+        return [cuts[r + 1] - cuts[r] for r in range(R)], [cuts[r] - s for r in range(R)]
+
+    def _reduce(self, bucket, threaded: bool) -> None:
+        """Sum one bucket over the ranks: an Alltoallv gives every rank all ranks' values of its part, which
+        it sums in rank order (the same float32 additions whatever the buckets, and on every rank); an
+        Allgatherv then gives everyone every part (not with shards: each rank keeps its own). Both move the
+        (R-1)/R of the bucket a ring allreduce moves, in both directions of every link at once."""
+        view = self.grads[bucket[0]:bucket[1]]
+        R, me, bf16 = self.world_size, self.comm.Get_rank(), self.grad_dtype == "bf16"
+        counts, displs = self._parts(bucket)
+        n, at = counts[me], displs[me]
+        send = to_bf16(view) if bf16 else view
+        parts = np.empty((R, n), dtype=send.dtype)  # parts[r]: rank r's values of my part
+        self._wait(self.comm.Ialltoallv([send, (counts, displs)], [parts, ([n] * R, [n * r for r in range(R)])]),
+                   threaded)
+        total = from_bf16(parts[0]) if bf16 else parts[0].copy()
+        for r in range(1, R):
+            total += from_bf16(parts[r]) if bf16 else parts[r]
+        if self.shards is not None:
+            view[at:at + n] = total
+            return
+        whole = send if bf16 else view  # my part's sums in place, then everyone's
+        whole[at:at + n] = to_bf16(total) if bf16 else total
+        self._wait(self.comm.Iallgatherv(self.MPI.IN_PLACE, [whole, (counts, displs)]), threaded)
+        if bf16:
+            view[:] = from_bf16(whole)
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    out = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # rounding could carry a NaN's low mantissa bits into an infinity
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def parameter_checksum(model) -> tuple:

@@ -206,16 +206,20 @@ class Model:
         return out
 
     def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0,
-                         label_smoothing: float = 0.0) -> float:
+                         label_smoothing: float = 0.0, on_grads_ready=None) -> float:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
         Gradients are zeroed first unless accumulate=True (gradient accumulation). label_smoothing eps in [0, 1]
         trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
-        returned is that smoothed loss."""
+        returned is that smoothed loss. on_grads_ready (optional, a callable) is called during the backward
+        with an offset `from` each time the flat gradients [from:] are final (after the final norm, after each
+        layer from the last, and with 0 at the end), so that they can be sent while the rest is computed."""
         grad_scale = check_float("grad_scale", grad_scale)
         label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
+        if on_grads_ready is not None and not callable(on_grads_ready):
+            raise TypeError(f"on_grads_ready must be callable or None, got {type(on_grads_ready).__name__}")
         x, y = self._batch(x, y)
-        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing)
+        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing, on_grads_ready)
         self._arena_shape = x.shape
         return loss
 

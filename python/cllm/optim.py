@@ -3,6 +3,7 @@ exponential moving average of the weights (EMA)."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -21,10 +22,15 @@ def _views(model: Model, flat: np.ndarray) -> dict:
 
 
 class AdamW:
-    """AdamW (decoupled weight decay on 2-D weights only, bias-corrected moments), PyTorch semantics."""
+    """AdamW (decoupled weight decay on 2-D weights only, bias-corrected moments), PyTorch semantics.
+
+    `shard` (lo, hi): keep the moments of the flat buffer's floats [lo, hi) only and update only those
+    parameters (ZeRO stage 1: each rank its own shard; the ranks then all-gather the parameters). The state
+    of a sharded AdamW is gathered into one unsharded AdamW (`with_moments`) to be saved; `load_state` takes
+    the whole moments and keeps its shard of them."""
 
     def __init__(self, model: Model, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1):
+                 weight_decay: float = 0.1, shard=None):
         _check_model(model)
         self.model = model
         self.lr = check_float("lr", lr, lo=0)
@@ -34,27 +40,51 @@ class AdamW:
         self.eps = check_float("eps", eps, lo=0, lo_open=True, finite=False)
         self.weight_decay = check_float("weight_decay", weight_decay, lo=0, finite=False)
         n = model.layout.total
-        self.exp_avg = np.zeros(n, dtype=np.float32)
-        self.exp_avg_sq = np.zeros(n, dtype=np.float32)
+        lo, hi = (0, n) if shard is None else shard
+        if isinstance(lo, bool) or isinstance(hi, bool) or not (0 <= int(lo) <= int(hi) <= n):
+            raise ValueError(f"shard must be (lo, hi) with 0 <= lo <= hi <= {n} (the parameter buffer), got {shard!r}")
+        self.shard = (int(lo), int(hi))
+        self.exp_avg = np.zeros(self.shard[1] - self.shard[0], dtype=np.float32)
+        self.exp_avg_sq = np.zeros_like(self.exp_avg)
         self.step_count = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard != (0, self.model.layout.total)
 
     def step(self) -> None:
         self.step_count += 1
         m = self.model
         _core.adamw_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.exp_avg, self.exp_avg_sq, self.lr,
-                         self.betas[0], self.betas[1], self.eps, self.weight_decay, self.step_count)
+                         self.betas[0], self.betas[1], self.eps, self.weight_decay, self.step_count, *self.shard)
 
     def state(self) -> dict:
+        if self.sharded:
+            raise ValueError("a sharded AdamW holds part of the moments: gather them into with_moments() to save")
         return {"step": self.step_count, "exp_avg": _views(self.model, self.exp_avg),
                 "exp_avg_sq": _views(self.model, self.exp_avg_sq)}
+
+    def with_moments(self, exp_avg: np.ndarray, exp_avg_sq: np.ndarray) -> "AdamW":
+        """An unsharded AdamW like this one (hyperparameters, step) holding these whole flat moments (not copied)."""
+        whole = AdamW(self.model, self.lr, self.betas, self.eps, self.weight_decay, shard=(0, 0))
+        for name, a in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != (self.model.layout.total,):
+                raise ValueError(f"{name} must be a flat float32 array of {self.model.layout.total} floats")
+        whole.exp_avg, whole.exp_avg_sq, whole.shard = exp_avg, exp_avg_sq, (0, self.model.layout.total)
+        whole.step_count = self.step_count
+        return whole
 
     def hyperparameters(self) -> dict:
         return {"lr": float(self.lr), "betas": list(self.betas), "eps": float(self.eps),
                 "weight_decay": float(self.weight_decay)}
 
     def load_state(self, step: int, exp_avg: dict, exp_avg_sq: dict) -> None:
-        _load_flat(self.model, self.exp_avg, exp_avg, "optimizer state exp_avg")
-        _load_flat(self.model, self.exp_avg_sq, exp_avg_sq, "optimizer state exp_avg_sq")
+        lo, hi = self.shard
+        for flat, src, name in ((self.exp_avg, exp_avg, "exp_avg"), (self.exp_avg_sq, exp_avg_sq, "exp_avg_sq")):
+            whole = flat if not self.sharded else np.zeros(self.model.layout.total, dtype=np.float32)
+            _load_flat(self.model, whole, src, f"optimizer state {name}")
+            if self.sharded:
+                flat[...] = whole[lo:hi]
         self.step_count = int(step)
 
 
@@ -152,6 +182,19 @@ def grad_norm(model: Model) -> float:
     """Global L2 norm of all gradients."""
     _check_model(model)
     return float(_core.grad_norm(model.flat_gradients()))
+
+
+def clip_shard_grad_norm(model: Model, max_norm, shard, comm) -> float:
+    """clip_grad_norm under ZeRO-1, where a rank holds the averaged gradients of its shard (lo, hi) only: the
+    squared norms of the shards are summed over the ranks (comm.allreduce_sum) and each rank scales its own.
+    max_norm None or 0: the norm only. Returns the global norm before clipping."""
+    part = model.flat_gradients()[shard[0]:shard[1]]
+    norm = math.sqrt(comm.allreduce_sum(float(_core.grad_norm(part)) ** 2))
+    if max_norm:
+        coef = check_float("max_norm", max_norm, lo=0, lo_open=True, finite=False) / (norm + 1e-6)
+        if coef < 1.0:
+            _core.scale_(part, coef)
+    return norm
 
 
 def clip_grad_norm(model: Model, max_norm: float) -> float:

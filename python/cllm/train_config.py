@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .config import ARCHITECTURES, POS_ENCODINGS, ModelConfig
+from .distributed import GRAD_DTYPES
 from .errors import MissingFileError
 from .model import PRECISIONS
 from .system import MAX_THREADS
@@ -89,6 +90,14 @@ class TrainConfig:
     ema_decay: Optional[float] = _f(None, "keep an exponential moving average of the weights with this decay in "
                                           "(0, 1), saved in the checkpoints and used for evaluation and samples "
                                           "(none: off)", "opt_float")
+    bucket_mb: float = _f(1.0, "MPI: gradients are averaged across ranks in buckets of this many MiB (0: one "
+                               "bucket)", "float")
+    overlap: bool = _f(True, "MPI: send each bucket while the backward still computes the earlier layers "
+                             "(bit for bit the same result as --no-overlap)", "bool")
+    grad_dtype: str = _f("fp32", "MPI: gradients travel as fp32, or bf16 (half the bytes, sums accumulated in "
+                                 "fp32)", "choice", GRAD_DTYPES)
+    zero: bool = _f(False, "MPI: ZeRO stage 1, the AdamW moments sharded across ranks (optimizer memory / ranks; "
+                           "gradients reduce-scattered, parameters all-gathered)", "bool")
     grad_clip: Optional[float] = _f(1.0, "clip the global gradient norm to this (none or 0: off)", "opt_float")
     on_nonfinite: str = _f("skip", "on a NaN/Inf loss or gradient: skip the step, or stop the run", "choice",
                            ("skip", "stop"))
@@ -172,7 +181,7 @@ class TrainConfig:
         change if their product, the global batch, does not: the loader refuses anything else; the same rows
         then give the same step up to round-off.)"""
         changed = [k for k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps", "weight_decay",
-                               "grad_clip", "seed", "label_smoothing", "momentum", "ema_decay")
+                               "grad_clip", "seed", "label_smoothing", "momentum", "ema_decay", "grad_dtype")
                    if k in old and old[k] != getattr(self, k)]
         if old.get("decay_steps") is None and self.decay_steps is None and old.get("max_steps") != self.max_steps:
             changed.append("max_steps (the schedule's horizon; set decay_steps to keep it)")
@@ -299,6 +308,11 @@ def _check_ranges(c: TrainConfig) -> None:
     c.model_config(vocab_size=256)  # the architecture's own checks (num_kv_heads, pos_encoding, ...), now
     need(c.sample_temperature >= 0, f"sample_temperature must be non-negative, got {c.sample_temperature}")
     need(0.0 <= c.momentum < 1.0, f"momentum must be in [0, 1), got {c.momentum}")
+    need(math.isfinite(c.bucket_mb) and 0.0 <= c.bucket_mb <= 1024.0,
+         f"bucket_mb must be in [0, 1024] MiB (0: one bucket), got {c.bucket_mb}")
+    need(not c.zero or c.optimizer == "adamw", f"zero shards AdamW's moments: it needs optimizer adamw, got "
+                                               f"{c.optimizer}")
+    need(not c.zero or c.grad_dtype == "fp32", "zero with grad_dtype bf16 is not supported: use grad_dtype fp32")
     need(0.0 <= c.label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
     need(c.ema_decay is None or 0.0 < c.ema_decay < 1.0, f"ema_decay must be in (0, 1) or none, got {c.ema_decay}")
     need(c.sample_every is None or c.sample_tokens > 0, "sample_every needs sample_tokens > 0 (the samples' length)")

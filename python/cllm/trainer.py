@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ import numpy as np
 from .checkpoint import TrainerStateReader, load_checkpoint, read_metadata, restore_optimizer, save_checkpoint
 from .config import ModelConfig
 from .data import BatchLoader, eval_batches, load_tokens
-from .distributed import SingleProcess
+from .distributed import SingleProcess, shard_ranges
 from .errors import MissingFileError
 from .generation import sample_text
 from .model import Model, memory_estimate, parameter_count
-from .optim import EMA, SGD, AdamW, clip_grad_norm, grad_norm
+from .optim import EMA, SGD, AdamW, clip_grad_norm, clip_shard_grad_norm, grad_norm
 from .run_files import (Console, MetricsLog, RunLock, Session, claim_run_dir, is_prepared_data, open_run_dir,
                         plot_losses, prepare_data_once, truncate_metrics)
 from .pretrained import load_pretrained
@@ -83,6 +84,8 @@ class Trainer:
         self.console = Console(enabled=self.main, progress=config.progress)
         self._metrics: Optional[MetricsLog] = None
         self._lock: Optional[RunLock] = None  # held from setup to the end of fit (rank 0)
+        self.reducer = None  # the gradients' exchange across ranks (its thread lives until the end of fit)
+        self.shards = None  # ZeRO-1: each rank's (lo, hi) of the flat buffers
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -120,11 +123,19 @@ class Trainer:
             self.model.load_parameters(init[0].parameters())
         del init
         self.model.dropout_stream = self.comm.rank  # each rank's rows get their own dropout masks
+        make_reducer = getattr(self.comm, "gradient_reducer", None)
+        multi = self.comm.world_size > 1 and make_reducer is not None
+        # ZeRO-1: rank r keeps the moments of its shard of the flat buffers only (one process: no shards)
+        self.shards = shard_ranges(self.model.layout.total, self.comm.world_size) if c.zero and multi else None
         if c.optimizer == "sgd":
             self.optimizer = SGD(self.model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         else:
-            self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+            self.optimizer = AdamW(self.model, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                                   shard=self.shards[self.comm.rank] if self.shards else None)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay else None
+        if multi:
+            self.reducer = make_reducer(self.model.flat_gradients(), int(c.bucket_mb * 2**20) // 4, c.overlap,
+                                        c.grad_dtype, self.shards)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
         try:
@@ -246,13 +257,24 @@ class Trainer:
         c = self.config
         x, y = self.loader.next_batch()  # [batch_size * grad_accum, T] rows of this rank
         loss = 0.0
+        reducer = self.reducer
+        hook = reducer.ready if reducer is not None and reducer.overlap else None
         for i in range(c.grad_accum):
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
+            last = i == c.grad_accum - 1  # its backward finishes the gradients: their exchange may begin
+            if last and reducer is not None:
+                reducer.start()
             loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
-                                                label_smoothing=c.label_smoothing)
+                                                label_smoothing=c.label_smoothing,
+                                                on_grads_ready=hook if last else None)
+        if reducer is not None:
+            reducer.finish()
+        else:
+            self.comm.allreduce_mean_(self.model.flat_gradients())
         loss = self.comm.allreduce_mean(loss / c.grad_accum)
-        self.comm.allreduce_mean_(self.model.flat_gradients())
-        if c.grad_clip:
+        if self.shards:  # this rank holds its shard's averaged gradients only
+            norm = clip_shard_grad_norm(self.model, c.grad_clip, self.optimizer.shard, self.comm)
+        elif c.grad_clip:
             norm = clip_grad_norm(self.model, c.grad_clip)
         else:
             norm = grad_norm(self.model)
@@ -286,9 +308,13 @@ class Trainer:
     def save(self, path: Path, elapsed: float) -> bool:
         """Write a checkpoint (rank 0); never one with non-finite weights or optimizer moments (warns and
         returns False)."""
+        optimizer = self.optimizer
+        if self.shards:  # one file all the same: rank 0 gathers the moments' shards (collective)
+            whole = [self.comm.gather_shards(m, self.shards) for m in (optimizer.exp_avg, optimizer.exp_avg_sq)]
+            optimizer = optimizer.with_moments(*whole) if self.main else None
         if not self.main:
             return True
-        state = self.optimizer.state()
+        state = optimizer.state()
         buffers = [("weights", self.model.flat_parameters())]
         buffers += [("optimizer moments", v) for slot, views in state.items() if slot != "step" for v in views.values()]
         buffers += [("EMA weights", self.ema.shadow)] if self.ema is not None else []
@@ -296,7 +322,7 @@ class Trainer:
             if not _all_finite(buf):
                 self._warn(f"step {self.step}: {what} are not finite, not writing {path.name}")
                 return False
-        save_checkpoint(path, self.model, self.optimizer, self.tokenizer, self.trainer_state(elapsed), ema=self.ema)
+        save_checkpoint(path, self.model, optimizer, self.tokenizer, self.trainer_state(elapsed), ema=self.ema)
         return True
 
     # -- output ---------------------------------------------------------------------------------
@@ -321,6 +347,9 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.reducer is not None:  # not waiting for its collectives while an error ends the job
+                self.reducer.close(wait=sys.exc_info()[0] is None)
+                self.reducer = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -351,6 +380,10 @@ class Trainer:
             self._metrics = MetricsLog(self.metrics_path)
         self.console.say(f"model: {self.model.num_parameters:,} parameters {self.model_config}; "
                          f"{self.tokens_per_step:,} tokens per step")
+        if self.shards:
+            lo, hi = self.shards[0]
+            self.console.say(f"zero: the optimizer moments are sharded, {hi - lo:,} of {self.model.layout.total:,} "
+                             f"floats each on rank 0 (of {len(self.shards)} ranks)")
         s = Session(start_step=self.step)
         if self.config.init_from and self.step == 0:
             self._evaluate_start(s)
@@ -400,6 +433,8 @@ class Trainer:
         if finite:
             self.optimizer.lr = lr
             self.optimizer.step()
+            if self.shards:  # each rank updated its shard: everyone gets all of them
+                self.comm.allgather_shards_(self.model.flat_parameters(), self.shards)
             if self.ema is not None:
                 self.ema.update()
         self.step += 1
