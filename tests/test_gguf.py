@@ -105,6 +105,19 @@ def test_gguf_loads_in_transformers(tmp_path):
     assert err < 1e-4
 
 
+def _llama_cpp_logits_error(llama_cpp, model, tok, path) -> float:
+    """max |llama.cpp's logits - CLLM's| / max |CLLM's| over a short text (tokenized alike by both)."""
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=model.config.max_seq_len,
+                          n_threads=2, type_k=0, type_v=0)  # float32 KV cache
+    text = "def greet(name):\n    return name  # héllo"
+    ids = tok.encode(text).tolist()
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = model.forward(np.array([ids]))[0]
+    return float(np.abs(theirs - ours).max() / np.abs(ours).max())
+
+
 @pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
 def test_gguf_runs_in_llama_cpp(tmp_path, tokenizer):
     """llama.cpp itself (the llama-cpp-python package, which CI builds from source) loads the file, tokenizes
@@ -117,15 +130,7 @@ def test_gguf_runs_in_llama_cpp(tmp_path, tokenizer):
         model = cllm.Model(cllm.ModelConfig(vocab_size=256, max_seq_len=64, embedding_dim=32, num_layers=2,
                                             num_heads=4, ff_dim=128), seed=1)
     path = export_gguf(model, tok, tmp_path / "m.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=model.config.max_seq_len,
-                          n_threads=2, type_k=0, type_v=0)  # float32 KV cache
-    text = "def greet(name):\n    return name  # héllo"
-    ids = tok.encode(text).tolist()
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
-    ours = model.forward(np.array([ids]))[0]
-    err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    err = _llama_cpp_logits_error(llama_cpp, model, tok, path)
     print(f"llama.cpp vs CLLM logits ({tokenizer}): {err:.2e} (tol 1e-3)")
     assert err < 1e-3
 
@@ -181,14 +186,6 @@ def test_gguf_llama_runs_in_llama_cpp(tmp_path, tie):
     model = _llama(tie)
     _, tok = from_hf(FIXTURE)
     path = export_gguf(model, tok, tmp_path / "l.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=model.config.max_seq_len,
-                          n_threads=2, type_k=0, type_v=0)  # float32 KV cache
-    text = "def greet(name):\n    return name  # héllo"
-    ids = tok.encode(text).tolist()
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
-    ours = model.forward(np.array([ids]))[0]
-    err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    err = _llama_cpp_logits_error(llama_cpp, model, tok, path)
     print(f"llama.cpp vs CLLM logits (llama, tied={tie}): {err:.2e} (tol 1e-3)")
     assert err < 1e-3

@@ -267,6 +267,26 @@ def _random_masks(cfg, B, T, p, rng):
     return masks
 
 
+def _fd_every_parameter(errs, rng, cfg, dropout) -> dict:
+    """Finite differences of the oracle's loss against model_backward, for every parameter of cfg's model (with
+    random dropout masks if dropout); returns the parameters."""
+    B, T = 2, 5
+    params = oracle.init_params(cfg, rng, scale=0.3)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    targets = rng.integers(0, cfg.vocab_size, (B, T))
+    masks = _random_masks(cfg, B, T, 0.2, rng) if dropout else None
+    _, loss, cache = oracle.model_forward(params, cfg, tokens, targets, masks)
+    grads = oracle.model_backward(cache)
+    assert set(grads) == set(params)
+    f = lambda: oracle.model_loss(params, cfg, tokens, targets, masks)
+    assert abs(f() - loss) == 0.0
+    for name, p in params.items():
+        assert grads[name].shape == p.shape
+        fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
+    errs.finish()
+    return params
+
+
 @pytest.mark.parametrize(
     "pos_encoding,max_seq_len,dropout",
     [("learned", 7, False), ("sinusoidal", 5, False), ("learned", 5, True), ("sinusoidal", 6, True)],
@@ -274,22 +294,8 @@ def _random_masks(cfg, B, T, p, rng):
 )
 def test_fd_model_all_parameters(errs, rng, pos_encoding, max_seq_len, dropout):
     cfg = oracle.Config(max_seq_len=max_seq_len, pos_encoding=pos_encoding, **TINY)
-    B, T = 2, 5
-    params = oracle.init_params(cfg, rng, scale=0.3)
-    tokens = rng.integers(0, cfg.vocab_size, (B, T))
-    targets = rng.integers(0, cfg.vocab_size, (B, T))
-    masks = _random_masks(cfg, B, T, 0.2, rng) if dropout else None
-
-    _, loss, cache = oracle.model_forward(params, cfg, tokens, targets, masks)
-    grads = oracle.model_backward(cache)
-    assert set(grads) == set(params)
+    params = _fd_every_parameter(errs, rng, cfg, dropout)
     assert ("wpe" in params) == (pos_encoding == "learned")
-    f = lambda: oracle.model_loss(params, cfg, tokens, targets, masks)
-    assert abs(f() - loss) == 0.0
-    for name, p in params.items():
-        assert grads[name].shape == p.shape
-        fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
-    errs.finish()
 
 
 @pytest.mark.parametrize("tie,dropout", [(True, False), (False, False), (False, True)],
@@ -297,18 +303,8 @@ def test_fd_model_all_parameters(errs, rng, pos_encoding, max_seq_len, dropout):
 def test_fd_llama_all_parameters(errs, rng, tie, dropout):
     cfg = oracle.Config(architecture="llama", max_seq_len=6, num_kv_heads=2, rope_theta=50.0, rms_norm_eps=1e-5,
                         tie_embeddings=tie, **dict(TINY, embedding_dim=16, num_heads=4))
-    B, T = 2, 5
-    params = oracle.init_params(cfg, rng, scale=0.3)
-    tokens = rng.integers(0, cfg.vocab_size, (B, T))
-    targets = rng.integers(0, cfg.vocab_size, (B, T))
-    masks = _random_masks(cfg, B, T, 0.2, rng) if dropout else None
-    _, loss, cache = oracle.model_forward(params, cfg, tokens, targets, masks)
-    grads = oracle.model_backward(cache)
-    assert set(grads) == set(params) and ("lm_head.weight" in params) == (not tie)
-    f = lambda: oracle.model_loss(params, cfg, tokens, targets, masks)
-    for name, p in params.items():
-        fd_check(errs, name, f, p, grads[name], rng, max_entries=80)
-    errs.finish()
+    params = _fd_every_parameter(errs, rng, cfg, dropout)
+    assert ("lm_head.weight" in params) == (not tie)
 
 
 def test_model_backward_dloss_scales(errs, rng):
