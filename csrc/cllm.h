@@ -121,6 +121,14 @@ struct Activations {
 // Floats of the arena for a (B, T) step (what allocate reserves), without allocating.
 size_t activation_floats(const Config& c, int B, int T);
 
+// ---- the variant's vector width (docs/design.md §10): what the GEMM and the bf16 decode tiles are built from --
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // floats per vector
+#else
+constexpr int VL = 8;   // AVX2's width; two SSE registers on the baseline
+#endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(VL * sizeof(float))));
+
 // ---- vectorisable helpers ------------------------------------------------------------------------
 // Plain arithmetic (no libm call), so `omp simd` loops over them become AVX-512/AVX2 code.
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, scale by 2^n.

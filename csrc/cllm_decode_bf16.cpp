@@ -19,12 +19,6 @@ namespace cllm {
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VL = 16;
-#else
-constexpr int VL = 8;
-#endif
-typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(VL * sizeof(float))));
 typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t)), aligned(VL * sizeof(uint32_t))));
 constexpr int NR = 2 * VL;  // columns per panel: two vectors
 constexpr int MR = 8;       // rows per tile

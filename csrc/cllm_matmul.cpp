@@ -28,12 +28,6 @@ namespace cllm {
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VL = 16;
-#else
-constexpr int VL = 8;
-#endif
-typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(VL * sizeof(float))));
 typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(4)));  // unaligned access
 
 constexpr int MR = 8;        // rows of C per micro-tile (2 x 8 accumulator vectors)
