@@ -66,6 +66,7 @@ struct Options {
     int reps = 0;          // 0: adaptive (at least 3, until min_time has passed, at most 200)
     double min_time = 0.3; // seconds of timed calls per kernel in adaptive mode
     std::string filter;
+    bool bf16 = false;     // --bf16: the products (linear layers, head, attention, model) with bf16 inputs
 };
 Options g_opt;
 
@@ -206,20 +207,21 @@ void bench_linear(const std::string& name, int N, int IC, int OC) {
         db(OC);
     const double flops = 2.0 * N * IC * OC;
     const std::string s = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
-    report(name + ".fwd", s, [&] { cllm::linear_forward(out, inp, w, b, N, IC, OC); }, flops, Unit::GFLOPS);
+    report(name + ".fwd", s, [&] { cllm::linear_forward(out, inp, w, b, N, IC, OC, g_opt.bf16); }, flops, Unit::GFLOPS);
     report(name + ".bwd_dinp[NT]", s,
            [&] {
-               cllm::gemm({.c = dinp, .ldc = IC, .a = {dout, OC}, .b = {w, OC, true}, .m = N, .n = IC, .k = OC});
+               cllm::gemm({.c = dinp, .ldc = IC, .a = {dout, OC}, .b = {w, OC, true}, .m = N, .n = IC, .k = OC,
+                           .bf16 = g_opt.bf16});
            },
            flops, Unit::GFLOPS);
     report(name + ".bwd_dw[TN]", s,
            [&] {
                cllm::gemm({.c = dw, .ldc = OC, .a = {inp, IC, true}, .b = {dout, OC}, .m = IC, .n = OC, .k = N,
-                           .accumulate = true});
+                           .accumulate = true, .bf16 = g_opt.bf16});
            },
            flops, Unit::GFLOPS);
     report(name + ".bwd", s,
-           [&] { cllm::linear_backward(dinp, dw, db, dout, inp, w, N, IC, OC, false); }, 2 * flops,
+           [&] { cllm::linear_backward(dinp, dw, db, dout, inp, w, N, IC, OC, false, g_opt.bf16); }, 2 * flops,
            Unit::GFLOPS);
 }
 
@@ -227,8 +229,8 @@ int run_config(const BenchConfig& c, int threads) {
     const int V = c.V, T = c.T, C = c.C, L = c.L, H = c.H, B = c.B, F = 4 * C;
     const int N = B * T;
     omp_set_num_threads(threads);
-    std::printf("# cllm_bench_kernels config=%s V=%d T=%d C=%d L=%d H=%d F=%d B=%d (N=B*T=%d) threads=%d\n",
-                c.name, V, T, C, L, H, F, B, N, threads);
+    std::printf("# cllm_bench_kernels config=%s V=%d T=%d C=%d L=%d H=%d F=%d B=%d (N=B*T=%d) threads=%d%s\n",
+                c.name, V, T, C, L, H, F, B, N, threads, g_opt.bf16 ? " bf16" : "");
     const cllm::IsaInfo isa = cllm::isa_info();
     std::printf("# kernels: %s (%s)\n", isa.selected.empty() ? "none" : isa.selected.c_str(), isa.reason.c_str());
     std::printf("# load average (1 min) at start: %s\n", loadavg().c_str());
@@ -259,15 +261,21 @@ int run_config(const BenchConfig& c, int threads) {
         const double flops = 2.0 * N * V * C;
         const std::string s = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " V=" + std::to_string(V);
         report("lm_head.fwd[NT]", s,  // logits = lnf wte^T
-               [&] { cllm::gemm({.c = logits, .ldc = V, .a = {lnf, C}, .b = {wte, C, true}, .m = N, .n = V, .k = C}); },
+               [&] {
+                   cllm::gemm({.c = logits, .ldc = V, .a = {lnf, C}, .b = {wte, C, true}, .m = N, .n = V, .k = C,
+                               .bf16 = g_opt.bf16});
+               },
                flops, Unit::GFLOPS);
         report("lm_head.bwd_dx[NN]", s,  // dln = dlogits wte
-               [&] { cllm::gemm({.c = dln, .ldc = C, .a = {logits, V}, .b = {wte, C}, .m = N, .n = C, .k = V}); },
+               [&] {
+                   cllm::gemm({.c = dln, .ldc = C, .a = {logits, V}, .b = {wte, C}, .m = N, .n = C, .k = V,
+                               .bf16 = g_opt.bf16});
+               },
                flops, Unit::GFLOPS);
         report("lm_head.bwd_dwte[TN]", s,  // dwte += dlogits^T lnf
                [&] {
                    cllm::gemm({.c = dwte, .ldc = C, .a = {logits, V, true}, .b = {lnf, C}, .m = V, .n = C, .k = N,
-                               .accumulate = true});
+                               .accumulate = true, .bf16 = g_opt.bf16});
                },
                flops, Unit::GFLOPS);
     }
@@ -280,11 +288,11 @@ int run_config(const BenchConfig& c, int threads) {
         const double fwd_flops = 2.0 * B * C * (double)T * (T + 1);  // QK^T + PV over the causal triangle
         const std::string s = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
                               " H=" + std::to_string(H);
-        report("attention.fwd", s, [&] { cllm::attention_forward(out, lse, qkv, B, T, C, H, H, nodrop, 0); },
+        report("attention.fwd", s, [&] { cllm::attention_forward(out, lse, qkv, B, T, C, H, H, nodrop, 0, g_opt.bf16); },
                fwd_flops, Unit::GFLOPS);
         // backward: dV, dP, dQ, dK products = 2x the forward (the recomputed QK^T is not counted)
         report("attention.bwd", s,
-               [&] { cllm::attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, H, nodrop, 0); },
+               [&] { cllm::attention_backward(dqkv, dout, qkv, out, lse, B, T, C, H, H, nodrop, 0, g_opt.bf16); },
                2 * fwd_flops, Unit::GFLOPS);
     }
 
@@ -355,6 +363,7 @@ int run_config(const BenchConfig& c, int threads) {
         cllm::Config mc;
         mc.vocab_size = V, mc.max_seq_len = T, mc.embedding_dim = C, mc.num_layers = L, mc.num_heads = H,
         mc.ff_dim = F;
+        mc.bf16 = g_opt.bf16;
         cllm::Model model(mc, 0);
         std::vector<int32_t> x(N), y(N);
         for (int i = 0; i < N; i++) {
@@ -375,9 +384,9 @@ int run_config(const BenchConfig& c, int threads) {
 
 int usage(const char* argv0) {
     std::fprintf(stderr,
-                 "usage: %s [tiny|small|gpt2] [threads] [--reps N] [--min-time SECONDS] [--filter SUBSTRING]\n"
+                 "usage: %s [tiny|small|gpt2] [threads] [--reps N] [--min-time SECONDS] [--filter SUBSTRING] [--bf16]\n"
                  "  times each CLLM kernel (forward and backward) on the config's shapes; defaults: tiny, all "
-                 "cores\n",
+                 "cores;\n  --bf16: the products with bf16 inputs (precision bf16)\n",
                  argv0);
     return 2;
 }
@@ -402,6 +411,7 @@ int main(int argc, char** argv) {
             if (a == "--reps") g_opt.reps = std::stoi(value("--reps"));
             else if (a == "--min-time") g_opt.min_time = std::stod(value("--min-time"));
             else if (a == "--filter") g_opt.filter = value("--filter");
+            else if (a == "--bf16") g_opt.bf16 = true;
             else if (!a.empty() && a[0] == '-') {
                 std::fprintf(stderr, "unknown option %s\n", a.c_str());
                 return usage(argv[0]);

@@ -242,17 +242,14 @@ struct Gemm {
     Causal causal = {};
 };
 void gemm(const Gemm& g);
-// out[N,OC] = inp[N,IC] @ w[IC,OC] + bias
+// out[N,OC] = inp[N,IC] @ w[IC,OC] + bias. Up to 16 fp32 rows (a decode step) read w in place, once for all rows.
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
                     bool bf16 = false, float* gelu_out = nullptr);
-// linear_forward's path for one fp32 row (decode): no packing, which for one row costs as much as the product.
-void linear_forward_row(float* out, const float* inp, const float* w, const float* bias, int IC, int OC,
-                        float* gelu_out = nullptr);
 // dinp (+)= dout @ w^T, dw += inp^T @ dout, dbias += sum(dout); any of dinp/dw/dbias may be null
 void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                      int N, int IC, int OC, bool accumulate_dinp, bool bf16 = false);
 // A bias-free linear layer with nn.Linear's weight layout w [OC, IC] (LLAMA's projections):
-// out[N,OC] (row stride ldo) = inp[N,IC] (row stride ldi) @ w^T. One fp32 row takes one dot per output (decode).
+// out[N,OC] (row stride ldo) = inp[N,IC] (row stride ldi) @ w^T. Up to 16 fp32 rows: a dot per row of w and input.
 void projection_forward(float* out, int ldo, const float* inp, int ldi, const float* w, int N, int IC, int OC,
                         bool bf16 = false);
 // dinp (row stride ldi) (+)= dout @ w, dw += dout^T @ inp; dinp or dw may be null
@@ -451,11 +448,11 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
                                            int max_new_tokens, const Sampling& sampling, bool bf16,
                                            const std::vector<uint64_t>& seeds, const std::vector<int32_t>& stop_tokens,
                                            const StepCallback& on_step, std::vector<std::vector<float>>* all_logits);
-// Floats generate() allocates for `batch` prompts of a model of this config, without allocating: per sequence
-// the KV cache (the qkv rows of every layer over max_seq_len positions), its logits and token counts, and a
-// decode step's row scratch; the activation arena of a [1, max_seq_len] prefill and, with return_logits, the
-// [max_new_tokens, V] logits of each sequence; with bf16 the bf16 caches and weight copies instead. Saturates at
-// SIZE_MAX.
+// Floats generate() allocates at most for `batch` prompts of a model of this config, without allocating: per
+// sequence the KV cache (the qkv rows of every layer over max_seq_len positions; a call takes prompt + new ones),
+// its logits and token counts, and a decode step's row scratch; the activation arena of a [1, max_seq_len]
+// prefill and, with return_logits, the [max_new_tokens, V] logits of each sequence; with bf16 the bf16 caches and
+// weight copies instead. Saturates at SIZE_MAX.
 size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16);
 
 int get_num_threads();  // cllm_model.cpp

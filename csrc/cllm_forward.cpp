@@ -33,8 +33,7 @@ void Model::forward(const int32_t* tokens, int B, int T, const Dropout& d) {
         x = a.res3;
     }
     norm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, x, p.lnf_w, p.lnf_b, N);
-    gemm({.c = acts.logits, .ldc = V, .a = {acts.lnf, C}, .b = {p.head(), C, true}, .m = N, .n = V, .k = C,
-          .bf16 = cfg.bf16});  // logits = lnf head^T
+    projection_forward(acts.logits, V, acts.lnf, C, p.head(), N, C, V, cfg.bf16);  // logits = lnf head^T
 }
 
 float Model::loss_only(const int32_t* targets) {

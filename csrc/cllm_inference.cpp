@@ -1,8 +1,8 @@
 // KV-cached generation and sampling, for a batch of prompts of any lengths. Each prompt is prefilled alone with
 // the training forward (one batched pass over its tokens) and its qkv rows become its own cache. Each step then
-// runs the live sequences' new tokens together through every layer, B rows at a time through the training GEMMs
-// (linear_forward with N = B; one row takes its one-row path), each row at its own position and attending to
-// its own cache. With bf16 (DecodeWeights) the step's products read bf16 copies of the weights and the cache
+// runs the live sequences' new tokens together through every layer, B rows at a time through the training parts
+// (whose products take their few-rows path: each weight read once per step for all B rows), each row at its own
+// position and attending to its own cache. With bf16 (DecodeWeights) the step's products read bf16 copies of the weights and the cache
 // holds k | v in bf16: half the bytes of the weights, a third of the cache's.
 #include <algorithm>
 #include <cmath>
@@ -17,9 +17,9 @@ namespace cllm {
 
 namespace {
 
-// fp32: the qkv rows; bf16: the k | v rows in bf16 (2 KV hs values, half as many floats)
-size_t cache_floats_per_layer(const Config& c, bool bf16) {
-    return (size_t)c.max_seq_len * (bf16 ? c.kv_heads() * c.head_dim() : c.qkv_width());
+// A cache of `positions` rows. fp32: the qkv rows; bf16: the k | v rows in bf16 (2 KV hs values, half as many floats)
+size_t cache_floats_per_layer(const Config& c, int positions, bool bf16) {
+    return (size_t)positions * (bf16 ? c.kv_heads() * c.head_dim() : c.qkv_width());
 }
 // per row of a decode step: x, ln, att, proj [C], qkv [qkv_width], fch [mlp_width], act [F], logits [V], the
 // norm's mean and rstd
@@ -154,15 +154,8 @@ void mlp_rows(const Model& m, const DecodeWeights* dw, int l, float* out, Rows& 
 
 void head_rows(const Model& m, const DecodeWeights* dw, float* logits, const float* ln, int B) {
     const int C = m.cfg.embedding_dim, V = m.cfg.vocab_size;
-    const float* head = m.p.head();
-    if (dw) {
-        bf16_product(logits, V, ln, C, B, dw->head, nullptr);
-    } else if (B == 1) {  // one row: the GEMM would pack all of the head for it
-        #pragma omp parallel for schedule(static)
-        for (int v = 0; v < V; v++) logits[v] = dot(head + (size_t)v * C, ln, C);
-    } else {
-        gemm({.c = logits, .ldc = V, .a = {ln, C}, .b = {head, C, true}, .m = B, .n = V, .k = C});
-    }
+    if (dw) return bf16_product(logits, V, ln, C, B, dw->head, nullptr);
+    projection_forward(logits, V, ln, C, m.p.head(), B, C, V);  // the head [V, C]: nn.Linear's layout
 }
 
 // Append each sequence's last token at its position s.len; their logits land in s.logits. Runs in fp32 whatever
@@ -281,7 +274,10 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
     for (int b = 0; b < B && max_new_tokens > 0; b++) {
         Sequence& s = seqs[b];
         s.ctx = prompts[b];
-        for (int l = 0; l < c.num_layers; l++) s.cache.push_back(alloc_floats(cache_floats_per_layer(c, bf16)));
+        // the positions this call can fill (the whole context once it may slide): a short call allocates little
+        const int positions = (int)std::min<int64_t>(Tmax, (int64_t)s.ctx.size() + max_new_tokens);
+        for (int l = 0; l < c.num_layers; l++)
+            s.cache.push_back(alloc_floats(cache_floats_per_layer(c, positions, bf16)));
         s.logits = alloc_floats(V);
         s.counts.assign(V, 0);
         for (int32_t t : prompts[b]) note_token(s, t, false);
@@ -339,7 +335,7 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
 size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16) {
     using u128 = unsigned __int128;
     const u128 B = (u128)std::max(1, batch);
-    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c, bf16) + row_floats(c) + sequence_floats(c)) +
+    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c, c.max_seq_len, bf16) + row_floats(c) + sequence_floats(c)) +
                        activation_floats(c, 1, c.max_seq_len) + (bf16 ? DecodeWeights::floats(c) : 0) +
                        (return_logits ? B * (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
     return total > SIZE_MAX ? SIZE_MAX : (size_t)total;

@@ -37,6 +37,7 @@ constexpr int NCB = 1024;    // columns of C per thread task (multiple of NR)
 constexpr int NCS = 256;     // of which the KC x NCS packed B block stays in L2 while each A sliver (L1) runs across it
 constexpr size_t PACK_BUDGET = 16u << 20;  // bytes of packed op(B) at a time: fits the L3 cache
 constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in the L2 caches between K blocks
+constexpr int ROWS_MAX = 16;  // products of up to this many rows (decode steps) read the weight in place
 
 // Adds the finished MR x NR register tile to C, or (add false: C's first K block) stores it plus the bias
 // row when there is one; writes only rows < m and columns < n.
@@ -568,6 +569,124 @@ void bias_backward(float* dbias, const float* dout, int N, int OC) {
     }
 }
 
+// ---- a few rows (a decode step: one row per sequence) ----------------------------------------------------------
+// The GEMM would pack all of the weight for them, which costs as much as the product: these paths read the rows
+// in place and every weight element once for all of them, so a step costs one pass over the weights. Every output is
+// summed over the inputs in order, in the same way for any number of rows: a sequence's logits do not depend on
+// the batch it is decoded in.
+
+// out[r, j0 : j0 + NR] += x[r, k0 : k1] @ w[k0 : k1, j0 : j0 + NR] for the R rows (w [K, *] row stride ldw)
+template <int R>
+void rows_strip(float* out, int ldo, const float* x, int ldx, const float* w, int ldw, int k0, int k1, int j0) {
+    vf c0[R], c1[R];
+    for (int r = 0; r < R; r++) {
+        c0[r] = *(const vf_u*)(out + (size_t)r * ldo + j0);
+        c1[r] = *(const vf_u*)(out + (size_t)r * ldo + j0 + VL);
+    }
+    for (int k = k0; k < k1; k++) {
+        const vf w0 = *(const vf_u*)(w + (size_t)k * ldw + j0), w1 = *(const vf_u*)(w + (size_t)k * ldw + j0 + VL);
+        for (int r = 0; r < R; r++) {
+            const float xr = x[(size_t)r * ldx + k];
+            c0[r] += xr * w0;
+            c1[r] += xr * w1;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        *(vf_u*)(out + (size_t)r * ldo + j0) = c0[r];
+        *(vf_u*)(out + (size_t)r * ldo + j0 + VL) = c1[r];
+    }
+}
+
+// out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ w[K, N] (+ bias), for M <= ROWS_MAX. Each thread owns a
+// range of columns and walks down w in blocks of KB rows, each block's columns of the range for every row group
+// before the next block: w is read front to back in long runs (strips walked down all of K would touch a page
+// per row: a TLB miss each where w lies in 4 KiB pages), the range's outputs stay in cache as accumulators.
+void rows_forward(float* out, int ldo, const float* x, int ldx, const float* w, const float* bias, int M, int K,
+                  int N, float* gelu_out) {
+    constexpr int KB = 8;
+    const int strips = N / NR;
+    #pragma omp parallel
+    {
+        const int T = omp_get_num_threads(), t = omp_get_thread_num();
+        const int s0 = strips * t / T, s1 = strips * (t + 1) / T;
+        const int j0 = s0 * NR, j1 = t == T - 1 ? N : s1 * NR;  // the last thread also takes the N % NR columns
+        for (int r = 0; r < M; r++)
+            for (int j = j0; j < j1; j++) out[(size_t)r * ldo + j] = bias ? bias[j] : 0.0f;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+            const int k1 = std::min(K, k0 + KB);
+            for (int s = s0; s < s1; s++)
+                for (int r0 = 0; r0 < M; r0 += MR) {
+                    float* o = out + (size_t)r0 * ldo;
+                    const float* xr = x + (size_t)r0 * ldx;
+                    switch (std::min(MR, M - r0)) {
+                        case 1: rows_strip<1>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 2: rows_strip<2>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 3: rows_strip<3>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 4: rows_strip<4>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 5: rows_strip<5>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 6: rows_strip<6>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        case 7: rows_strip<7>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                        default: rows_strip<MR>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
+                    }
+                }
+            for (int r = 0; r < M; r++)  // the ragged columns, summed in the same order as a vector lane
+                for (int j = strips * NR; j < j1; j++) {
+                    float acc = out[(size_t)r * ldo + j];
+                    for (int k = k0; k < k1; k++) acc += x[(size_t)r * ldx + k] * w[(size_t)k * N + j];
+                    out[(size_t)r * ldo + j] = acc;
+                }
+        }
+        if (gelu_out)
+            for (int r = 0; r < M; r++) {
+                const float* o = out + (size_t)r * ldo;
+                float* g = gelu_out + (size_t)r * ldo;
+                #pragma omp simd
+                for (int j = j0; j < j1; j++) g[j] = gelu(o[j]);
+            }
+    }
+}
+
+// out[r, j] = x[r, :] . w[j, :] for the R rows (w row j contiguous: nn.Linear's layout, the tied head)
+template <int R>
+void rows_dot(float* out, int ldo, const float* x, int ldx, const float* wj, int K) {
+    vf s[R];
+    for (int r = 0; r < R; r++) s[r] = vf{};
+    const int K0 = K - K % VL;
+    for (int k = 0; k < K0; k += VL) {
+        const vf wv = *(const vf_u*)(wj + k);
+        for (int r = 0; r < R; r++) s[r] += *(const vf_u*)(x + (size_t)r * ldx + k) * wv;
+    }
+    for (int r = 0; r < R; r++) {
+        float acc = 0.0f;
+        for (int i = 0; i < VL; i++) acc += s[r][i];
+        for (int k = K0; k < K; k++) acc += x[(size_t)r * ldx + k] * wj[k];
+        out[(size_t)r * ldo] = acc;
+    }
+}
+
+// out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ w^T, w [N, K], for M <= ROWS_MAX: one dot per weight row
+// and input row, the weight rows split between the threads.
+void rows_dots(float* out, int ldo, const float* x, int ldx, const float* w, int M, int K, int N) {
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < N; j++)
+        for (int r0 = 0; r0 < M; r0 += MR) {
+            const int rows = std::min(MR, M - r0);
+            float* o = out + (size_t)r0 * ldo + j;
+            const float* xr = x + (size_t)r0 * ldx;
+            const float* wj = w + (size_t)j * K;
+            switch (rows) {
+                case 1: rows_dot<1>(o, ldo, xr, ldx, wj, K); break;
+                case 2: rows_dot<2>(o, ldo, xr, ldx, wj, K); break;
+                case 3: rows_dot<3>(o, ldo, xr, ldx, wj, K); break;
+                case 4: rows_dot<4>(o, ldo, xr, ldx, wj, K); break;
+                case 5: rows_dot<5>(o, ldo, xr, ldx, wj, K); break;
+                case 6: rows_dot<6>(o, ldo, xr, ldx, wj, K); break;
+                case 7: rows_dot<7>(o, ldo, xr, ldx, wj, K); break;
+                default: rows_dot<MR>(o, ldo, xr, ldx, wj, K); break;
+            }
+        }
+}
+
 }  // namespace
 
 void gemm(const Gemm& g) {
@@ -579,7 +698,7 @@ void gemm(const Gemm& g) {
 
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC, bool bf16,
                     float* gelu_out) {
-    if (N == 1 && !bf16) return linear_forward_row(out, inp, w, bias, IC, OC, gelu_out);
+    if (N <= ROWS_MAX && !bf16) return rows_forward(out, OC, inp, IC, w, bias, N, IC, OC, gelu_out);
     // the bias is added as each output tile is first stored, GELU as it is finished: no extra passes over out
     gemm({.c = out, .ldc = OC, .a = {inp, IC}, .b = {w, OC}, .m = N, .n = OC, .k = IC, .bf16 = bf16, .bias = bias,
           .gelu_out = gelu_out});
@@ -596,37 +715,11 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
     if (dbias && N > 0 && OC > 0) bias_backward(dbias, dout, N, OC);  // (no rows or no columns: nothing to add)
 }
 
-// Columns in 64-wide strips across threads, each summed over the inputs in order in registers.
-void linear_forward_row(float* out, const float* inp, const float* w, const float* bias, int IC, int OC,
-                        float* gelu_out) {
-    #pragma omp parallel for schedule(static)
-    for (int j0 = 0; j0 < OC; j0 += 64) {
-        const int j1 = std::min(OC, j0 + 64);
-        float acc[64];
-        for (int j = j0; j < j1; j++) acc[j - j0] = bias ? bias[j] : 0.0f;
-        for (int i = 0; i < IC; i++) {
-            const float xi = inp[i];
-            const float* wr = w + (size_t)i * OC;
-            #pragma omp simd
-            for (int j = j0; j < j1; j++) acc[j - j0] += xi * wr[j];
-        }
-        std::memcpy(out + j0, acc, (j1 - j0) * sizeof(float));
-        if (gelu_out) {
-            #pragma omp simd
-            for (int j = j0; j < j1; j++) gelu_out[j] = gelu(acc[j - j0]);
-        }
-    }
-}
-
-// nn.Linear's layout w [OC, IC]: out = inp w^T. One fp32 row: a dot per output row of w, in order (as
-// linear_forward_row, no packing); otherwise the GEMM with w as its transposed operand.
+// nn.Linear's layout w [OC, IC]: out = inp w^T; a few fp32 rows take the dot path, otherwise the GEMM with w as its
+// transposed operand.
 void projection_forward(float* out, int ldo, const float* inp, int ldi, const float* w, int N, int IC, int OC,
                         bool bf16) {
-    if (N == 1 && !bf16) {
-        #pragma omp parallel for schedule(static)
-        for (int j = 0; j < OC; j++) out[j] = dot(w + (size_t)j * IC, inp, IC);
-        return;
-    }
+    if (N <= ROWS_MAX && !bf16) return rows_dots(out, ldo, inp, ldi, w, N, IC, OC);
     gemm({.c = out, .ldc = ldo, .a = {inp, ldi}, .b = {w, IC, true}, .m = N, .n = OC, .k = IC, .bf16 = bf16});
 }
 

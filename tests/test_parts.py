@@ -80,8 +80,10 @@ def test_layernorm(kernels, errs, rng, N, C, offset):
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("N,K,M", [(37, 48, 100), (13, 33, 17), (128, 128, 384), (1, 5, 3), (26, 100, 48)],
-                         ids=["37x48x100", "13x33x17", "128x128x384", "1x5x3", "26x100x48"])
+# N <= 16 takes the few-rows path (decode steps): 11 and 16 rows in groups of 8, full column strips and a ragged end
+@pytest.mark.parametrize("N,K,M", [(37, 48, 100), (13, 33, 17), (128, 128, 384), (1, 5, 3), (26, 100, 48),
+                                   (11, 70, 100), (16, 40, 67)],
+                         ids=["37x48x100", "13x33x17", "128x128x384", "1x5x3", "26x100x48", "11x70x100", "16x40x67"])
 def test_linear(kernels, errs, rng, N, K, M):
     x = rng.standard_normal((N, K))
     w = rng.standard_normal((K, M)) * 0.2

@@ -25,15 +25,18 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(cllm.__file__).p
 def _interrupt_after(cmd, ready, sig=signal.SIGINT, settle=0.0, timeout=60):
     """Run cmd, send `sig` `settle` seconds after ready() holds, return (status, stderr, seconds from the signal
     to the exit)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + timeout
-    while time.time() < deadline and not ready() and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(settle)
-    assert p.poll() is None, p.communicate()
-    sent = time.time()
-    p.send_signal(sig)
-    _, stderr = p.communicate(timeout=timeout)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) as p:
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and not ready() and p.poll() is None:
+                time.sleep(0.05)
+            time.sleep(settle)
+            assert p.poll() is None, p.communicate()
+            sent = time.time()
+            p.send_signal(sig)
+            _, stderr = p.communicate(timeout=timeout)
+        finally:
+            p.kill()  # a run that ignored the signal must not outlive the test (no-op once it has exited)
     return p.returncode, stderr, time.time() - sent
 
 
