@@ -54,17 +54,19 @@ def worker(args) -> int:
     if comm.world_size > 1:
         for mode in MODES:
             reducers[mode] = comm.gradient_reducer(grads, int(args.bucket_mb * 2**20) // 4, mode == "overlap",
-                                                   args.grad_dtype)
+                                                   args.grad_dtype, model=None if args.dense_embedding else model)
     times = {mode: [] for mode in (MODES if reducers else ("single",))}
     comm.barrier()
     for i in range(args.warmup + args.steps):
         mode = list(times)[i % len(times)]
         reducer = reducers.get(mode)
+        sent0 = reducer.bytes_sent if reducer else 0
         t0 = time.perf_counter()
         if reducer:
-            reducer.start()
+            reducer.start(tokens[i, :, :-1])
         loss = model.forward_backward(tokens[i, :, :-1], tokens[i, :, 1:],
-                                      on_grads_ready=reducer.ready if reducer and reducer.overlap else None)
+                                      on_grads_ready=reducer.ready if reducer and reducer.overlap else None,
+                                      embedding_grad=reducer.embedding_grad if reducer else None)
         t1 = time.perf_counter()
         if reducer:
             reducer.finish()
@@ -74,16 +76,19 @@ def worker(args) -> int:
         opt.step()
         t3 = time.perf_counter()
         if i >= args.warmup:
-            times[mode].append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2)))
+            sent = (reducer.bytes_sent if reducer else 0) - sent0
+            times[mode].append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2), sent))
     for r in reducers.values():
         r.close()
     if comm.rank == 0:
         for mode, rows in times.items():
-            step, wait, compute = (statistics.median(c) for c in zip(*rows))
+            step, wait, compute, sent = (statistics.median(c) for c in zip(*rows))
             print("RESULT " + json.dumps({
                 "ranks": comm.world_size, "threads": args.threads, "batch_per_rank": B, "seq_len": T,
                 "mode": mode, "parameters": model.num_parameters, "step_s": step, "wait_s": wait,
-                "compute_s": compute, "tokens_per_sec": B * T * comm.world_size / step, "loss": loss}), flush=True)
+                "compute_s": compute, "tokens_per_sec": B * T * comm.world_size / step, "loss": loss,
+                "bytes_sent_per_step": sent, "grad_dtype": args.grad_dtype, "bucket_mb": args.bucket_mb,
+                "dense_embedding": args.dense_embedding}), flush=True)
     comm.barrier()
     return 0
 
@@ -106,6 +111,7 @@ def run(ranks: int, threads: int, args) -> list:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--batch",
             str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb",
             str(args.bucket_mb), "--grad-dtype", args.grad_dtype]
+    argv += ["--dense-embedding"] if args.dense_embedding else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0, busy0, own0 = time.perf_counter(), machine_busy_seconds(), _children_cpu_seconds()
     if hosts:
@@ -192,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", default="1gbit", help="tc rate of each namespace host's link (default: 1gbit)")
     ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default: 1)")
     ap.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"), help="gradients sent as (default: fp32)")
+    ap.add_argument("--dense-embedding", action="store_true",
+                    help="exchange the whole wte gradient after the backward (before the compact embedding exchange)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: 8)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps, alternating the two modes (default: 6)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: 2)")

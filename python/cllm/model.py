@@ -206,22 +206,40 @@ class Model:
         return out
 
     def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0,
-                         label_smoothing: float = 0.0, on_grads_ready=None) -> float:
+                         label_smoothing: float = 0.0, on_grads_ready=None, embedding_grad=None) -> float:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
         Gradients are zeroed first unless accumulate=True (gradient accumulation). label_smoothing eps in [0, 1]
         trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
         returned is that smoothed loss. on_grads_ready (optional, a callable) is called during the backward
-        with an offset `from` each time the flat gradients [from:] are final (after the final norm, after each
-        layer from the last, and with 0 at the end), so that they can be sent while the rest is computed."""
+        with a range (from, to) each time the flat gradients [from:to] are final (after the final norm, after
+        each layer from the last, to the end of the buffer, and (0, total) last), so that they can be sent while
+        the rest is computed. embedding_grad (optional, a float32 C-contiguous [B, T, C] array; tied head only)
+        receives the gradient at the embedding output instead of its being added into the wte (and wpe)
+        gradients, which then hold the LM head's part only; on_grads_ready then gets wte's range first, right
+        after the head's GEMMs (data parallelism sends the sparse embedding part compactly, GradientReducer)."""
         grad_scale = check_float("grad_scale", grad_scale)
         label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
         if on_grads_ready is not None and not callable(on_grads_ready):
             raise TypeError(f"on_grads_ready must be callable or None, got {type(on_grads_ready).__name__}")
         x, y = self._batch(x, y)
-        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing, on_grads_ready)
+        if embedding_grad is not None:
+            self._check_embedding_grad(embedding_grad, x.shape)
+        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing, on_grads_ready,
+                                           embedding_grad)
         self._arena_shape = x.shape
         return loss
+
+    def _check_embedding_grad(self, out, shape) -> None:
+        if not self.config.tie_embeddings:
+            raise ValueError("embedding_grad needs a tied head (tie_embeddings); an untied model's wte gradient "
+                             "has no head part")
+        want = (*shape, self.config.embedding_dim)
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want:
+            raise TypeError(f"embedding_grad must be a float32 array of shape {want}, got "
+                            f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("embedding_grad must be C-contiguous and writeable (the backward writes into it)")
 
     def loss(self, x, y) -> float:
         """Mean cross-entropy without gradients or dropout (validation)."""

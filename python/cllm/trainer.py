@@ -135,7 +135,7 @@ class Trainer:
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay else None
         if multi:
             self.reducer = make_reducer(self.model.flat_gradients(), int(c.bucket_mb * 2**20) // 4, c.overlap,
-                                        c.grad_dtype, self.shards)
+                                        c.grad_dtype, self.shards, model=self.model)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
         try:
@@ -263,10 +263,11 @@ class Trainer:
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
             last = i == c.grad_accum - 1  # its backward finishes the gradients: their exchange may begin
             if last and reducer is not None:
-                reducer.start()
+                reducer.start(x[rows])  # a tied head's embedding part is left to the reducer (embedding_grad)
             loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
                                                 label_smoothing=c.label_smoothing,
-                                                on_grads_ready=hook if last else None)
+                                                on_grads_ready=hook if last else None,
+                                                embedding_grad=reducer.embedding_grad if last and reducer else None)
         if reducer is not None:
             reducer.finish()
         else:
