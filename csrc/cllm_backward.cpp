@@ -37,7 +37,8 @@ void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& 
     std::memset(dres, 0, NC * sizeof(float));
     norm_backward(dres, g.lnf_w, g.lnf_b, acts.dln, x_last, p.lnf_w, acts.lnf_mean, acts.lnf_rstd, N);
     // The final norm's tensors begin the layout's tail (an untied head after them is done too), each layer's
-    // begin with its ln1_w; only the embeddings at the front wait for the end (with demb, only wpe).
+    // begin with its ln1_w and its MLP half with ln2_w; only the embeddings at the front wait for the end (with
+    // demb, only wpe).
     auto done_from = [&](const float* first) {
         if (ready) ready(offset(first), total);
     };
@@ -54,6 +55,7 @@ void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& 
         norm_forward(acts.ln_out, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N);  // recompute
         feedforward_backward(acts.dln, mlp_grads(l), dmlp, acts.ln_out, a.fch, acts.act_out, acts.dfch, mlp(l), N);
         norm_backward(dres, gw.ln2_w, gw.ln2_b, acts.dln, a.res2, w.ln2_w, a.ln2_mean, a.ln2_rstd, N);
+        done_from(gw.ln2_w);  // the MLP half (ln2 and the MLP, 2/3 of the layer) goes while attention computes
 
         // res2 = x_in + drop(attn_out(attn(qkv(norm_1(x_in)))))
         const float* dattn = branch_grad(dres, site_attn_resid(l));

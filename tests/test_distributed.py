@@ -491,8 +491,8 @@ def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied"])
 def test_backward_reports_final_gradients_back_to_front(arch):
-    """on_grads_ready(from, to) comes after the final norm, after each layer (at its first tensor) and with
-    (0, total) last, each time for the rest of the buffer; at each call the gradients [from:to] already hold
+    """on_grads_ready(from, to) comes after the final norm, after each layer's MLP half (at its ln2) and after
+    the layer (at its first tensor), and with (0, total) last, each time for the rest of the buffer; at each call the gradients [from:to] already hold
     their final values. With embedding_grad (tied head) wte's range comes first, right after the head's GEMMs,
     and wte + wpe get the embedding's part from embedding_backward of embedding_grad."""
     extra = {"gpt2": {}, "llama": dict(architecture="llama", tie_embeddings=False, pos_encoding=None),
@@ -503,9 +503,10 @@ def test_backward_reports_final_gradients_back_to_front(arch):
     grads, seen, total = model.flat_gradients(), [], model.layout.total
     model.forward_backward(x, x, on_grads_ready=lambda f, t: seen.append((f, t, grads[f:t].copy())))
     first = {t["name"]: t for t in model.tensor_info}
-    norm, layer = ("ln_f.weight", "h.{}.ln_1.weight") if arch == "gpt2" else \
-                  ("norm.weight", "layers.{}.input_layernorm.weight")
-    back_to_front = [first[norm]["offset"]] + [first[layer.format(i)]["offset"] for i in (2, 1, 0)] + [0]
+    norm, ln2, ln1 = ("ln_f.weight", "h.{}.ln_2.weight", "h.{}.ln_1.weight") if arch == "gpt2" else \
+                     ("norm.weight", "layers.{}.post_attention_layernorm.weight", "layers.{}.input_layernorm.weight")
+    back_to_front = [first[norm]["offset"]] + [first[name.format(i)]["offset"] for i in (2, 1, 0)
+                                               for name in (ln2, ln1)] + [0]
     assert [(f, t) for f, t, _ in seen] == [(f, total) for f in back_to_front]
     for f, t, copy in seen:
         np.testing.assert_array_equal(copy, grads[f:t])

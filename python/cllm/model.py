@@ -60,13 +60,19 @@ def activation_count(config: ModelConfig, batch_size: int, seq_len: int) -> int:
 
 
 def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
-                    optimizer: str = "adamw", ema: bool = False) -> int:
-    """Bytes a training run of this model needs: parameters, gradients, optimizer state ("adamw": two moments,
-    "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
-    [batch_size, seq_len] step."""
+                    optimizer: str = "adamw", ema: bool = False, shards: int = 1) -> int:
+    """Bytes a training run of this model needs (per rank): parameters, gradients, optimizer state ("adamw": two
+    moments, "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
+    [batch_size, seq_len] step. shards: the ranks the optimizer state is sharded over (ZeRO-1, --zero): each
+    rank holds the moments of its shard only, the largest of `shard_ranges(total, shards)` (about 1/shards)."""
+    from .distributed import shard_ranges  # numpy only: mpi4py is not imported
+
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer] + (2 if ema else 0)
-    return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
+    shards = check_int("shards", shards, 1, 2**31 - 1)
+    total = parameter_count(config)
+    shard = max(hi - lo for lo, hi in shard_ranges(total, shards))
+    state = {"adamw": 2, "sgd": 1, None: 0}[optimizer] * shard
+    return 4 * ((2 + (2 if ema else 0)) * total + state + activation_count(config, batch_size, seq_len))
 
 
 def _is_batch(prompt) -> bool:
@@ -213,7 +219,8 @@ class Model:
         trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
         returned is that smoothed loss. on_grads_ready (optional, a callable) is called during the backward
         with a range (from, to) each time the flat gradients [from:to] are final (after the final norm, after
-        each layer from the last, to the end of the buffer, and (0, total) last), so that they can be sent while
+        each layer's MLP half and after each layer from the last, to the end of the buffer, and (0, total)
+        last), so that they can be sent while
         the rest is computed. embedding_grad (optional, a float32 C-contiguous [B, T, C] array; tied head only)
         receives the gradient at the embedding output instead of its being added into the wte (and wpe)
         gradients, which then hold the LM head's part only; on_grads_ready then gets wte's range first, right

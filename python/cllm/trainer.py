@@ -115,7 +115,8 @@ class Trainer:
         # (Saving a checkpoint streams the tensors: it needs no more.)
         resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer,
-                                     ema=bool(c.ema_decay)) + resume_peak,
+                                     ema=bool(c.ema_decay), shards=self.comm.world_size if c.zero else 1)
+                     + resume_peak,
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
