@@ -220,11 +220,11 @@ class Model:
         returned is that smoothed loss. on_grads_ready (optional, a callable) is called during the backward
         with a range (from, to) each time the flat gradients [from:to] are final (after the final norm, after
         each layer's MLP half and after each layer from the last, to the end of the buffer, and (0, total)
-        last), so that they can be sent while
-        the rest is computed. embedding_grad (optional, a float32 C-contiguous [B, T, C] array; tied head only)
-        receives the gradient at the embedding output instead of its being added into the wte (and wpe)
-        gradients, which then hold the LM head's part only; on_grads_ready then gets wte's range first, right
-        after the head's GEMMs (data parallelism sends the sparse embedding part compactly, GradientReducer)."""
+        last), so that they can be sent while the rest is computed. embedding_grad (optional, a float32
+        C-contiguous [B, T, C] array; tied head only) receives the gradient at the embedding output instead of
+        its being added into the wte (and wpe) gradients, which then hold the LM head's part only;
+        on_grads_ready then gets wte's range first, right after the head's GEMMs (data parallelism sends the
+        sparse embedding part compactly, GradientReducer)."""
         grad_scale = check_float("grad_scale", grad_scale)
         label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
         if on_grads_ready is not None and not callable(on_grads_ready):
