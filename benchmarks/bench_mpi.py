@@ -8,7 +8,8 @@ gradient exchange with the backward.
 Each run is `mpirun -n R python benchmarks/bench_mpi.py --worker ...`: every rank builds the same model (the
 "small" config: V=8192, T=256, C=384, L=6, H=6, ff 4C; 13.9 M parameters) and, for `warmup` + `steps` steps,
 does what the trainer's step does: forward_backward on its own `batch` random sequences, the gradients averaged
-by a GradientReducer (buckets of --bucket-mb, --grad-dtype), the loss averaged, clip_grad_norm(1.0) and AdamW.
+by a GradientReducer (buckets of --bucket-mb, --grad-dtype; the tied embedding's part exchanged compactly, or
+with --dense-embedding in the buffer as before), the loss averaged, clip_grad_norm(1.0) and AdamW.
 With several ranks the steps alternate between the two modes, so that both see the same machine: "after" (the
 exchange after the backward) and "overlap" (each bucket sent as soon as the backward has finished it). From the
 "after" steps come compute (the step without the exchange) and comm (the exchange alone); an overlapped step
@@ -159,7 +160,7 @@ def _row(res, note: str = "") -> str:
     ratio = "-" if ideal is None else f"{res['step_s'] / ideal:.3f}"
     return (f"{res['ranks']:>5} {res['threads']:>7} {where:>12} {res['mode']:>8} {res['tokens_per_sec']:>8,.0f} "
             f"{res['step_s']:>7.3f} {res['compute_s']:>9.3f} {res.get('comm_s', float('nan')):>7.3f} "
-            f"{res['wait_s']:>7.3f} {ratio:>10} "
+            f"{res['wait_s']:>7.3f} {ratio:>10} {res.get('bytes_sent_per_step', 0) / 1e6:>8.1f} "
             f"{res['efficiency']:>6.3f} {_other(res):>6}{note}")
 
 
@@ -173,9 +174,14 @@ def plot(results: list, path: str) -> None:
         where = "one host" if not hosts else f"{hosts} hosts, {rows[-1]['rate'] or 'unshaped'}"
         label = f"{where}, {mode}"
         ax.plot([r["ranks"] for r in rows], [r["efficiency"] for r in rows], marker="o", label=label)
-    ax.set_xlabel("ranks (1 thread each)")
+    ranks = sorted({r["ranks"] for r in results})
+    cores = os.cpu_count() or 1  # beyond it ranks share cores: efficiency at most cores / ranks
+    ax.plot(ranks, [min(1.0, cores / r) for r in ranks], ls="--", color="gray", label="cores / ranks (bound)")
+    ax.set_xlabel("ranks (1 thread each; more than the cores: oversubscribed)")
     ax.set_ylabel("scaling efficiency")
     ax.set_ylim(0, 1.1)
+    ax.set_title(f"small config, batch {results[0]['batch_per_rank']} per rank, {os.cpu_count()} cores",
+                 fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     FigureCanvasAgg(fig).print_png(path)
@@ -239,7 +245,7 @@ def main(argv=None) -> int:
                          and a["hosts"] == res["hosts"])
             res["comm_s"], res["ideal_s"] = after["wait_s"], max(after["compute_s"], after["wait_s"])
     print(f"{'ranks':>5} {'threads':>7} {'hosts':>12} {'mode':>8} {'tok/s':>8} {'step s':>7} {'compute s':>9} "
-          f"{'comm s':>7} {'wait s':>7} {'step/ideal':>10} {'eff.':>6} {'other':>6}")
+          f"{'comm s':>7} {'wait s':>7} {'step/ideal':>10} {'MB sent':>8} {'eff.':>6} {'other':>6}")
     for res in results:
         print(_row(res))
     if args.threads_baseline and max(ranks) > 1:
@@ -248,7 +254,8 @@ def main(argv=None) -> int:
         res["efficiency"] = res["tokens_per_sec"] / (n * base)
         results.append(res)
         print(_row(res, f"   (1 rank, {n} threads, batch {args.batch * n})"))
-    print("ideal = max(compute, comm) of the run's `after` steps; wait = the exchange left after the backward")
+    print("ideal = max(compute, comm) of the run's `after` steps; wait = the exchange left after the backward; "
+          "MB sent = gradient bytes each rank sent per step")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
