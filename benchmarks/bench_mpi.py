@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default: 1)")
     ap.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"), help="gradients sent as (default: fp32)")
     ap.add_argument("--dense-embedding", action="store_true",
-                    help="exchange the whole wte gradient after the backward (before the compact embedding exchange)")
+                    help="no compact embedding exchange: wte's whole gradient stays in the buffer, finished last")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: 8)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps, alternating the two modes (default: 6)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: 2)")
