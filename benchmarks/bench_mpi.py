@@ -8,7 +8,8 @@ gradient exchange with the backward.
 Each run is `mpirun -n R python benchmarks/bench_mpi.py --worker ...`: every rank builds the same model (the
 "small" config: V=8192, T=256, C=384, L=6, H=6, ff 4C; 13.9 M parameters) and, for `warmup` + `steps` steps,
 does what the trainer's step does: forward_backward on its own `batch` random sequences, the gradients averaged
-by a GradientReducer (buckets of --bucket-mb, --grad-dtype), the loss averaged, clip_grad_norm(1.0) and AdamW.
+by a GradientReducer (buckets of --bucket-mb, --grad-dtype; the tied embedding's part exchanged compactly, or
+with --dense-embedding in the buffer as before), the loss averaged, clip_grad_norm(1.0) and AdamW.
 With several ranks the steps alternate between the two modes, so that both see the same machine: "after" (the
 exchange after the backward) and "overlap" (each bucket sent as soon as the backward has finished it). From the
 "after" steps come compute (the step without the exchange) and comm (the exchange alone); an overlapped step
@@ -54,17 +55,19 @@ def worker(args) -> int:
     if comm.world_size > 1:
         for mode in MODES:
             reducers[mode] = comm.gradient_reducer(grads, int(args.bucket_mb * 2**20) // 4, mode == "overlap",
-                                                   args.grad_dtype)
+                                                   args.grad_dtype, model=None if args.dense_embedding else model)
     times = {mode: [] for mode in (MODES if reducers else ("single",))}
     comm.barrier()
     for i in range(args.warmup + args.steps):
         mode = list(times)[i % len(times)]
         reducer = reducers.get(mode)
+        sent0 = reducer.bytes_sent if reducer else 0
         t0 = time.perf_counter()
         if reducer:
-            reducer.start()
+            reducer.start(tokens[i, :, :-1])
         loss = model.forward_backward(tokens[i, :, :-1], tokens[i, :, 1:],
-                                      on_grads_ready=reducer.ready if reducer and reducer.overlap else None)
+                                      on_grads_ready=reducer.ready if reducer and reducer.overlap else None,
+                                      embedding_grad=reducer.embedding_grad if reducer else None)
         t1 = time.perf_counter()
         if reducer:
             reducer.finish()
@@ -74,16 +77,19 @@ def worker(args) -> int:
         opt.step()
         t3 = time.perf_counter()
         if i >= args.warmup:
-            times[mode].append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2)))
+            sent = (reducer.bytes_sent if reducer else 0) - sent0
+            times[mode].append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2), sent))
     for r in reducers.values():
         r.close()
     if comm.rank == 0:
         for mode, rows in times.items():
-            step, wait, compute = (statistics.median(c) for c in zip(*rows))
+            step, wait, compute, sent = (statistics.median(c) for c in zip(*rows))
             print("RESULT " + json.dumps({
                 "ranks": comm.world_size, "threads": args.threads, "batch_per_rank": B, "seq_len": T,
                 "mode": mode, "parameters": model.num_parameters, "step_s": step, "wait_s": wait,
-                "compute_s": compute, "tokens_per_sec": B * T * comm.world_size / step, "loss": loss}), flush=True)
+                "compute_s": compute, "tokens_per_sec": B * T * comm.world_size / step, "loss": loss,
+                "bytes_sent_per_step": sent, "grad_dtype": args.grad_dtype, "bucket_mb": args.bucket_mb,
+                "dense_embedding": args.dense_embedding}), flush=True)
     comm.barrier()
     return 0
 
@@ -106,6 +112,7 @@ def run(ranks: int, threads: int, args) -> list:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--batch",
             str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb",
             str(args.bucket_mb), "--grad-dtype", args.grad_dtype]
+    argv += ["--dense-embedding"] if args.dense_embedding else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0, busy0, own0 = time.perf_counter(), machine_busy_seconds(), _children_cpu_seconds()
     if hosts:
@@ -153,7 +160,7 @@ def _row(res, note: str = "") -> str:
     ratio = "-" if ideal is None else f"{res['step_s'] / ideal:.3f}"
     return (f"{res['ranks']:>5} {res['threads']:>7} {where:>12} {res['mode']:>8} {res['tokens_per_sec']:>8,.0f} "
             f"{res['step_s']:>7.3f} {res['compute_s']:>9.3f} {res.get('comm_s', float('nan')):>7.3f} "
-            f"{res['wait_s']:>7.3f} {ratio:>10} "
+            f"{res['wait_s']:>7.3f} {ratio:>10} {res.get('bytes_sent_per_step', 0) / 1e6:>8.1f} "
             f"{res['efficiency']:>6.3f} {_other(res):>6}{note}")
 
 
@@ -167,9 +174,14 @@ def plot(results: list, path: str) -> None:
         where = "one host" if not hosts else f"{hosts} hosts, {rows[-1]['rate'] or 'unshaped'}"
         label = f"{where}, {mode}"
         ax.plot([r["ranks"] for r in rows], [r["efficiency"] for r in rows], marker="o", label=label)
-    ax.set_xlabel("ranks (1 thread each)")
+    ranks = sorted({r["ranks"] for r in results})
+    cores = os.cpu_count() or 1  # beyond it ranks share cores: efficiency at most cores / ranks
+    ax.plot(ranks, [min(1.0, cores / r) for r in ranks], ls="--", color="gray", label="cores / ranks (bound)")
+    ax.set_xlabel("ranks (1 thread each; more than the cores: oversubscribed)")
     ax.set_ylabel("scaling efficiency")
     ax.set_ylim(0, 1.1)
+    ax.set_title(f"small config, batch {results[0]['batch_per_rank']} per rank, {os.cpu_count()} cores",
+                 fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     FigureCanvasAgg(fig).print_png(path)
@@ -192,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", default="1gbit", help="tc rate of each namespace host's link (default: 1gbit)")
     ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default: 1)")
     ap.add_argument("--grad-dtype", default="fp32", choices=("fp32", "bf16"), help="gradients sent as (default: fp32)")
+    ap.add_argument("--dense-embedding", action="store_true",
+                    help="no compact embedding exchange: wte's whole gradient stays in the buffer, finished last")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: 8)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps, alternating the two modes (default: 6)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: 2)")
@@ -231,7 +245,7 @@ def main(argv=None) -> int:
                          and a["hosts"] == res["hosts"])
             res["comm_s"], res["ideal_s"] = after["wait_s"], max(after["compute_s"], after["wait_s"])
     print(f"{'ranks':>5} {'threads':>7} {'hosts':>12} {'mode':>8} {'tok/s':>8} {'step s':>7} {'compute s':>9} "
-          f"{'comm s':>7} {'wait s':>7} {'step/ideal':>10} {'eff.':>6} {'other':>6}")
+          f"{'comm s':>7} {'wait s':>7} {'step/ideal':>10} {'MB sent':>8} {'eff.':>6} {'other':>6}")
     for res in results:
         print(_row(res))
     if args.threads_baseline and max(ranks) > 1:
@@ -240,7 +254,8 @@ def main(argv=None) -> int:
         res["efficiency"] = res["tokens_per_sec"] / (n * base)
         results.append(res)
         print(_row(res, f"   (1 rank, {n} threads, batch {args.batch * n})"))
-    print("ideal = max(compute, comm) of the run's `after` steps; wait = the exchange left after the backward")
+    print("ideal = max(compute, comm) of the run's `after` steps; wait = the exchange left after the backward; "
+          "MB sent = gradient bytes each rank sent per step")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

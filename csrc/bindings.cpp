@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -124,20 +125,31 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_tokens(y, "targets", pm.cfg().vocab_size, pm.cfg().max_seq_len);
 }
 
-// on_grads_ready (None or a callable(from)) runs with the GIL as the backward finishes the gradients [from, total).
+// on_grads_ready (None or a callable(from, to)) runs with the GIL as the backward finishes the gradients [from, to).
+// embedding_grad (None or a float32 [B, T, C] array, tied head only) receives the gradient at the embedding output
+// instead of wte and wpe (Model::backward's demb).
 float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
-                       float label_smoothing, py::object on_grads_ready) {
+                       float label_smoothing, py::object on_grads_ready, std::optional<FloatArray> embedding_grad) {
     check_pair(pm, x, y);
     require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
-    const int B = (int)x.shape(0), T = (int)x.shape(1);
+    const int B = (int)x.shape(0), T = (int)x.shape(1), C = pm.cfg().embedding_dim;
+    float* demb = nullptr;
+    if (embedding_grad) {
+        FloatArray& e = *embedding_grad;
+        require(pm.cfg().tie_embeddings, "embedding_grad needs a tied head (tie_embeddings)");
+        require(e.ndim() == 3 && e.shape(0) == B && e.shape(1) == T && e.shape(2) == C,
+                "embedding_grad must be float32 [B, T, C] = [" + std::to_string(B) + ", " + std::to_string(T) +
+                    ", " + std::to_string(C) + "]");
+        demb = e.mutable_data();
+    }
     GradsReady ready;
     if (!on_grads_ready.is_none())
-        ready = [&on_grads_ready](size_t from) {
+        ready = [&on_grads_ready](size_t from, size_t to) {
             py::gil_scoped_acquire gil;
-            on_grads_ready(from);  // a Python exception leaves the backward as error_already_set
+            on_grads_ready(from, to);  // a Python exception leaves the backward as error_already_set
         };
     return locked(pm, [&](Model& m) {
-        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing, ready);
+        return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing, ready, demb);
     });
 }
 
@@ -261,7 +273,8 @@ void bind_model(py::module_& mod) {
             "dropout_stream", [](const PyModel& pm) { return pm.m.dropout_stream; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_stream = s; })
         .def("forward_backward", &forward_backward, py::arg("x"), py::arg("y"), py::arg("accumulate") = false,
-             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f, py::arg("on_grads_ready") = py::none())
+             py::arg("grad_scale") = 1.0f, py::arg("label_smoothing") = 0.0f, py::arg("on_grads_ready") = py::none(),
+             py::arg("embedding_grad") = py::none())
         .def("forward", &forward, py::arg("x"))
         .def("loss", &loss, py::arg("x"), py::arg("y"))
         .def("zero_grad", &zero_grad)

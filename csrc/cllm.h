@@ -362,10 +362,11 @@ void cross_entropy_fused(float* losses, float* logits_to_dlogits, const int32_t*
                          float scale, float eps = 0.0f);
 
 // ---- the model: buffers and init (cllm_model.cpp), forward (cllm_forward.cpp), backward (cllm_backward.cpp)
-// The backward's progress, for sending gradients while it still computes (data parallelism): called with an
-// offset `from` once the gradient buffer's floats [from, layout.total) are final in this backward, with `from`
-// decreasing (each layer's tensors follow the earlier layers' in the layout) and 0 last.
-using GradsReady = std::function<void(size_t from)>;
+// The backward's progress, for sending gradients while it still computes (data parallelism): called with a range
+// [from, to) of the gradient buffer once its floats are final in this backward. Back to front: [from, total) with
+// `from` decreasing (each layer's tensors follow the earlier layers' in the layout), [0, total) last; with the
+// embedding's part left to the caller (backward's demb), the wte range comes first, right after the head GEMMs.
+using GradsReady = std::function<void(size_t from, size_t to)>;
 
 struct Model {
     Config cfg;
@@ -406,10 +407,13 @@ struct Model {
     // grad_scale/(B*T).
     float loss_and_dlogits(const int32_t* targets, float grad_scale, float eps = 0.0f);
     float loss_only(const int32_t* targets);
-    // ready (optional) is called as the gradients become final, last layer first (see GradsReady).
-    void backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready = {});
+    // ready (optional) is called as the gradients become final, last layer first (see GradsReady). demb (optional,
+    // tied head only, [B*T, C]): the gradient at the embedding output is written there instead of being added into
+    // g.wte and g.wpe, which then receive the head's part only (a data-parallel caller sums the sparse part itself).
+    void backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready = {}, float* demb = nullptr);
     float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                           float grad_scale, float label_smoothing = 0.0f, const GradsReady& ready = {});
+                           float grad_scale, float label_smoothing = 0.0f, const GradsReady& ready = {},
+                           float* demb = nullptr);
     void zero_grad();
 };
 

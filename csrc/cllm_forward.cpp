@@ -53,13 +53,13 @@ float Model::loss_and_dlogits(const int32_t* targets, float grad_scale, float ep
 }
 
 float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                              float grad_scale, float label_smoothing, const GradsReady& ready) {
+                              float grad_scale, float label_smoothing, const GradsReady& ready, float* demb) {
     Dropout d = step_dropout();
     dropout_step++;
     forward(tokens, B, T, d);
     float loss = loss_and_dlogits(targets, grad_scale, label_smoothing);
     if (!accumulate) zero_grad();
-    backward(tokens, d, ready);
+    backward(tokens, d, ready, demb);
     return loss;
 }
 

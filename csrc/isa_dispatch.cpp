@@ -308,13 +308,13 @@ float Model::loss_only(const int32_t* targets) { return (this->*kernels().model_
 float Model::loss_and_dlogits(const int32_t* targets, float grad_scale, float eps) {
     return (this->*kernels().model_loss_and_dlogits)(targets, grad_scale, eps);
 }
-void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready) {
-    (this->*kernels().model_backward)(tokens, d, ready);
+void Model::backward(const int32_t* tokens, const Dropout& d, const GradsReady& ready, float* demb) {
+    (this->*kernels().model_backward)(tokens, d, ready, demb);
 }
 float Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, bool accumulate,
-                              float grad_scale, float label_smoothing, const GradsReady& ready) {
+                              float grad_scale, float label_smoothing, const GradsReady& ready, float* demb) {
     return (this->*kernels().model_forward_backward)(tokens, targets, B, T, accumulate, grad_scale, label_smoothing,
-                                                     ready);
+                                                     ready, demb);
 }
 
 }  // namespace cllm

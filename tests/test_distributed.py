@@ -23,6 +23,7 @@ from cllm.checkpoint import load_checkpoint
 from cllm.data import prepare
 from cllm.distributed import (DEFAULT_CHECK_INTERVAL, SingleProcess, _divergence_message, auto_communicator,
                               from_bf16, launched_world_size, mpirun_command, shard_ranges, to_bf16)
+from cllm import kernels
 from cllm.model import Model, ModelConfig
 from cllm.errors import MPISetupError
 from cllm.netns_hosts import NamespaceHosts, namespace_hosts_missing
@@ -242,6 +243,78 @@ def test_overlapped_buckets_equal_the_exchange_after_the_backward(two_ranks, dat
     np.testing.assert_array_equal(runs["2 overlap"], params(two_ranks[0] / "last.safetensors"))
 
 
+# Under mpirun: a tied model's gradients averaged with the embedding's part exchanged compactly (the rows of the
+# union of the ranks' tokens), overlapped and after the backward, against the whole buffer exchanged densely.
+COMPACT_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from cllm.distributed import MPICommunicator, shard_ranges
+    from cllm.model import Model, ModelConfig
+
+    comm = MPICommunicator()
+    R, rank = comm.world_size, comm.rank
+    for arch in ("gpt2", "llama"):
+        extra = dict(architecture="llama", pos_encoding=None) if arch == "llama" else {}
+        cfg = ModelConfig(vocab_size=96, max_seq_len=16, embedding_dim=32, num_layers=2, num_heads=2, ff_dim=64,
+                          dropout=0.1, **extra)
+        rng = np.random.default_rng(10 + rank)  # each rank its own tokens: 0..47 only on rank 0, so the union
+        x = rng.integers(0, 48 if rank == 0 else 96, (2, 3, 16)).astype(np.int32)  # is no rank's own set
+
+        def grads(model=None, overlap=False, dtype="fp32", shards=None):
+            m = Model(cfg, seed=1)
+            m.dropout_stream = rank
+            red = comm.gradient_reducer(m.flat_gradients(), 300, overlap, dtype, shards, model=m if model else None)
+            m.forward_backward(x[0], x[0])  # an earlier micro-batch: the dense path
+            red.start(x[1])
+            m.forward_backward(x[1], x[1], accumulate=True, on_grads_ready=red.ready if overlap else None,
+                               embedding_grad=red.embedding_grad)
+            red.finish()
+            out = (m.flat_gradients().copy(), red.bytes_sent, red.embedding_grad is not None)
+            red.close()
+            return out
+
+        dense, dense_sent, split = grads()
+        assert not split
+        for dtype in ("fp32", "bf16"):
+            over, sent, split = grads(True, True, dtype)
+            after, _, _ = grads(True, False, dtype)
+            assert split
+            np.testing.assert_array_equal(over, after)  # the same additions, overlapped or not
+            tol = 1e-6 if dtype == "fp32" else 1e-2
+            np.testing.assert_allclose(over, dense, rtol=0, atol=tol * np.abs(dense).max(), err_msg=arch + dtype)
+        assert sent > dense_sent // 2  # bf16: the dense half plus the compact rows
+        assert np.abs(dense).max() > 1e-3
+        shards = shard_ranges(dense.size, R)
+        lo, hi = shards[rank]
+        zero, _, _ = grads(True, True, "fp32", shards)
+        np.testing.assert_allclose(zero[lo:hi], dense[lo:hi], rtol=0, atol=1e-6 * np.abs(dense).max())
+        red = comm.gradient_reducer(dense, 300, model=Model(cfg, seed=1))
+        wte = next(t for t in Model(cfg).tensor_info if t["name"] in ("wte", "embed_tokens.weight"))
+        end = wte["offset"] + wte["size"]
+        assert all(e <= end or s >= end for s, e in red.buckets)  # no bucket straddles wte's end
+        try:
+            red.start(x[1].astype(np.float32))
+            raise SystemExit("float tokens were accepted")
+        except ValueError as e:
+            assert "tokens must be an integer [B, T] array" in str(e), e
+        red.close()
+    print("compact ok", rank, flush=True)
+""")
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_compact_embedding_exchange_equals_the_dense_one(ranks, tmp_path):
+    """The embedding's rows exchanged compactly (union of the ranks' tokens) give the dense exchange's averaged
+    gradients to float32 order noise (1e-6 of the largest; bf16 to its rounding), bit for bit the same with and
+    without overlap, with an earlier micro-batch on the dense path, for GPT-2 (learned wpe) and a tied Llama,
+    and under ZeRO-1 on each rank's shard; no bucket straddles wte's end; float tokens are refused."""
+    script = tmp_path / "compact.py"
+    script.write_text(COMPACT_SCRIPT)
+    code, log, _ = run_mpi(ranks, [script], cwd=tmp_path)
+    assert code == 0, log
+    assert log.count("compact ok") == ranks, log
+
+
 @needs_mpi
 @pytest.mark.skipif(bool(namespace_hosts_missing()), reason=namespace_hosts_missing() or "root")
 def test_bf16_gradients_halve_the_bytes_between_hosts(two_ranks, data_dir, tmp_path):
@@ -416,30 +489,59 @@ def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
         auto_communicator()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied"])
 def test_backward_reports_final_gradients_back_to_front(arch):
-    """on_grads_ready(from) comes after the final norm, after each layer (at its first tensor) and with 0 last;
-    at each call the gradients [from:] already hold their final values."""
-    extra = dict(architecture="llama", tie_embeddings=False, pos_encoding=None) if arch == "llama" else {}
+    """on_grads_ready(from, to) comes after the final norm, after each layer's MLP half (at its ln2) and after
+    the layer (at its first tensor), and with (0, total) last, each time for the rest of the buffer; at each call the gradients [from:to] already hold
+    their final values. With embedding_grad (tied head) wte's range comes first, right after the head's GEMMs,
+    and wte + wpe get the embedding's part from embedding_backward of embedding_grad."""
+    extra = {"gpt2": {}, "llama": dict(architecture="llama", tie_embeddings=False, pos_encoding=None),
+             "llama-tied": dict(architecture="llama", pos_encoding=None)}[arch]
     model = Model(ModelConfig(vocab_size=64, max_seq_len=16, embedding_dim=32, num_layers=3, num_heads=2,
                               ff_dim=64, dropout=0.1, **extra), seed=1)
     x = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
-    grads, seen = model.flat_gradients(), []
-    model.forward_backward(x, x, on_grads_ready=lambda f: seen.append((f, grads[f:].copy())))
-    first = {t["name"]: t["offset"] for t in model.tensor_info}
-    norm, layer = ("norm.weight", "layers.{}.input_layernorm.weight") if arch == "llama" else \
-                  ("ln_f.weight", "h.{}.ln_1.weight")
-    assert [f for f, _ in seen] == [first[norm]] + [first[layer.format(i)] for i in (2, 1, 0)] + [0]
-    for f, copy in seen:
-        np.testing.assert_array_equal(copy, grads[f:])
+    grads, seen, total = model.flat_gradients(), [], model.layout.total
+    model.forward_backward(x, x, on_grads_ready=lambda f, t: seen.append((f, t, grads[f:t].copy())))
+    first = {t["name"]: t for t in model.tensor_info}
+    norm, ln2, ln1 = ("ln_f.weight", "h.{}.ln_2.weight", "h.{}.ln_1.weight") if arch == "gpt2" else \
+                     ("norm.weight", "layers.{}.post_attention_layernorm.weight", "layers.{}.input_layernorm.weight")
+    back_to_front = [first[norm]["offset"]] + [first[name.format(i)]["offset"] for i in (2, 1, 0)
+                                               for name in (ln2, ln1)] + [0]
+    assert [(f, t) for f, t, _ in seen] == [(f, total) for f in back_to_front]
+    for f, t, copy in seen:
+        np.testing.assert_array_equal(copy, grads[f:t])
     reference = Model(model.config, seed=1)  # without the callback: the same gradients
     reference.forward_backward(x, x)
     np.testing.assert_array_equal(reference.flat_gradients(), grads)
 
-    def fail(offset):
-        raise RuntimeError(f"stop at {offset}")
+    if arch == "llama":  # untied: wte's gradient has no head part to send early
+        with pytest.raises(ValueError, match="embedding_grad needs a tied head"):
+            model.forward_backward(x, x, embedding_grad=np.empty((2, 16, 32), np.float32))
+    else:
+        wte = first.get("wte") or first["embed_tokens.weight"]
+        emb, seen = np.empty((2, 16, 32), np.float32), []
+        other = Model(model.config, seed=1)  # the same dropout masks as model's first step
+        split = other.flat_gradients()
+        other.forward_backward(x, x, on_grads_ready=lambda f, t: seen.append((f, t, split[f:t].copy())),
+                               embedding_grad=emb)
+        wte_range = (wte["offset"], wte["offset"] + wte["size"])
+        assert [(f, t) for f, t, _ in seen] == [wte_range] + [(f, total) for f in back_to_front]
+        for f, t, copy in seen:
+            np.testing.assert_array_equal(copy, split[f:t])
+        dwte, dpos = kernels.embedding_backward(emb, x, 64, 16)
+        split[wte_range[0]:wte_range[1]] += dwte.ravel()
+        if "wpe" in first:
+            split[first["wpe"]["offset"]:first["wpe"]["offset"] + first["wpe"]["size"]] += dpos.ravel()
+        np.testing.assert_allclose(split, grads, rtol=0, atol=1e-6 * np.abs(grads).max())
+        for bad, err in ((np.empty((2, 16, 31), np.float32), TypeError), (np.empty((2, 16, 32)), TypeError),
+                         (np.empty((2, 16, 64), np.float32)[..., ::2], ValueError)):
+            with pytest.raises(err, match="embedding_grad must be"):
+                model.forward_backward(x, x, embedding_grad=bad)
 
-    with pytest.raises(RuntimeError, match=f"stop at {first[norm]}"):
+    def fail(start, end):
+        raise RuntimeError(f"stop at {start}")
+
+    with pytest.raises(RuntimeError, match=f"stop at {first[norm]['offset']}"):
         model.forward_backward(x, x, on_grads_ready=fail)
     with pytest.raises(TypeError, match="on_grads_ready must be callable or None, got int"):
         model.forward_backward(x, x, on_grads_ready=3)

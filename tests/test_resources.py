@@ -334,6 +334,40 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_training(data_dir, tmp_pat
         Trainer(wide).fit()
 
 
+def test_zero_divides_the_optimizer_state_of_the_estimate_by_the_ranks(data_dir, tmp_path, monkeypatch):
+    """memory_estimate(shards=R): each rank holds the AdamW moments of its shard only (the largest of
+    shard_ranges), the rest whole; the trainer passes its rank count with zero, 1 without."""
+    from cllm.distributed import SingleProcess, shard_ranges
+
+    mc = tiny(data_dir, tmp_path / "z").model_config(256)
+    total, whole = parameter_count(mc), memory_estimate(mc, 4, 32)
+    assert memory_estimate(mc, 4, 32, shards=1) == whole
+    for r in (2, 3, 7):
+        shard = max(hi - lo for lo, hi in shard_ranges(total, r))
+        assert shard < total / r + 16
+        assert memory_estimate(mc, 4, 32, shards=r) == whole - 4 * 2 * (total - shard)
+    assert memory_estimate(mc, 4, 32, optimizer="sgd", shards=2) < memory_estimate(mc, 4, 32, optimizer="sgd")
+    assert memory_estimate(mc, 4, 32, optimizer=None, shards=2) == memory_estimate(mc, 4, 32, optimizer=None)
+    with pytest.raises(ValueError, match="shards"):
+        memory_estimate(mc, 4, 32, shards=0)
+
+    class TwoRanks(SingleProcess):  # what the trainer asks of a 2-rank communicator before it builds anything
+        world_size = 2
+
+    asked = []
+
+    def estimate(*args, **kw):
+        asked.append(kw["shards"])
+        raise InsufficientMemoryError("stop here")
+
+    monkeypatch.setattr("cllm.trainer.memory_estimate", estimate)
+    no_training_happened(monkeypatch)
+    for zero in (True, False):
+        with pytest.raises(InsufficientMemoryError, match="stop here"):
+            Trainer(tiny(data_dir, tmp_path / f"zero{zero}", zero=zero), comm=TwoRanks()).fit()
+    assert asked == [2, 1]
+
+
 def test_a_resume_counts_loading_its_checkpoint(data_dir, tmp_path, monkeypatch):
     """Resuming holds the checkpoint's model and tensors beside the run's own while it loads them: counted."""
     cfg = tiny(data_dir, tmp_path / "r", max_steps=2, embedding_dim=256, ff_dim=1024, num_layers=2)

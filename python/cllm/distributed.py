@@ -95,7 +95,7 @@ class SingleProcess:
     `allreduce_mean_(buf)` averaging a float32 array across ranks in place (the flat gradient buffer),
     `allreduce_mean(x)` averaging a float (losses) and `barrier()`; optionally `check_replicas(model, step,
     final=False)`, which the trainer calls after every step and at the end, and `gradient_reducer(grads,
-    bucket_floats, overlap, grad_dtype, shards)` (see GradientReducer), which the trainer then uses for the
+    bucket_floats, overlap, grad_dtype, shards, model)` (see GradientReducer), which the trainer then uses for the
     gradients instead of allreduce_mean_ (with shards also `allreduce_sum`, `allgather_shards_` and
     `gather_shards`)."""
 
@@ -162,9 +162,9 @@ class MPICommunicator:
         self.comm.Barrier()
 
     def gradient_reducer(self, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
-                         grad_dtype: str = "fp32", shards=None) -> "GradientReducer":
-        """A GradientReducer averaging `grads` (the flat gradient buffer) across these ranks."""
-        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype, shards)
+                         grad_dtype: str = "fp32", shards=None, model=None) -> "GradientReducer":
+        """A GradientReducer averaging `grads` (the flat gradient buffer of `model`) across these ranks."""
+        return GradientReducer(self, grads, bucket_floats, overlap, grad_dtype, shards, model)
 
     # -- ZeRO-1: every rank owns a shard of the flat buffers (shard_ranges) ------------------------
     def allgather_shards_(self, buf: np.ndarray, shards) -> None:
@@ -244,9 +244,9 @@ def shard_ranges(total: int, world_size: int) -> List[tuple]:
 class GradientReducer:
     """Averages the flat gradient buffer across ranks in buckets, optionally while the backward still runs.
 
-    The buckets are fixed ranges of `bucket_floats` floats (0: the whole buffer) counted from the end of the
+    The buckets are fixed ranges of `bucket_floats` floats (0: one per segment) counted from the end of the
     buffer, because the backward finishes the gradients back to front (`Model.forward_backward`'s
-    on_grads_ready). A step is `start()`, then `ready(offset)` as the gradients [offset:] become final (pass
+    on_grads_ready). A step is `start()`, then `ready(from, to)` as the gradients [from:to] become final (pass
     it as on_grads_ready of the step's last micro-batch when `overlap`), then `finish()`. With `overlap`, a
     thread of this rank starts each bucket's non-blocking collective as soon as the bucket is final, and polls
     it (Open MPI moves data only inside MPI calls), so the sending hides behind the computing of the earlier
@@ -258,15 +258,23 @@ class GradientReducer:
     bit, for any number of ranks), and both directions of every link carry data at once (Open MPI's
     non-blocking allreduce sends half-duplex between 2 ranks: twice the time).
 
+    `model` (the Model of these gradients) with a tied head: the backward would finish wte (the LM head's dense
+    part, then the embedding's sparse part) last. `start(tokens)` with the last micro-batch's tokens instead
+    has the embedding's part left apart (`embedding_grad`, pass it to forward_backward): wte's dense buckets
+    (none straddles wte's end) go right after the head's GEMMs, and finish() sums the embedding's part of the
+    rows of the union of all ranks' tokens (and wpe's) into a compact buffer, reduces it the same way and adds
+    it into those rows. Overlapped or not, the same additions: bit for bit the same result.
+
     `grad_dtype` "bf16": the values travel as bfloat16 (rounded to nearest even), are summed in float32, and
     the sums travel back as bfloat16: half the bytes, the same result on every rank.
 
     `shards` (ZeRO-1, `shard_ranges`): a rank's part of a bucket is what lies in its shard, and there is no
     all-gather: each rank gets the averaged gradients of its own shard only (the rest of its buffer keeps its
-    local gradients), half the bytes; the parameters are all-gathered after the update instead."""
+    local gradients), half the bytes; the parameters are all-gathered after the update instead. (The compact
+    embedding buffer is all-reduced whole: it is small.)"""
 
     def __init__(self, comm: MPICommunicator, grads: np.ndarray, bucket_floats: int = 0, overlap: bool = False,
-                 grad_dtype: str = "fp32", shards=None):
+                 grad_dtype: str = "fp32", shards=None, model=None):
         if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 or grads.ndim != 1:
             raise TypeError(f"GradientReducer needs the flat float32 gradient buffer, got "
                             f"{getattr(grads, 'dtype', type(grads).__name__)}")
@@ -274,25 +282,44 @@ class GradientReducer:
             raise ValueError(f"bucket_floats must be a non-negative int (0: one bucket), got {bucket_floats!r}")
         if grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
-        self.MPI, self.world_size, self.grads = comm.MPI, comm.world_size, grads
-        self.comm = comm.comm.Dup()  # its own communicator: never ordered against the trainer's collectives
         if shards is not None and grad_dtype != "fp32":
             raise ValueError(f"grad_dtype {grad_dtype} with sharded optimizer state (zero) is not supported: use fp32")
         if shards is not None and (len(shards) != comm.world_size or shards[-1][1] != grads.size):
             raise ValueError(f"shards must be {comm.world_size} ranges covering the {grads.size} gradients")
+        self.embedding = _tied_embedding(model, grads)  # (wte offset, V, C, wpe offset or None), or None
+        self.MPI, self.world_size, self.grads = comm.MPI, comm.world_size, grads
+        self.comm = comm.comm.Dup()  # its own communicator: never ordered against the trainer's collectives
         self.overlap, self.grad_dtype, self.shards = bool(overlap), grad_dtype, shards
         self.mine = (0, grads.size) if shards is None else shards[comm.rank]  # what finish() leaves averaged
         n = grads.size
+        cuts = [0, n]
+        if self.embedding:  # wte's rows are final before the rest: no bucket straddles its ends
+            wte, V, C, _ = self.embedding
+            cuts = sorted({0, wte, wte + V * C, n})
         b = int(bucket_floats) or n
-        self.buckets = [(max(0, end - b), end) for end in range(n, 0, -b)]
-        self._next = 0  # the first bucket not yet handed over in this step
+        self.buckets = [(max(lo, end - b), end) for lo, hi in reversed(list(zip(cuts, cuts[1:])))
+                        for end in range(hi, lo, -b)]
+        self.bytes_sent = 0  # by this rank, counted over all steps (the payload of the collectives)
+        self._pending: list = []  # buckets not yet handed over in this step
+        self.embedding_grad: Optional[np.ndarray] = None  # this step's [B, T, C] embedding-output gradient
+        self._rows = self._union_tokens = None  # the union of the ranks' tokens, this rank's tokens as indices in it
         self._queue: "queue.Queue" = queue.Queue()
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> None:
-        """Begin a step: every bucket is pending again."""
-        self._next = 0
+    def start(self, tokens=None) -> None:
+        """Begin a step: every bucket is pending again. `tokens` ([B, T], the step's last micro-batch on this
+        rank; with a tied-head model only): leave the embedding's part apart (`embedding_grad`), exchanging
+        the token ids now (a few KB) so that finish() knows the rows every rank touched."""
+        self._pending = list(self.buckets)
+        self.embedding_grad = self._rows = self._union_tokens = None
+        if tokens is not None and self.embedding:
+            tokens = np.asarray(tokens)
+            if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+                raise ValueError(f"start: tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}")
+            rows = np.unique(np.concatenate(self.comm.allgather(np.unique(tokens))))
+            self._rows, self._union_tokens = rows, np.searchsorted(rows, tokens).astype(np.int32)
+            self.embedding_grad = np.empty((*tokens.shape, self.embedding[2]), dtype=np.float32)
         if self.overlap and self._thread is None:
             if self.MPI.Query_thread() < self.MPI.THREAD_SERIALIZED:
                 raise MPISetupError("overlapping the gradient exchange needs an MPI with thread support "
@@ -300,24 +327,28 @@ class GradientReducer:
             self._thread = threading.Thread(target=self._serve, name="cllm-grad-reducer", daemon=True)
             self._thread.start()
 
-    def ready(self, offset: int) -> None:
-        """The gradients [offset:] are final: hand over every bucket lying inside them."""
-        while self._next < len(self.buckets) and self.buckets[self._next][0] >= offset:
-            if self.overlap:
-                self._queue.put(self.buckets[self._next])
-            self._next += 1
+    def ready(self, start: int, end: int) -> None:
+        """The gradients [start:end] are final: hand over every pending bucket lying inside them."""
+        inside = [b for b in self._pending if start <= b[0] and b[1] <= end]
+        if inside:
+            self._pending = [b for b in self._pending if not (start <= b[0] and b[1] <= end)]
+        for s, e in inside:
+            self._submit((self.grads[s:e], *self._parts(s, e), self.shards is None))
 
     def finish(self) -> None:
-        """Reduce what is left, wait for every bucket, divide by the number of ranks."""
-        self.ready(0)
+        """Reduce what is left (and the compact embedding part), wait for all of it, divide by the number of
+        ranks."""
+        self.ready(0, self.grads.size)
+        if self._rows is not None:
+            compact = self._compact_embedding()
+            self._submit((compact, *_equal_parts(compact.size, self.world_size), True))
         if self.overlap:
             self._queue.join()
             if self._error is not None:
                 error, self._error = self._error, None
                 raise error
-        else:
-            for bucket in self.buckets:
-                self._reduce(bucket, threaded=False)
+        if self._rows is not None:
+            self._add_embedding(compact)
         self.grads[self.mine[0]:self.mine[1]] *= np.float32(1.0 / self.world_size)
 
     def close(self, wait: bool = True) -> None:
@@ -334,15 +365,39 @@ class GradientReducer:
             self.comm.Free()
             self.comm = None
 
+    # -- the sparse embedding part -------------------------------------------------------------------
+    def _compact_embedding(self) -> np.ndarray:
+        """This rank's embedding gradient on the union's rows, then wpe's first T rows, flat (zeros where
+        its tokens are not): the embedding backward with the tokens renumbered in the union."""
+        from . import kernels
+
+        T = self._union_tokens.shape[1]
+        dwte, dpos = kernels.embedding_backward(self.embedding_grad, self._union_tokens, self._rows.size, T)
+        parts = [dwte.ravel()] + ([dpos.ravel()] if self.embedding[3] is not None else [])
+        return np.concatenate(parts)
+
+    def _add_embedding(self, compact: np.ndarray) -> None:
+        wte, V, C, wpe = self.embedding
+        U, T = self._rows.size, self._union_tokens.shape[1]
+        self.grads[wte:wte + V * C].reshape(V, C)[self._rows] += compact[:U * C].reshape(U, C)
+        if wpe is not None:
+            self.grads[wpe:wpe + T * C] += compact[U * C:]
+
     # -- the thread and the collectives -----------------------------------------------------------
+    def _submit(self, job) -> None:
+        if self.overlap:
+            self._queue.put(job)
+        else:
+            self._reduce(*job, threaded=False)
+
     def _serve(self) -> None:
         while True:
-            bucket = self._queue.get()
+            job = self._queue.get()
             try:
-                if bucket is None:
+                if job is None:
                     return
                 if self._error is None:  # after a failure, only drain the queue: finish() raises it
-                    self._reduce(bucket, threaded=True)
+                    self._reduce(*job, threaded=True)
             except BaseException as e:  # noqa: B902 - reported by finish() in the training thread
                 self._error = e
             finally:
@@ -355,33 +410,31 @@ class GradientReducer:
         while not request.Test():  # each test moves the transfer on; the sleep leaves the core to the backward
             time.sleep(POLL_S)
 
-    def _parts(self, bucket) -> tuple:
-        """(counts, displacements) in the bucket of the part each rank sums: its shard's with `shards`,
+    def _parts(self, s: int, e: int) -> tuple:
+        """(counts, displacements) in the bucket [s, e) of the part each rank sums: its shard's with `shards`,
         otherwise an equal split. The parts are contiguous and in rank order."""
-        s, e, R = bucket[0], bucket[1], self.world_size
         if self.shards is None:
-            cuts = [s + (e - s) * r // R for r in range(R)] + [e]
-        else:
-            cuts = [min(max(lo, s), e) for lo, _ in self.shards] + [e]
-        return [cuts[r + 1] - cuts[r] for r in range(R)], [cuts[r] - s for r in range(R)]
+            return _equal_parts(e - s, self.world_size)
+        cuts = [min(max(lo, s), e) for lo, _ in self.shards] + [e]
+        return [cuts[r + 1] - cuts[r] for r in range(self.world_size)], [cuts[r] - s for r in range(self.world_size)]
 
-    def _reduce(self, bucket, threaded: bool) -> None:
-        """Sum one bucket over the ranks: an Alltoallv gives every rank all ranks' values of its part, which
-        it sums in rank order (the same float32 additions whatever the buckets, and on every rank); an
-        Allgatherv then gives everyone every part (not with shards: each rank keeps its own). Both move the
-        (R-1)/R of the bucket a ring allreduce moves, in both directions of every link at once."""
-        view = self.grads[bucket[0]:bucket[1]]
+    def _reduce(self, view: np.ndarray, counts, displs, gather: bool, threaded: bool) -> None:
+        """Sum `view` (a bucket, or the compact embedding buffer) over the ranks: an Alltoallv gives every rank
+        all ranks' values of its part, which it sums in rank order (the same float32 additions whatever the
+        buckets, and on every rank); with `gather`, an Allgatherv then gives everyone every part (with shards
+        each rank keeps its own). Both move the (R-1)/R of the bucket a ring allreduce moves, in both
+        directions of every link at once."""
         R, me, bf16 = self.world_size, self.comm.Get_rank(), self.grad_dtype == "bf16"
-        counts, displs = self._parts(bucket)
         n, at = counts[me], displs[me]
         send = to_bf16(view) if bf16 else view
         parts = np.empty((R, n), dtype=send.dtype)  # parts[r]: rank r's values of my part
+        self.bytes_sent += send.itemsize * ((sum(counts) - n) + (n * (R - 1) if gather else 0))
         self._wait(self.comm.Ialltoallv([send, (counts, displs)], [parts, ([n] * R, [n * r for r in range(R)])]),
                    threaded)
         total = from_bf16(parts[0]) if bf16 else parts[0].copy()
         for r in range(1, R):
             total += from_bf16(parts[r]) if bf16 else parts[r]
-        if self.shards is not None:
+        if not gather:
             view[at:at + n] = total
             return
         whole = send if bf16 else view  # my part's sums in place, then everyone's
@@ -389,6 +442,25 @@ class GradientReducer:
         self._wait(self.comm.Iallgatherv(self.MPI.IN_PLACE, [whole, (counts, displs)]), threaded)
         if bf16:
             view[:] = from_bf16(whole)
+
+
+def _equal_parts(n: int, R: int) -> tuple:
+    """(counts, displacements) of n floats cut into R contiguous parts in rank order."""
+    cuts = [n * r // R for r in range(R)] + [n]
+    return [cuts[r + 1] - cuts[r] for r in range(R)], cuts[:R]
+
+
+def _tied_embedding(model, grads: np.ndarray):
+    """(wte offset, V, C, wpe offset or None) in the flat buffer of a model with a tied head; None otherwise
+    (no model, or an untied head: then wte's gradient is the embedding's alone and nothing is split)."""
+    if model is None or not model.config.tie_embeddings:
+        return None
+    if model.layout.total != grads.size:
+        raise ValueError(f"model has {model.layout.total} gradients, the buffer {grads.size}")
+    tensors = {t["name"]: t for t in model.tensor_info}
+    wte = tensors.get("wte") or tensors["embed_tokens.weight"]
+    wpe = tensors.get("wpe")
+    return wte["offset"], wte["shape"][0], wte["shape"][1], None if wpe is None else wpe["offset"]
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:

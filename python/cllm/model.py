@@ -60,13 +60,19 @@ def activation_count(config: ModelConfig, batch_size: int, seq_len: int) -> int:
 
 
 def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
-                    optimizer: str = "adamw", ema: bool = False) -> int:
-    """Bytes a training run of this model needs: parameters, gradients, optimizer state ("adamw": two moments,
-    "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
-    [batch_size, seq_len] step."""
+                    optimizer: str = "adamw", ema: bool = False, shards: int = 1) -> int:
+    """Bytes a training run of this model needs (per rank): parameters, gradients, optimizer state ("adamw": two
+    moments, "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
+    [batch_size, seq_len] step. shards: the ranks the optimizer state is sharded over (ZeRO-1, --zero): each
+    rank holds the moments of its shard only, the largest of `shard_ranges(total, shards)` (about 1/shards)."""
+    from .distributed import shard_ranges  # numpy only: mpi4py is not imported
+
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    buffers = 2 + {"adamw": 2, "sgd": 1, None: 0}[optimizer] + (2 if ema else 0)
-    return 4 * (buffers * parameter_count(config) + activation_count(config, batch_size, seq_len))
+    shards = check_int("shards", shards, 1, 2**31 - 1)
+    total = parameter_count(config)
+    shard = max(hi - lo for lo, hi in shard_ranges(total, shards))
+    state = {"adamw": 2, "sgd": 1, None: 0}[optimizer] * shard
+    return 4 * ((2 + (2 if ema else 0)) * total + state + activation_count(config, batch_size, seq_len))
 
 
 def _is_batch(prompt) -> bool:
@@ -206,22 +212,41 @@ class Model:
         return out
 
     def forward_backward(self, x, y, accumulate: bool = False, grad_scale: float = 1.0,
-                         label_smoothing: float = 0.0, on_grads_ready=None) -> float:
+                         label_smoothing: float = 0.0, on_grads_ready=None, embedding_grad=None) -> float:
         """Mean cross-entropy of next-token prediction; fills the gradients of grad_scale * loss.
 
         Gradients are zeroed first unless accumulate=True (gradient accumulation). label_smoothing eps in [0, 1]
         trains towards (1 - eps) onehot + eps / V, as PyTorch's cross_entropy(label_smoothing=eps); the loss
         returned is that smoothed loss. on_grads_ready (optional, a callable) is called during the backward
-        with an offset `from` each time the flat gradients [from:] are final (after the final norm, after each
-        layer from the last, and with 0 at the end), so that they can be sent while the rest is computed."""
+        with a range (from, to) each time the flat gradients [from:to] are final (after the final norm, after
+        each layer's MLP half and after each layer from the last, to the end of the buffer, and (0, total)
+        last), so that they can be sent while the rest is computed. embedding_grad (optional, a float32
+        C-contiguous [B, T, C] array; tied head only) receives the gradient at the embedding output instead of
+        its being added into the wte (and wpe) gradients, which then hold the LM head's part only;
+        on_grads_ready then gets wte's range first, right after the head's GEMMs (data parallelism sends the
+        sparse embedding part compactly, GradientReducer)."""
         grad_scale = check_float("grad_scale", grad_scale)
         label_smoothing = check_float("label_smoothing", label_smoothing, 0, 1)
         if on_grads_ready is not None and not callable(on_grads_ready):
             raise TypeError(f"on_grads_ready must be callable or None, got {type(on_grads_ready).__name__}")
         x, y = self._batch(x, y)
-        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing, on_grads_ready)
+        if embedding_grad is not None:
+            self._check_embedding_grad(embedding_grad, x.shape)
+        loss = self._core.forward_backward(x, y, bool(accumulate), grad_scale, label_smoothing, on_grads_ready,
+                                           embedding_grad)
         self._arena_shape = x.shape
         return loss
+
+    def _check_embedding_grad(self, out, shape) -> None:
+        if not self.config.tie_embeddings:
+            raise ValueError("embedding_grad needs a tied head (tie_embeddings); an untied model's wte gradient "
+                             "has no head part")
+        want = (*shape, self.config.embedding_dim)
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want:
+            raise TypeError(f"embedding_grad must be a float32 array of shape {want}, got "
+                            f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("embedding_grad must be C-contiguous and writeable (the backward writes into it)")
 
     def loss(self, x, y) -> float:
         """Mean cross-entropy without gradients or dropout (validation)."""

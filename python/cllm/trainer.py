@@ -115,7 +115,8 @@ class Trainer:
         # (Saving a checkpoint streams the tensors: it needs no more.)
         resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer,
-                                     ema=bool(c.ema_decay)) + resume_peak,
+                                     ema=bool(c.ema_decay), shards=self.comm.world_size if c.zero else 1)
+                     + resume_peak,
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
@@ -135,7 +136,7 @@ class Trainer:
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay else None
         if multi:
             self.reducer = make_reducer(self.model.flat_gradients(), int(c.bucket_mb * 2**20) // 4, c.overlap,
-                                        c.grad_dtype, self.shards)
+                                        c.grad_dtype, self.shards, model=self.model)
         # each step draws batch_size * grad_accum rows per rank; the micro-batches are slices of it, so
         # accumulation (and data parallelism) sees exactly the rows of one big batch
         try:
@@ -263,10 +264,11 @@ class Trainer:
             rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
             last = i == c.grad_accum - 1  # its backward finishes the gradients: their exchange may begin
             if last and reducer is not None:
-                reducer.start()
+                reducer.start(x[rows])  # a tied head's embedding part is left to the reducer (embedding_grad)
             loss += self.model.forward_backward(x[rows], y[rows], accumulate=i > 0, grad_scale=1.0 / c.grad_accum,
                                                 label_smoothing=c.label_smoothing,
-                                                on_grads_ready=hook if last else None)
+                                                on_grads_ready=hook if last else None,
+                                                embedding_grad=reducer.embedding_grad if last and reducer else None)
         if reducer is not None:
             reducer.finish()
         else:
