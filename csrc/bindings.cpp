@@ -129,18 +129,19 @@ void check_pair(PyModel& pm, const IntArray& x, const IntArray& y) {
 // embedding_grad (None or a float32 [B, T, C] array, tied head only) receives the gradient at the embedding output
 // instead of wte and wpe (Model::backward's demb).
 float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool accumulate, float grad_scale,
-                       float label_smoothing, py::object on_grads_ready, std::optional<FloatArray> embedding_grad) {
+                       float label_smoothing, py::object on_grads_ready, std::optional<py::array> embedding_grad) {
     check_pair(pm, x, y);
     require(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "label_smoothing must be in [0, 1]");
     const int B = (int)x.shape(0), T = (int)x.shape(1), C = pm.cfg().embedding_dim;
     float* demb = nullptr;
     if (embedding_grad) {
-        FloatArray& e = *embedding_grad;
+        py::array& e = *embedding_grad;  // written in place: never a converted copy
         require(pm.cfg().tie_embeddings, "embedding_grad needs a tied head (tie_embeddings)");
-        require(e.ndim() == 3 && e.shape(0) == B && e.shape(1) == T && e.shape(2) == C,
-                "embedding_grad must be float32 [B, T, C] = [" + std::to_string(B) + ", " + std::to_string(T) +
-                    ", " + std::to_string(C) + "]");
-        demb = e.mutable_data();
+        require(e.dtype().is(py::dtype::of<float>()) && (e.flags() & py::array::c_style) && e.writeable() &&
+                    e.ndim() == 3 && e.shape(0) == B && e.shape(1) == T && e.shape(2) == C,
+                "embedding_grad must be a writable C-contiguous float32 array [B, T, C] = [" + std::to_string(B) +
+                    ", " + std::to_string(T) + ", " + std::to_string(C) + "]");
+        demb = static_cast<float*>(e.mutable_data());
     }
     GradsReady ready;
     if (!on_grads_ready.is_none())

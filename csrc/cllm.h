@@ -44,10 +44,12 @@ struct Config {
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
 
-// 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp).
+// 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp). huge_pages: from 2 MiB on, on
+// 2 MiB boundaries and marked for transparent huge pages (buffers walked by rows far apart); false for buffers read
+// front to back and made anew at each call, whose huge pages would cost more to fault in than they save.
 struct AlignedFree { void operator()(float* p) const; };
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
-FloatBuffer alloc_floats(size_t n);
+FloatBuffer alloc_floats(size_t n, bool huge_pages = true);
 
 // One parameter tensor inside the flat buffer.
 struct TensorInfo {
@@ -152,7 +154,7 @@ inline float fast_exp(float x) {
     const float scale = __builtin_bit_cast(float, bits);
     return x != x ? x : (x < lo ? 0.0f : p * scale);  // NaN in, NaN out
 }
-// a . b over n floats (decode's one-row products)
+// a . b over n floats (decode attention's scores)
 inline float dot(const float* a, const float* b, int n) {
     float s = 0.0f;
     #pragma omp simd reduction(+ : s)

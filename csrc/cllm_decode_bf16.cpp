@@ -114,7 +114,8 @@ PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts) {
     PackedBF16 w;
     w.K = K;
     w.N = (int)col.size();
-    w.buf = alloc_floats(packed_bf16_floats(K, w.N));  // zero-filled: the last panel's missing columns stay 0
+    // zero-filled: the last panel's missing columns stay 0; 4 KiB pages: the panels are streamed front to back
+    w.buf = alloc_floats(packed_bf16_floats(K, w.N), false);
     uint32_t* dst = (uint32_t*)w.buf.get();
     const int kp = pairs(K);
     #pragma omp parallel for schedule(static)

@@ -2,8 +2,8 @@
 // the training forward (one batched pass over its tokens) and its qkv rows become its own cache. Each step then
 // runs the live sequences' new tokens together through every layer, B rows at a time through the training parts
 // (whose products take their few-rows path: each weight read once per step for all B rows), each row at its own
-// position and attending to its own cache. With bf16 (DecodeWeights) the step's products read bf16 copies of the weights and the cache
-// holds k | v in bf16: half the bytes of the weights, a third of the cache's.
+// position and attending to its own cache. With bf16 (DecodeWeights) the step's products read bf16 copies of the
+// weights and the cache holds k | v in bf16: half the bytes of the weights, a third of the cache's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,8 +31,8 @@ size_t sequence_floats(const Config& c) { return 2 * (size_t)c.vocab_size; }
 
 // One prompt's state: the tokens in its cache (kept to prefill again when the context is full), the cache of
 // every layer, its output so far and the logits of its next token. The cache (fp32) holds the qkv rows
-// [max_seq_len, qkv_width] in the training layout (q, then the K/V heads' k and v; LLAMA: q and k rotated at their
-// positions), or (bf16) the k | v rows [max_seq_len, 2 KV hs] in bf16.
+// [positions, qkv_width] in the training layout (q, then the K/V heads' k and v; LLAMA: q and k rotated at their
+// positions), or (bf16) the k | v rows [positions, 2 KV hs] in bf16; positions = min(max_seq_len, prompt + new).
 struct Sequence {
     std::vector<int32_t> ctx, out;
     std::vector<FloatBuffer> cache;
@@ -277,7 +277,7 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
         // the positions this call can fill (the whole context once it may slide): a short call allocates little
         const int positions = (int)std::min<int64_t>(Tmax, (int64_t)s.ctx.size() + max_new_tokens);
         for (int l = 0; l < c.num_layers; l++)
-            s.cache.push_back(alloc_floats(cache_floats_per_layer(c, positions, bf16)));
+            s.cache.push_back(alloc_floats(cache_floats_per_layer(c, positions, bf16), false));  // read in order
         s.logits = alloc_floats(V);
         s.counts.assign(V, 0);
         for (int32_t t : prompts[b]) note_token(s, t, false);

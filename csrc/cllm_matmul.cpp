@@ -572,8 +572,8 @@ void bias_backward(float* dbias, const float* dout, int N, int OC) {
 // ---- a few rows (a decode step: one row per sequence) ----------------------------------------------------------
 // The GEMM would pack all of the weight for them, which costs as much as the product: these paths read the rows
 // in place and every weight element once for all of them, so a step costs one pass over the weights. Every output is
-// summed over the inputs in order, in the same way for any number of rows: a sequence's logits do not depend on
-// the batch it is decoded in.
+// summed over the inputs in order, in the same way for any number of rows up to ROWS_MAX: a sequence's logits do not
+// depend on the batch it is decoded in while the batch has at most ROWS_MAX live rows (more take the GEMM).
 
 // out[r, j0 : j0 + NR] += x[r, k0 : k1] @ w[k0 : k1, j0 : j0 + NR] for the R rows (w [K, *] row stride ldw)
 template <int R>

@@ -13,12 +13,12 @@ namespace cllm {
 
 void AlignedFree::operator()(float* p) const { std::free(p); }
 
-FloatBuffer alloc_floats(size_t n) {
+FloatBuffer alloc_floats(size_t n, bool huge_pages) {
     // Big buffers (parameters, gradients, optimizer state, the activation arena) on 2 MiB boundaries and
     // marked for transparent huge pages: the GEMMs walk them by rows far apart, and 4 KiB pages then cost a
     // TLB miss per row.
     constexpr size_t HUGE = 2u << 20;
-    const bool huge = n * sizeof(float) >= HUGE;
+    const bool huge = huge_pages && n * sizeof(float) >= HUGE;
     const size_t align = huge ? HUGE : 64;
     size_t bytes = ((n * sizeof(float) + align - 1) / align) * align;
     if (bytes == 0) bytes = 64;

@@ -296,6 +296,11 @@ COMPACT_SCRIPT = textwrap.dedent("""
             raise SystemExit("float tokens were accepted")
         except ValueError as e:
             assert "tokens must be an integer [B, T] array" in str(e), e
+        try:  # (start() failed above, so this step never began: nothing would be reduced)
+            red.finish()
+            raise SystemExit("finish() without start() was accepted")
+        except RuntimeError as e:
+            assert "finish() without start()" in str(e), e
         red.close()
     print("compact ok", rank, flush=True)
 """)
@@ -537,6 +542,10 @@ def test_backward_reports_final_gradients_back_to_front(arch):
                          (np.empty((2, 16, 64), np.float32)[..., ::2], ValueError)):
             with pytest.raises(err, match="embedding_grad must be"):
                 model.forward_backward(x, x, embedding_grad=bad)
+            # the binding itself never writes into a converted copy
+            with pytest.raises(ValueError, match="writable C-contiguous float32"):
+                model._core.forward_backward(np.asarray(x, np.int32), np.asarray(x, np.int32), False, 1.0, 0.0,
+                                             None, bad)
 
     def fail(start, end):
         raise RuntimeError(f"stop at {start}")

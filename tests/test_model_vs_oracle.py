@@ -32,6 +32,9 @@ CONFIGS = [
                       pos_encoding="learned"), 1, 7, id="V31-C32-H1-L3-learned-B1-T7"),
     pytest.param(dict(vocab_size=256, max_seq_len=128, embedding_dim=128, num_layers=4, num_heads=4, ff_dim=512,
                       pos_encoding="learned"), 2, 64, id="default-V256-C128-H4-L4-T64"),
+    # 12 rows: the forward's products take their few-rows path (two row groups, ragged column strips, K % 16 != 0)
+    pytest.param(dict(vocab_size=50, max_seq_len=12, embedding_dim=45, num_layers=1, num_heads=5, ff_dim=70,
+                      pos_encoding="learned"), 1, 12, id="V50-C45odd-F70-B1-T12-fewrows"),
 ]
 # Llama blocks: grouped-query (KV < H), multi-query (KV = 1) and multi-head (KV = H); tied and untied heads; T = 70
 # spans two of attention's query blocks
@@ -42,6 +45,8 @@ LLAMA_CONFIGS = [
     pytest.param(dict(LLAMA, max_seq_len=80, embedding_dim=32, num_layers=1, num_heads=4, num_kv_heads=1,
                       tie_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-6), 1, 70,
                  id="llama-H4-KV1-untied-theta5e5-T70"),
+    # 13 rows: the projections' and the tied head's few-rows path (rows_dots), K = 40 not a multiple of 16
+    pytest.param(dict(LLAMA, embedding_dim=40, num_heads=4, num_kv_heads=2), 1, 13, id="llama-C40-KV2-tied-B1-T13-fewrows"),
 ]
 DROPOUT_CONFIGS = [
     pytest.param(dict(ODD, pos_encoding="learned", dropout=0.1), 2, 16, id="dropout0.1-learned"),

@@ -279,7 +279,7 @@ class GradientReducer:
             raise TypeError(f"GradientReducer needs the flat float32 gradient buffer, got "
                             f"{getattr(grads, 'dtype', type(grads).__name__)}")
         if isinstance(bucket_floats, bool) or int(bucket_floats) < 0:
-            raise ValueError(f"bucket_floats must be a non-negative int (0: one bucket), got {bucket_floats!r}")
+            raise ValueError(f"bucket_floats must be a non-negative int (0: no size limit), got {bucket_floats!r}")
         if grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
         if shards is not None and grad_dtype != "fp32":
@@ -301,6 +301,7 @@ class GradientReducer:
                         for end in range(hi, lo, -b)]
         self.bytes_sent = 0  # by this rank, counted over all steps (the payload of the collectives)
         self._pending: list = []  # buckets not yet handed over in this step
+        self._started = False  # start() ran for the step finish() will end
         self.embedding_grad: Optional[np.ndarray] = None  # this step's [B, T, C] embedding-output gradient
         self._rows = self._union_tokens = None  # the union of the ranks' tokens, this rank's tokens as indices in it
         self._queue: "queue.Queue" = queue.Queue()
@@ -311,7 +312,7 @@ class GradientReducer:
         """Begin a step: every bucket is pending again. `tokens` ([B, T], the step's last micro-batch on this
         rank; with a tied-head model only): leave the embedding's part apart (`embedding_grad`), exchanging
         the token ids now (a few KB) so that finish() knows the rows every rank touched."""
-        self._pending = list(self.buckets)
+        self._pending, self._started = list(self.buckets), False
         self.embedding_grad = self._rows = self._union_tokens = None
         if tokens is not None and self.embedding:
             tokens = np.asarray(tokens)
@@ -320,6 +321,7 @@ class GradientReducer:
             rows = np.unique(np.concatenate(self.comm.allgather(np.unique(tokens))))
             self._rows, self._union_tokens = rows, np.searchsorted(rows, tokens).astype(np.int32)
             self.embedding_grad = np.empty((*tokens.shape, self.embedding[2]), dtype=np.float32)
+        self._started = True
         if self.overlap and self._thread is None:
             if self.MPI.Query_thread() < self.MPI.THREAD_SERIALIZED:
                 raise MPISetupError("overlapping the gradient exchange needs an MPI with thread support "
@@ -338,6 +340,9 @@ class GradientReducer:
     def finish(self) -> None:
         """Reduce what is left (and the compact embedding part), wait for all of it, divide by the number of
         ranks."""
+        if not self._started:  # nothing would be reduced, and the ranks would silently diverge
+            raise RuntimeError("GradientReducer.finish() without start() for this step")
+        self._started = False
         self.ready(0, self.grads.size)
         if self._rows is not None:
             compact = self._compact_embedding()

@@ -63,15 +63,16 @@ def memory_estimate(config: ModelConfig, batch_size: int = 1, seq_len: Optional[
                     optimizer: str = "adamw", ema: bool = False, shards: int = 1) -> int:
     """Bytes a training run of this model needs (per rank): parameters, gradients, optimizer state ("adamw": two
     moments, "sgd": one buffer, None: none), the EMA's average and scratch (ema) and the activations of one
-    [batch_size, seq_len] step. shards: the ranks the optimizer state is sharded over (ZeRO-1, --zero): each
-    rank holds the moments of its shard only, the largest of `shard_ranges(total, shards)` (about 1/shards)."""
+    [batch_size, seq_len] step. shards: the ranks the AdamW moments are sharded over (ZeRO-1, --zero, AdamW only):
+    each rank holds the moments of its shard only, the largest of `shard_ranges(total, shards)` (about 1/shards).
+    Not counted: rank 0 gathering the whole moments to write a checkpoint (the trainer adds it)."""
     from .distributed import shard_ranges  # numpy only: mpi4py is not imported
 
     seq_len = config.max_seq_len if seq_len is None else seq_len
     shards = check_int("shards", shards, 1, 2**31 - 1)
     total = parameter_count(config)
     shard = max(hi - lo for lo, hi in shard_ranges(total, shards))
-    state = {"adamw": 2, "sgd": 1, None: 0}[optimizer] * shard
+    state = {"adamw": 2 * shard, "sgd": total, None: 0}[optimizer]  # ZeRO-1 shards AdamW's moments only
     return 4 * ((2 + (2 if ema else 0)) * total + state + activation_count(config, batch_size, seq_len))
 
 

@@ -111,12 +111,14 @@ class Trainer:
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = self._model_config(pretrained)
         # weights, gradients, optimizer state, EMA and a step's activations, before any of them is allocated; a
-        # resume also holds the checkpoint's model (weights, gradients) and its tensor sets while it loads them.
-        # (Saving a checkpoint streams the tensors: it needs no more.)
-        resume_peak = 5 * 4 * parameter_count(self.model_config) if c.resume else 0
+        # resume also holds the checkpoint's model (weights, gradients) and its tensor sets while it loads them;
+        # under --zero, rank 0 gathers the whole moments to save a checkpoint. (Saving streams the tensors.)
+        n = parameter_count(self.model_config)
+        resume_peak = 5 * 4 * n if c.resume else 0
+        gather_peak = 2 * 4 * n if c.zero and self.main and self.comm.world_size > 1 else 0
         check_memory(memory_estimate(self.model_config, c.batch_size, c.max_seq_len, optimizer=c.optimizer,
                                      ema=bool(c.ema_decay), shards=self.comm.world_size if c.zero else 1)
-                     + resume_peak,
+                     + max(resume_peak, gather_peak),
                      f"training a model of {parameter_count(self.model_config, padded=False):,} parameters on "
                      f"batches of {c.batch_size} x {c.max_seq_len} tokens{' (resumed)' if c.resume else ''}")
         self.model = Model(self.model_config, seed=c.seed, precision=c.precision)
