@@ -229,6 +229,14 @@ struct Causal {
     enum Kind { NONE, OUT_LOWER, A_LOWER, A_UPPER } kind = NONE;
     int diag = 0;
 };
+// op(b) [k, n] packed once for several serial GEMMs that each use a leading part of it, op(b)[0:k', 0:n']
+// (attention: a head's K and V, for all of its query blocks). Filled by pack_operand; the buffer grows once.
+struct PackedOperand {
+    FloatBuffer buf;
+    size_t capacity = 0;  // floats
+    int k = 0, n = 0;
+    bool bf16 = false;
+};
 // C[m,n] = (accumulate ? C : 0) + op(a)[m,k] op(b)[k,n] (+ bias), C row-major with row stride ldc. Callers
 // name the fields: gemm({.c = y, .ldc = n, .a = {x, k}, .b = {w, k, true}, .m = m, .n = n, .k = k}) is y = x w^T.
 struct Gemm {
@@ -242,8 +250,11 @@ struct Gemm {
     const float* bias = nullptr;  // a row of n values added to every row of C (with accumulate false)
     float* gelu_out = nullptr;    // also gets gelu(C) (row stride ldc), each tile as it is finished, still in cache
     Causal causal = {};
+    const PackedOperand* packed_b = nullptr;  // op(b) already packed (serial GEMMs only; m, k within its k, n)
 };
 void gemm(const Gemm& g);
+// Pack op(b) [k, n] into p (rounded to bf16 with bf16), for gemm's packed_b.
+void pack_operand(PackedOperand& p, const Operand& b, int k, int n, bool bf16);
 // out[N,OC] = inp[N,IC] @ w[IC,OC] + bias. Up to 16 fp32 rows (a decode step) read w in place, once for all rows.
 void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
                     bool bf16 = false, float* gelu_out = nullptr);

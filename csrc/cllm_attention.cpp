@@ -6,8 +6,10 @@
 // live in a per-thread scratch of BQ x T floats, never a T x T matrix, and the forward keeps only each row's
 // log-sum-exp, so activation memory is O(B*H*T). The backward recomputes the probabilities from it. All
 // block products run on the GEMM micro-kernel (bf16 inputs when the model's precision is bf16, as the
-// linear layers), told the causal structure so that micro-tiles above the diagonal are skipped. Attention
-// dropout regenerates its mask from the counter RNG.
+// linear layers), told the causal structure so that micro-tiles above the diagonal are skipped. A thread task
+// is a whole head (a K/V head's group in the backward): its K and V operands are packed once (pack_operand) and
+// each query block reads the leading keys it needs, instead of packing them again per block (which cost as
+// much as the products at T = 2048). Attention dropout regenerates its mask from the counter RNG.
 #include <algorithm>
 #include <cmath>
 
@@ -72,6 +74,14 @@ Rows& block_scratch(int T) {
     rows.need((size_t)BQ * T);
     return rows;
 }
+// This thread's packed K/V operands of the head it works on: K^T, V (forward); K^T, V^T, K (backward).
+struct HeadOperands {
+    PackedOperand kt, v, vt, k;
+};
+HeadOperands& head_operands() {
+    thread_local HeadOperands ops;
+    return ops;
+}
 }  // namespace
 
 // s[0:n] = softmax(s * scale) in place; returns the log-sum-exp of the scaled scores. One row arithmetic for the
@@ -98,18 +108,21 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
     #pragma omp parallel firstprivate(hd)  // a copy per thread: its fields stay in registers
     {
         float* S = block_scratch(T).a.get();
-        #pragma omp for schedule(dynamic, 1) collapse(3)
+        HeadOperands& ops = head_operands();
+        #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++)
+            for (int h = 0; h < H; h++) {
+                const float* k = qkv + (size_t)b * T * hd.ld + hd.k_col(h / hd.group);
+                const float* v = qkv + (size_t)b * T * hd.ld + hd.v_col(h / hd.group);
+                pack_operand(ops.kt, {k, hd.ld, true}, hd.hs, T, bf16);  // K^T [hs, T]
+                pack_operand(ops.v, {v, hd.ld}, T, hd.hs, bf16);         // V [T, hs]
                 for (int blk = 0; blk < hd.nblk; blk++) {
                     const int i0 = blk * BQ, i1 = std::min(T, i0 + BQ), rows = i1 - i0;
                     const BlockCausal causal(i0);
                     const float* q = qkv + ((size_t)b * T + i0) * hd.ld + hd.q_col(h);
-                    const float* k = qkv + (size_t)b * T * hd.ld + hd.k_col(h / hd.group);
-                    const float* v = qkv + (size_t)b * T * hd.ld + hd.v_col(h / hd.group);
                     // S = Q K^T for keys j < i1, the causal part only
                     gemm({.c = S, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
-                          .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                          .parallel = false, .bf16 = bf16, .causal = causal.scores, .packed_b = &ops.kt});
                     for (int r = 0; r < rows; r++) {
                         const int i = i0 + r;
                         float* s = S + (size_t)r * T;
@@ -121,8 +134,10 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
                     }
                     // O = P V, P zero right of the diagonal
                     gemm({.c = out + ((size_t)b * T + i0) * C + h * hd.hs, .ldc = C, .a = {S, T}, .b = {v, hd.ld},
-                          .m = rows, .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = causal.rows});
+                          .m = rows, .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16, .causal = causal.rows,
+                          .packed_b = &ops.v});
                 }
+            }
     }
 }
 
@@ -137,6 +152,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         Rows& scratch = block_scratch(T);
         float* P = scratch.a.get();   // probabilities after dropout
         float* dS = scratch.b.get();  // dP, then the score gradient
+        HeadOperands& ops = head_operands();
         #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int b = 0; b < B; b++)
             for (int g = 0; g < hd.KV; g++) {
@@ -144,6 +160,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 float* dseq = dqkv + (size_t)b * T * hd.ld;
                 const float* k = seq + hd.k_col(g);
                 const float* v = seq + hd.v_col(g);
+                pack_operand(ops.kt, {k, hd.ld, true}, hd.hs, T, bf16);  // K^T [hs, T]
+                pack_operand(ops.vt, {v, hd.ld, true}, hd.hs, T, bf16);  // V^T [hs, T]
+                pack_operand(ops.k, {k, hd.ld}, T, hd.hs, bf16);         // K [T, hs]
                 float* dk = dseq + hd.k_col(g);
                 float* dv = dseq + hd.v_col(g);
                 for (int h = g * hd.group; h < (g + 1) * hd.group; h++)
@@ -158,9 +177,10 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         const float* o = out + ((size_t)b * T + i0) * C + h * hd.hs;
                         // S = Q K^T (into P) and dP' = dO V^T (into dS), the causal part only
                         gemm({.c = P, .ldc = T, .a = {q, hd.ld}, .b = {k, hd.ld, true}, .m = rows, .n = i1,
-                              .k = hd.hs, .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                              .k = hd.hs, .parallel = false, .bf16 = bf16, .causal = causal.scores,
+                              .packed_b = &ops.kt});
                         gemm({.c = dS, .ldc = T, .a = {go, C}, .b = {v, hd.ld, true}, .m = rows, .n = i1, .k = hd.hs,
-                              .parallel = false, .bf16 = bf16, .causal = causal.scores});
+                              .parallel = false, .bf16 = bf16, .causal = causal.scores, .packed_b = &ops.vt});
                         for (int r = 0; r < rows; r++) {
                             const int i = i0 + r;
                             float* p = P + (size_t)r * T;
@@ -189,7 +209,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         // dQ = dS K for this block's query rows
                         gemm({.c = dseq + (size_t)i0 * hd.ld + hd.q_col(h), .ldc = hd.ld, .a = {dS, T},
                               .b = {k, hd.ld}, .m = rows, .n = hd.hs, .k = i1, .parallel = false, .bf16 = bf16,
-                              .causal = causal.rows});
+                              .causal = causal.rows, .packed_b = &ops.k});
                         // dK (+)= dS^T Q
                         gemm({.c = dk, .ldc = hd.ld, .a = {dS, T, true}, .b = {q, hd.ld}, .m = i1, .n = hd.hs,
                               .k = rows, .accumulate = add, .parallel = false, .bf16 = bf16, .causal = causal.keys});

@@ -16,6 +16,7 @@
 // thread count.
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -356,19 +357,18 @@ template <class K, bool INLINE>
 }
 
 // C[i0:i0+mc, j0:j0+nc] (+)= a packed block of A (Ap: its MR-high slivers) times packed B panels (Bp: the
-// panel of column j0 first) over a K block, in the BLIS order: each A sliver (in L1) runs across an NCS-wide
-// slab of B panels (in L2). before_tile() runs before each micro-tile.
+// panel of column j0 first, the next ones bstride elements apart) over a K block, in the BLIS order: each A sliver
+// (in L1) runs across an NCS-wide slab of B panels (in L2). before_tile() runs before each micro-tile.
 template <class K, bool INLINE, class Hook>
 [[gnu::always_inline]] inline void block_product(const Gemm& g, const KBlock& blk, int i0, int mc, int j0, int nc,
-                                                 const typename K::T* Ap, const typename K::T* Bp, bool add,
-                                                 Hook&& before_tile) {
+                                                 const typename K::T* Ap, const typename K::T* Bp, size_t bstride,
+                                                 bool add, Hook&& before_tile) {
     for (int js = 0; js < nc; js += NCS)
         for (int ir = 0; ir < mc; ir += MR)
             for (int jr = js; jr < std::min(nc, js + NCS); jr += NR) {
                 before_tile();
                 causal_tile<K, INLINE>(g, blk, i0 + ir, std::min(MR, mc - ir), j0 + jr, std::min(NR, nc - jr),
-                                       Ap + (size_t)(ir / MR) * blk.kpad * MR, Bp + (size_t)(jr / NR) * blk.kpad * NR,
-                                       add);
+                                       Ap + (size_t)(ir / MR) * blk.kpad * MR, Bp + (size_t)(jr / NR) * bstride, add);
             }
 }
 
@@ -402,22 +402,54 @@ OwnPacking& own_packing() {
     return p;
 }
 
+// A PackedOperand's layout: K block after K block (KC deep but the last), each its column panels, kpad x NR
+// elements each. A GEMM over a leading part [0:k', 0:n'] reads its K blocks' leading panels and, in each panel,
+// the leading k' rows.
+template <class K>
+size_t operand_block_offset(const PackedOperand& p, int kb) { return (size_t)kb * col_panels(p.n) * K::KC * NR; }
+template <class K>
+size_t operand_panel_stride(const PackedOperand& p, int kb) { return (size_t)k_block<K>(kb, p.k).kpad * NR; }
+
 // C[:, j0:j0+nc] (+)= op(A)[:, K block kb] op(B)[K block kb, j0:j0+nc], on the calling thread, which packs
-// the B panels it uses itself. INLINE: see causal_tile.
+// the B panels it uses itself, or reads them from g.packed_b. INLINE: see causal_tile.
 template <class K, bool INLINE>
 void column_block(const Gemm& g, int j0, int nc, int kb) {
     using T = typename K::T;
     const KBlock blk = k_block<K>(kb, g.k);
     OwnPacking& own = own_packing<K>();
-    T* Bp = own.b.get<T>((size_t)col_panels(nc) * K::KC * NR);
     T* Ap = own.a.get<T>((size_t)MC * K::KC);
-    pack_B<K>(Bp, g.b, j0, nc, blk);
+    const T* Bp;
+    size_t bstride = (size_t)blk.kpad * NR;
+    if (g.packed_b) {
+        bstride = operand_panel_stride<K>(*g.packed_b, kb);
+        Bp = (const T*)g.packed_b->buf.get() + operand_block_offset<K>(*g.packed_b, kb) + (size_t)(j0 / NR) * bstride;
+    } else {
+        T* own_b = own.b.get<T>((size_t)col_panels(nc) * K::KC * NR);
+        pack_B<K>(own_b, g.b, j0, nc, blk);
+        Bp = own_b;
+    }
     for (int i0 = 0; i0 < g.m; i0 += MC) {
         const int mc = std::min(MC, g.m - i0);
         pack_A<K>(Ap, g.a, i0, mc, blk);
-        block_product<K, INLINE>(g, blk, i0, mc, j0, nc, Ap, Bp, g.accumulate || kb > 0, [] {});
+        block_product<K, INLINE>(g, blk, i0, mc, j0, nc, Ap, Bp, bstride, g.accumulate || kb > 0, [] {});
         if (g.gelu_out && kb == k_blocks<K>(g.k) - 1) gelu_tile(g, i0, mc, j0, nc);
     }
+}
+
+template <class K>
+void pack_operand_impl(PackedOperand& p, const Operand& b, int k, int n) {
+    using T = typename K::T;
+    const int kblocks = k_blocks<K>(k);
+    p.k = k, p.n = n;
+    const size_t elems = kblocks == 0 ? 0 : operand_block_offset<K>(p, kblocks - 1) +
+                                                (size_t)col_panels(n) * operand_panel_stride<K>(p, kblocks - 1);
+    const size_t floats = (elems * sizeof(T) + sizeof(float) - 1) / sizeof(float);
+    if (floats > p.capacity) {
+        p.buf = alloc_floats(floats);
+        p.capacity = floats;
+    }
+    for (int kb = 0; kb < kblocks; kb++)
+        pack_B<K>((T*)p.buf.get() + operand_block_offset<K>(p, kb), b, 0, n, k_block<K>(kb, k));
 }
 
 // All of C on the calling thread, one K block at a time, the micro-kernel inlined.
@@ -482,7 +514,8 @@ void tile_task(const Gemm& g, const PackedB<K>& B, PackedA<K>& A, int i0, int mc
         if (next_i0 < g.m) next_a.start(g.a, next_i0, std::min(MC, g.m - next_i0), k_block<K>(next_kb, g.k));
         const int calls = ((mc + MR - 1) / MR) * col_panels(nc);
         const int per_call = (next_a.total + calls - 1) / calls;
-        block_product<K, false>(g, blk, i0, mc, j0, nc, Ap, B.panel(kb, j0, blk.kpad), g.accumulate || kb > 0,
+        block_product<K, false>(g, blk, i0, mc, j0, nc, Ap, B.panel(kb, j0, blk.kpad), (size_t)blk.kpad * NR,
+                                g.accumulate || kb > 0,
                                 [&] { next_a.step(per_call); });
     }
     if (g.gelu_out && B.kb1 == k_blocks<K>(g.k)) gelu_tile(g, i0, mc, j0, nc);
@@ -537,6 +570,7 @@ void gemm_impl(const Gemm& g) {
     if (g.k == 0) return empty_sum(g);
     // inside an outer parallel loop (attention's blocks): no OpenMP region at all
     if (!g.parallel) return gemm_serial<K>(g);
+    if (g.packed_b) throw std::invalid_argument("gemm: packed_b is for serial GEMMs (parallel = false)");
     // few row blocks for the threads but enough columns (a weight gradient: M = input features, K = tokens)
     const int threads = omp_get_max_threads();
     if (threads > 1 && row_blocks(g.m) < 4 * threads && col_panels(g.n) >= threads)
@@ -689,7 +723,17 @@ void rows_dots(float* out, int ldo, const float* x, int ldx, const float* w, int
 
 }  // namespace
 
+void pack_operand(PackedOperand& p, const Operand& b, int k, int n, bool bf16) {
+    p.bf16 = bf16;
+    if (bf16)
+        pack_operand_impl<KernelBF16>(p, b, k, n);
+    else
+        pack_operand_impl<KernelF32>(p, b, k, n);
+}
+
 void gemm(const Gemm& g) {
+    if (g.packed_b && (g.packed_b->bf16 != g.bf16 || g.k > g.packed_b->k || g.n > g.packed_b->n))
+        throw std::invalid_argument("gemm: packed_b does not hold op(b) [k, n] in this precision");
     if (g.bf16)
         gemm_impl<KernelBF16>(g);
     else

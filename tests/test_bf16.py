@@ -66,9 +66,10 @@ def test_matmul_wide_output_in_column_strips(bf16, tb):
 LLAMA = dict(architecture="llama", num_heads=6, num_kv_heads=2, tie_embeddings=False)
 
 
-# 150: several attention query blocks, the last one ragged
+# 150: several attention query blocks, the last one ragged; 800: K and V packed over two 768-deep K blocks
 @EACH_VARIANT
-@pytest.mark.parametrize("T,arch", [(16, {}), (150, {}), (150, LLAMA)], ids=["T16", "T150", "llama-T150"])
+@pytest.mark.parametrize("T,arch", [(16, {}), (150, {}), (150, LLAMA), (800, LLAMA)],
+                         ids=["T16", "T150", "llama-T150", "llama-T800"])
 def test_bf16_gradients_close_to_oracle(T, arch):
     cfg = cllm.ModelConfig(**{**dict(vocab_size=67, max_seq_len=T, embedding_dim=48, num_layers=2, num_heads=3,
                                      ff_dim=100), **arch})
