@@ -82,10 +82,12 @@ def test_overlapping_windows_and_several_files(model, tmp_path):
     each = [evaluate_files(model, tok, [p], stride=5, batch_size=1) for p in (a, b)]
     assert pooled["tokens"] == sum(e["tokens"] for e in each) == len(TEXT) - 1 + 22
     mean = sum(e["loss"] * e["tokens"] for e in each) / pooled["tokens"]
-    assert abs(pooled["loss"] - mean) < 1e-9
-    # a token file gives the figures of its text
+    # float32 round-off only: a batch of up to 16 tokens takes the few-rows products (decode's), whose sums are
+    # ordered differently from the GEMM's that a larger batch takes
+    assert abs(pooled["loss"] - mean) < 1e-6 * mean
+    # a token file gives the figures of its text (the same batches: the same bits)
     cllm.data.write_tokens(tmp_path / "a.bin", tok.encode(TEXT), 256)
-    assert evaluate_files(model, tok, [tmp_path / "a.bin"], stride=5) == each[0]
+    assert evaluate_files(model, tok, [tmp_path / "a.bin"], stride=5, batch_size=1) == each[0]
 
 
 def test_bits_per_byte_counts_the_bytes_of_bpe_tokens(model, tmp_path):
