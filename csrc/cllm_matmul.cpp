@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -570,7 +571,6 @@ void gemm_impl(const Gemm& g) {
     if (g.k == 0) return empty_sum(g);
     // inside an outer parallel loop (attention's blocks): no OpenMP region at all
     if (!g.parallel) return gemm_serial<K>(g);
-    if (g.packed_b) throw std::invalid_argument("gemm: packed_b is for serial GEMMs (parallel = false)");
     // few row blocks for the threads but enough columns (a weight gradient: M = input features, K = tokens)
     const int threads = omp_get_max_threads();
     if (threads > 1 && row_blocks(g.m) < 4 * threads && col_panels(g.n) >= threads)
@@ -608,6 +608,22 @@ void bias_backward(float* dbias, const float* dout, int N, int OC) {
 // in place and every weight element once for all of them, so a step costs one pass over the weights. Every output is
 // summed over the inputs in order, in the same way for any number of rows up to ROWS_MAX: a sequence's logits do not
 // depend on the batch it is decoded in while the batch has at most ROWS_MAX live rows (more take the GEMM).
+
+// f(std::integral_constant<int, R>{}) for R = rows (1..MR): the row count of a group as a compile-time constant,
+// so that its accumulators live in registers.
+template <class F>
+inline void with_rows(int rows, F&& f) {
+    switch (rows) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: return f(std::integral_constant<int, 5>{});
+        case 6: return f(std::integral_constant<int, 6>{});
+        case 7: return f(std::integral_constant<int, 7>{});
+        default: return f(std::integral_constant<int, MR>{});
+    }
+}
 
 // out[r, j0 : j0 + NR] += x[r, k0 : k1] @ w[k0 : k1, j0 : j0 + NR] for the R rows (w [K, *] row stride ldw)
 template <int R>
@@ -652,16 +668,9 @@ void rows_forward(float* out, int ldo, const float* x, int ldx, const float* w, 
                 for (int r0 = 0; r0 < M; r0 += MR) {
                     float* o = out + (size_t)r0 * ldo;
                     const float* xr = x + (size_t)r0 * ldx;
-                    switch (std::min(MR, M - r0)) {
-                        case 1: rows_strip<1>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 2: rows_strip<2>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 3: rows_strip<3>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 4: rows_strip<4>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 5: rows_strip<5>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 6: rows_strip<6>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        case 7: rows_strip<7>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                        default: rows_strip<MR>(o, ldo, xr, ldx, w, N, k0, k1, s * NR); break;
-                    }
+                    with_rows(std::min(MR, M - r0), [&](auto R) {
+                        rows_strip<R.value>(o, ldo, xr, ldx, w, N, k0, k1, s * NR);
+                    });
                 }
             for (int r = 0; r < M; r++)  // the ragged columns, summed in the same order as a vector lane
                 for (int j = strips * NR; j < j1; j++) {
@@ -704,20 +713,9 @@ void rows_dots(float* out, int ldo, const float* x, int ldx, const float* w, int
     #pragma omp parallel for schedule(static)
     for (int j = 0; j < N; j++)
         for (int r0 = 0; r0 < M; r0 += MR) {
-            const int rows = std::min(MR, M - r0);
             float* o = out + (size_t)r0 * ldo + j;
             const float* xr = x + (size_t)r0 * ldx;
-            const float* wj = w + (size_t)j * K;
-            switch (rows) {
-                case 1: rows_dot<1>(o, ldo, xr, ldx, wj, K); break;
-                case 2: rows_dot<2>(o, ldo, xr, ldx, wj, K); break;
-                case 3: rows_dot<3>(o, ldo, xr, ldx, wj, K); break;
-                case 4: rows_dot<4>(o, ldo, xr, ldx, wj, K); break;
-                case 5: rows_dot<5>(o, ldo, xr, ldx, wj, K); break;
-                case 6: rows_dot<6>(o, ldo, xr, ldx, wj, K); break;
-                case 7: rows_dot<7>(o, ldo, xr, ldx, wj, K); break;
-                default: rows_dot<MR>(o, ldo, xr, ldx, wj, K); break;
-            }
+            with_rows(std::min(MR, M - r0), [&](auto R) { rows_dot<R.value>(o, ldo, xr, ldx, w + (size_t)j * K, K); });
         }
 }
 
@@ -732,6 +730,7 @@ void pack_operand(PackedOperand& p, const Operand& b, int k, int n, bool bf16) {
 }
 
 void gemm(const Gemm& g) {
+    if (g.packed_b && g.parallel) throw std::invalid_argument("gemm: packed_b is for serial GEMMs (parallel = false)");
     if (g.packed_b && (g.packed_b->bf16 != g.bf16 || g.k > g.packed_b->k || g.n > g.packed_b->n))
         throw std::invalid_argument("gemm: packed_b does not hold op(b) [k, n] in this precision");
     if (g.bf16)
