@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -647,45 +648,76 @@ void rows_strip(float* out, int ldo, const float* x, int ldx, const float* w, in
     }
 }
 
-// out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ w[K, N] (+ bias), for M <= ROWS_MAX. Each thread owns a
-// range of columns and walks down w in blocks of KB rows, each block's columns of the range for every row group
-// before the next block: w is read front to back in long runs (strips walked down all of K would touch a page
-// per row: a TLB miss each where w lies in 4 KiB pages), the range's outputs stay in cache as accumulators.
+// p[j0 : j1] += a * w[j0 : j1] (j1 - j0 a multiple of NR): one row of rows_strip's sums for one k, as a tight loop
+inline void rows_axpy(float* __restrict p, float a, const float* __restrict w, int j0, int j1) {
+    int j = j0;
+    for (; j + 2 * NR <= j1; j += 2 * NR) {
+        vf v[4];
+        for (int u = 0; u < 4; u++) v[u] = *(const vf_u*)(p + j + u * VL) + a * *(const vf_u*)(w + j + u * VL);
+        for (int u = 0; u < 4; u++) *(vf_u*)(p + j + u * VL) = v[u];
+    }
+    for (; j < j1; j += VL) *(vf_u*)(p + j) += a * *(const vf_u*)(w + j);
+}
+
+// out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ w[K, N] (+ bias), for M <= ROWS_MAX. w is cut into
+// fixed chunks of KC rows; a chunk's partial sums over its rows, in order, go to a scratch, and each output is
+// then the bias plus its chunks' partials in chunk order: the same sums whatever the thread count and the number
+// of rows. A thread takes a run of whole chunks, so it reads its part of w front to back as one stream (several
+// streams at once, one per row of a block, measured 1.6x slower on weights in huge pages); one or two rows walk
+// w a row at a time, more rows in blocks of KB (accumulators in registers over KB rows, the same sums). Only when
+// threads outnumber the chunks are a chunk's columns split too.
 void rows_forward(float* out, int ldo, const float* x, int ldx, const float* w, const float* bias, int M, int K,
                   int N, float* gelu_out) {
-    constexpr int KB = 8;
-    const int strips = N / NR;
+    constexpr int KC = 64;
+    const int chunks = std::max(1, (K + KC - 1) / KC), strips = N / NR, KB = M <= 2 ? 1 : 8;
+    thread_local std::vector<float> scratch;  // [chunks][M][N] partial sums (the calling thread's)
+    scratch.resize(std::max(scratch.size(), (size_t)chunks * M * N));
+    float* part = scratch.data();
     #pragma omp parallel
     {
         const int T = omp_get_num_threads(), t = omp_get_thread_num();
-        const int s0 = strips * t / T, s1 = strips * (t + 1) / T;
-        const int j0 = s0 * NR, j1 = t == T - 1 ? N : s1 * NR;  // the last thread also takes the N % NR columns
-        for (int r = 0; r < M; r++)
-            for (int j = j0; j < j1; j++) out[(size_t)r * ldo + j] = bias ? bias[j] : 0.0f;
-        for (int k0 = 0; k0 < K; k0 += KB) {
-            const int k1 = std::min(K, k0 + KB);
-            for (int s = s0; s < s1; s++)
-                for (int r0 = 0; r0 < M; r0 += MR) {
-                    float* o = out + (size_t)r0 * ldo;
-                    const float* xr = x + (size_t)r0 * ldx;
-                    with_rows(std::min(MR, M - r0), [&](auto R) {
-                        rows_strip<R.value>(o, ldo, xr, ldx, w, N, k0, k1, s * NR);
-                    });
-                }
-            for (int r = 0; r < M; r++)  // the ragged columns, summed in the same order as a vector lane
-                for (int j = strips * NR; j < j1; j++) {
-                    float acc = out[(size_t)r * ldo + j];
-                    for (int k = k0; k < k1; k++) acc += x[(size_t)r * ldx + k] * w[(size_t)k * N + j];
-                    out[(size_t)r * ldo + j] = acc;
-                }
+        const int splits = (T + chunks - 1) / chunks, tasks = chunks * splits;
+        for (int task = tasks * t / T; task < tasks * (t + 1) / T; task++) {
+            const int c = task / splits, sp = task % splits;
+            const int s0 = strips * sp / splits, s1 = strips * (sp + 1) / splits;
+            const int j0 = s0 * NR, j1 = sp == splits - 1 ? N : s1 * NR;  // the last split takes the N % NR columns
+            float* p = part + (size_t)c * M * N;
+            for (int r = 0; r < M; r++) std::fill(p + (size_t)r * N + j0, p + (size_t)r * N + j1, 0.0f);
+            for (int k0 = c * KC; k0 < std::min(K, (c + 1) * KC); k0 += KB) {
+                const int k1 = std::min({K, k0 + KB, (c + 1) * KC});
+                if (M <= 2)
+                    for (int r = 0; r < M; r++) rows_axpy(p + (size_t)r * N, x[(size_t)r * ldx + k0], w + (size_t)k0 * N, j0, s1 * NR);
+                else
+                    for (int s = s0; s < s1; s++)
+                        for (int r0 = 0; r0 < M; r0 += MR)
+                            with_rows(std::min(MR, M - r0), [&](auto R) {
+                                rows_strip<R.value>(p + (size_t)r0 * N, N, x + (size_t)r0 * ldx, ldx, w, N, k0, k1, s * NR);
+                            });
+                // the ragged columns, summed as a vector lane (k outer: GCC would make a k-inner loop an unfused
+                // in-order reduction for some block lengths, giving other bits for other row counts)
+                for (int r = 0; r < M; r++)
+                    for (int k = k0; k < k1; k++) {
+                        const float a = x[(size_t)r * ldx + k];
+                        for (int j = strips * NR; j < j1; j++) p[(size_t)r * N + j] += a * w[(size_t)k * N + j];
+                    }
+            }
         }
-        if (gelu_out)
-            for (int r = 0; r < M; r++) {
-                const float* o = out + (size_t)r * ldo;
+        #pragma omp barrier
+        const int j0 = (int)((long)N * t / T), j1 = (int)((long)N * (t + 1) / T);
+        for (int r = 0; r < M; r++) {
+            float* o = out + (size_t)r * ldo;
+            for (int j = j0; j < j1; j++) o[j] = bias ? bias[j] : 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                const float* pc = part + ((size_t)c * M + r) * N;
+                #pragma omp simd
+                for (int j = j0; j < j1; j++) o[j] += pc[j];
+            }
+            if (gelu_out) {
                 float* g = gelu_out + (size_t)r * ldo;
                 #pragma omp simd
                 for (int j = j0; j < j1; j++) g[j] = gelu(o[j]);
             }
+        }
     }
 }
 

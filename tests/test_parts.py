@@ -80,10 +80,12 @@ def test_layernorm(kernels, errs, rng, N, C, offset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# N <= 16 takes the few-rows path (decode steps): 11 and 16 rows in groups of 8, full column strips and a ragged end
+# N <= 16 takes the few-rows path (decode steps): 11 and 16 rows in groups of 8, one and two rows a k at a time;
+# full column strips and a ragged end; K over 64 sums several chunks of w's rows, the last one short
 @pytest.mark.parametrize("N,K,M", [(37, 48, 100), (13, 33, 17), (128, 128, 384), (1, 5, 3), (26, 100, 48),
-                                   (11, 70, 100), (16, 40, 67)],
-                         ids=["37x48x100", "13x33x17", "128x128x384", "1x5x3", "26x100x48", "11x70x100", "16x40x67"])
+                                   (11, 70, 100), (16, 40, 67), (1, 200, 100), (2, 130, 70)],
+                         ids=["37x48x100", "13x33x17", "128x128x384", "1x5x3", "26x100x48", "11x70x100", "16x40x67",
+                              "1x200x100", "2x130x70"])
 def test_linear(kernels, errs, rng, N, K, M):
     x = rng.standard_normal((N, K))
     w = rng.standard_normal((K, M)) * 0.2
@@ -101,6 +103,25 @@ def test_linear(kernels, errs, rng, N, K, M):
     errs.normwise("dw", dw, dw_ref, BWD_TOL)
     errs.normwise("db", db, db_ref, BWD_TOL)
     errs.finish()
+
+
+@pytest.mark.parametrize("K,M", [(200, 100), (64, 96), (8, 35)], ids=["200x100", "64x96", "8x35"])
+def test_linear_few_rows_same_bits_in_any_batch_and_thread_count(cllm, kernels, rng, K, M):
+    """A decode step's row gets the same bits alone, in any batch of up to 16 rows and with any thread count: the
+    few-rows path sums each output over fixed chunks of w's rows, in order, whatever the rows and threads."""
+    x = f32(rng.standard_normal((16, K)))
+    w = f32(rng.standard_normal((K, M)) * 0.2)
+    b = f32(rng.standard_normal(M))
+    alone = kernels.linear_forward(x[:1], w, b)[0]
+    orig = cllm.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):
+            cllm.set_num_threads(threads)
+            for n in range(1, 17):
+                got = kernels.linear_forward(x[:n], w, b)[0]
+                assert np.array_equal(got, alone), f"{n} rows, {threads} threads: row 0 differs from row 0 alone"
+    finally:
+        cllm.set_num_threads(orig)
 
 
 # ----------------------------------------------------------------------------------------------------
