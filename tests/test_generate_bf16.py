@@ -31,9 +31,13 @@ def _model(kw):
     return m
 
 
-@pytest.fixture(scope="module", params=["learned", "llama"])
+# "odd": an odd K (45, 99) leaves each weight's last k pair half empty, and 99 columns a ragged last panel
+ODD = dict(embedding_dim=45, num_heads=3, ff_dim=99)
+
+
+@pytest.fixture(scope="module", params=["learned", "llama", "odd"])
 def model(request):
-    return _model(LLAMA if request.param == "llama" else dict(pos_encoding=request.param))
+    return _model({"llama": LLAMA, "odd": ODD}.get(request.param, dict(pos_encoding=request.param)))
 
 
 def decode_reference(model, tokens, n_prompt, rounding=True, nudge=0.0):
