@@ -296,6 +296,11 @@ COMPACT_SCRIPT = textwrap.dedent("""
             raise SystemExit("float tokens were accepted")
         except ValueError as e:
             assert "tokens must be an integer [B, T] array" in str(e), e
+        try:  # the ranks' T differ: every rank refuses (none is left waiting in a collective)
+            red.start(x[1][:, :8 if rank == 0 else 16])
+            raise SystemExit("different T on the ranks was accepted")
+        except ValueError as e:
+            assert "different sequence lengths T [8, 16]" in str(e), e
         try:  # (start() failed above, so this step never began: nothing would be reduced)
             red.finish()
             raise SystemExit("finish() without start() was accepted")
@@ -312,7 +317,8 @@ def test_compact_embedding_exchange_equals_the_dense_one(ranks, tmp_path):
     """The embedding's rows exchanged compactly (union of the ranks' tokens) give the dense exchange's averaged
     gradients to float32 order noise (1e-6 of the largest; bf16 to its rounding), bit for bit the same with and
     without overlap, with an earlier micro-batch on the dense path, for GPT-2 (learned wpe) and a tied Llama,
-    and under ZeRO-1 on each rank's shard; no bucket straddles wte's end; float tokens are refused."""
+    and under ZeRO-1 on each rank's shard; no bucket straddles wte's end; float tokens and different sequence
+    lengths on the ranks are refused."""
     script = tmp_path / "compact.py"
     script.write_text(COMPACT_SCRIPT)
     code, log, _ = run_mpi(ranks, [script], cwd=tmp_path)

@@ -318,7 +318,12 @@ class GradientReducer:
             tokens = np.asarray(tokens)
             if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
                 raise ValueError(f"start: tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}")
-            rows = np.unique(np.concatenate(self.comm.allgather(np.unique(tokens))))
+            gathered = self.comm.allgather((tokens.shape[1], np.unique(tokens)))
+            lengths = sorted({T for T, _ in gathered})
+            if len(lengths) > 1:  # every rank sees the same list: all of them raise, none waits in a collective
+                raise ValueError(f"start: the ranks' tokens have different sequence lengths T {lengths}: the compact "
+                                 f"embedding exchange sums wpe's first T rows and needs one T on every rank")
+            rows = np.unique(np.concatenate([ids for _, ids in gathered]))
             self._rows, self._union_tokens = rows, np.searchsorted(rows, tokens).astype(np.int32)
             self.embedding_grad = np.empty((*tokens.shape, self.embedding[2]), dtype=np.float32)
         self._started = True
