@@ -277,14 +277,15 @@ struct WeightPart {  // columns of op(w) [K, n]: element (k, j) at w[k * ld + j]
     int n;
 };
 struct PackedBF16 {
-    FloatBuffer buf;  // the panels (32-bit words)
+    const uint32_t* data = nullptr;  // the panels (32-bit words), in storage the caller owns
     int K = 0, N = 0;
-    const uint32_t* panels() const { return (const uint32_t*)buf.get(); }
+    const uint32_t* panels() const { return data; }
 };
 int decode_panel_width();  // the variant's NR: 32 with AVX-512, 16 otherwise
 size_t packed_bf16_floats(int K, int N);
-// The parts side by side as one [K, sum of n] weight (e.g. q | k | v), rounded to bf16.
-PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts);
+// The parts side by side as one [K, sum of n] weight (e.g. q | k | v), rounded to bf16, into dst
+// (packed_bf16_floats(K, sum of n) floats, 64-byte aligned).
+PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts, float* dst);
 // out[m, N] (row stride ldo) = bf16(x)[m, K] (row stride ldx) @ w + bias (null: none), summed in fp32; gelu_out
 // (row stride ldo) also gets gelu(out). Each panel is read once for all m rows.
 void bf16_product(float* out, int ldo, const float* x, int ldx, int m, const PackedBF16& w, const float* bias,
@@ -392,6 +393,10 @@ struct Model {
     uint64_t dropout_seed = 0;   // base seed
     uint64_t dropout_stream = 0; // independent mask streams for the same seed and step (a data-parallel rank)
     uint64_t dropout_step = 0;   // forward_backward calls made (part of the RNG state)
+    // Storage for the bf16 weight copies of generate(bf16), allocated by the first such call and reused by the
+    // next ones (repacked each time): fresh huge pages cost a first touch that can take a second.
+    FloatBuffer decode_panels;
+    size_t decode_panels_floats = 0;
 
     Model(const Config& c, uint64_t seed);
     // the table added to the embeddings: GPT2's wpe or sinusoidal table; null for LLAMA (rotary)

@@ -102,7 +102,7 @@ int decode_panel_width() { return NR; }
 
 size_t packed_bf16_floats(int K, int N) { return (size_t)panel_count(N) * pairs(K) * NR; }
 
-PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts) {
+PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts, float* out) {
     // where each column of op(w) starts, and the step from one k to the next
     std::vector<const float*> col;
     std::vector<size_t> kstep;
@@ -114,15 +114,15 @@ PackedBF16 pack_bf16(int K, const std::vector<WeightPart>& parts) {
     PackedBF16 w;
     w.K = K;
     w.N = (int)col.size();
-    // zero-filled: the last panel's missing columns stay 0. Huge pages: a decode step streams every panel, and on
-    // 4 KiB pages it reached 60-75 % of the read bandwidth (the prefetchers stop at each page), on 2 MiB ones 80-95 %
-    w.buf = alloc_floats(packed_bf16_floats(K, w.N));
-    uint32_t* dst = (uint32_t*)w.buf.get();
+    w.data = (const uint32_t*)out;
+    uint32_t* dst = (uint32_t*)out;
     const int kp = pairs(K);
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < panel_count(w.N); p++) {
         const int j0 = p * NR, n = std::min(NR, w.N - j0);
         uint32_t* d = dst + (size_t)p * kp * NR;
+        if (n < NR)  // the last panel's missing columns are zeros
+            for (int k = 0; k < kp; k++) std::fill(d + (size_t)k * NR + n, d + (size_t)(k + 1) * NR, 0u);
         bool side_by_side = true;  // the panel's columns lie next to each other in the rows of one [K, *] weight
         for (int j = 1; j < n; j++) side_by_side &= col[j0 + j] == col[j0] + j && kstep[j0 + j] == kstep[j0];
         if (side_by_side) {  // a row pair at a time (vectorised)

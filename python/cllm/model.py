@@ -313,8 +313,8 @@ class Model:
         With return_logits=True also returns the [n, V] logits (before penalties) each token was drawn from
         (a list for a batch). Past max_seq_len the newest half of a context is kept.
 
-        precision="bf16" decodes with bfloat16 copies of the weights (made once per call: half the parameter bytes
-        in extra memory) and a bfloat16 K/V cache, summing in fp32: each new token reads half the bytes, so
+        precision="bf16" decodes with bfloat16 copies of the weights (made again by each call, in half the parameter
+        bytes of extra memory that the model keeps for its next bf16 call) and a bfloat16 K/V cache, summing in fp32: each new token reads half the bytes, so
         decoding is up to twice as fast, and the tokens can differ from fp32's where two candidates are close. The
         prompt's prefill runs in the model's own precision."""
         batch = _is_batch(prompt)
