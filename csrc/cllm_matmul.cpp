@@ -686,12 +686,14 @@ void rows_forward(float* out, int ldo, const float* x, int ldx, const float* w, 
             for (int k0 = c * KC; k0 < std::min(K, (c + 1) * KC); k0 += KB) {
                 const int k1 = std::min({K, k0 + KB, (c + 1) * KC});
                 if (M <= 2)
-                    for (int r = 0; r < M; r++) rows_axpy(p + (size_t)r * N, x[(size_t)r * ldx + k0], w + (size_t)k0 * N, j0, s1 * NR);
+                    for (int r = 0; r < M; r++)
+                        rows_axpy(p + (size_t)r * N, x[(size_t)r * ldx + k0], w + (size_t)k0 * N, j0, s1 * NR);
                 else
                     for (int s = s0; s < s1; s++)
                         for (int r0 = 0; r0 < M; r0 += MR)
                             with_rows(std::min(MR, M - r0), [&](auto R) {
-                                rows_strip<R.value>(p + (size_t)r0 * N, N, x + (size_t)r0 * ldx, ldx, w, N, k0, k1, s * NR);
+                                rows_strip<R.value>(p + (size_t)r0 * N, N, x + (size_t)r0 * ldx, ldx, w, N, k0, k1,
+                                                    s * NR);
                             });
                 // the ragged columns, summed as a vector lane (k outer: GCC would make a k-inner loop an unfused
                 // in-order reduction for some block lengths, giving other bits for other row counts)
