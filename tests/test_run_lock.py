@@ -131,3 +131,40 @@ def test_a_linked_data_directory_is_refused(tmp_path):
     with pytest.raises(CLLMError, match="data: is a symbolic link"):
         cllm.Trainer(cllm.TrainConfig(out_dir=str(out), **RUN)).fit()
     assert list(elsewhere.iterdir()) == []
+
+
+def _prepare(out, *extra):
+    corpus = out.parent / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    return subprocess.run([sys.executable, "-m", "cllm", "prepare", str(corpus), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_stops_while_another_process_writes_the_directory(tmp_path):
+    """Two preparations into one directory would leave one's train.bin beside the other's tokenizer: the second
+    stops at once with one line naming the holder; a prepare into a training run's directory stops the same way,
+    and a run does not start in a directory being prepared. The lock goes with the preparation."""
+    from cllm.files import DirLock
+
+    out = tmp_path / "data"
+    assert _prepare(out).returncode == 0, "a first preparation"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    held = DirLock(out, "another process is preparing data", "output directory")
+    r = _prepare(out, "--tokenizer", "bpe", "--vocab-size", "300")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"another process is preparing data in this directory (pid {os.getpid()})" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # untouched
+    r = subprocess.run([sys.executable, "-m", "cllm", "train", "--out-dir", str(out), "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "another process is preparing data in this directory" in r.stderr, r.stderr
+    held.release()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run)
+    r = _prepare(run)
+    assert r.returncode == 2 and f"another run is training in this directory (pid {os.getpid()})" in r.stderr
+    assert not (run / "train.bin").exists()
+    lock.release()
+    assert _prepare(out, "--tokenizer", "bpe", "--vocab-size", "300").returncode == 0  # free again

@@ -29,6 +29,7 @@ import numpy as np
 from .checks import check_float, check_int
 from .tokenfile import write_token_chunks
 from .errors import MissingFileError
+from .files import DirLock
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, _chunk_text
 
 __all__ = ["default_corpus_files", "read_corpus", "prepare", "source_fingerprint"]
@@ -359,6 +360,8 @@ def prepare(
                                  bpe_vocab)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: two preparations at once would leave one's train.bin beside the other's tokenizer
+    lock = DirLock(out_dir, "another process is preparing data", "output directory")
     try:
         if val_idx:  # whole files: neither split can be empty (see _validation_files)
             train = _Counted(_token_stream(tok, train_docs))
@@ -368,12 +371,15 @@ def prepare(
             n_train, n_val = train.n, val.n
         else:
             n_train, n_val = _write_tail_split(out_dir, tok, docs, val_fraction, where)
+        tok.save(out_dir / "tokenizer.json")
     except BaseException:
+        lock.release()
         if created:  # leave no empty directory behind (one holding files stays)
             with contextlib.suppress(OSError):
+                (out_dir / ".lock").unlink()
                 out_dir.rmdir()
         raise
-    tok.save(out_dir / "tokenizer.json")
+    lock.release()
     return {
         "out_dir": str(out_dir),
         "files": len(docs),

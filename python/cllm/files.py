@@ -1,5 +1,5 @@
 """Writing a file so that a crash never leaves a partial one under its name: the one way CLLM writes its files
-(checkpoints, tokenizers, a run's JSON files).
+(checkpoints, tokenizers, a run's JSON files); and locking a directory that one process writes at a time.
 
     atomic_write(path, lambda f: f.write(data), what="checkpoint", missing_dir="checkpoint directory does not exist")
 """
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-from .errors import MissingFileError
+from .errors import CLLMError, MissingFileError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -78,3 +78,33 @@ def read_json_object(path: Path, error=ValueError) -> dict:
 
 
 __all__ = ["atomic_write", "read_json_object"]
+
+
+class DirLock:
+    """An exclusive lock on a directory (flock on DIR/.lock), held while one process writes it: a second writer
+    stops at once with an error naming the holder and what it is doing, instead of the two mixing their files.
+    `doing` says what this holder does ("another run is training"), `option` how to choose another directory.
+    The kernel drops the lock when the process ends, however it ends."""
+
+    def __init__(self, directory: Path, doing: str, option: str):
+        import fcntl
+
+        self._fd = None
+        fd = os.open(Path(directory) / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid, _, holder = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
+            raise CLLMError(f"{directory}: {holder or 'another process is writing'} in this directory (pid "
+                            f"{pid or 'unknown'}); wait for it to finish or choose another {option}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = release

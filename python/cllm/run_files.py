@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .data import prepare, source_fingerprint
 from .errors import CLLMError
-from .files import atomic_write
+from .files import DirLock, atomic_write
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -37,34 +37,13 @@ def write_json_atomic(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------------------------------
 # the run directory and its prepared data
 # ----------------------------------------------------------------------------------------------------
-class RunLock:
-    """An exclusive lock on a run directory (flock on OUT_DIR/.lock), held while a run trains there: a second
-    run in the same directory stops at once with an error naming the holder, instead of the two overwriting
-    each other's checkpoints and logs. The kernel drops the lock when the process ends, however it ends."""
+class RunLock(DirLock):
+    """The lock of a run directory, held while a run trains there: a second run (or a `cllm prepare` into it)
+    stops at once with an error naming the holder, instead of the two overwriting each other's checkpoints and
+    logs."""
 
     def __init__(self, out_dir: Path):
-        import fcntl
-
-        self._fd = None
-        path = out_dir / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CLLMError(f"{out_dir}: another run is training in this directory (pid {holder}); wait for it "
-                            f"to finish or choose another --out-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    __del__ = release
+        super().__init__(out_dir, "another run is training", "--out-dir")
 
 
 def open_run_dir(out_dir: Path) -> RunLock:
