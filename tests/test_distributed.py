@@ -296,17 +296,35 @@ COMPACT_SCRIPT = textwrap.dedent("""
             raise SystemExit("float tokens were accepted")
         except ValueError as e:
             assert "tokens must be an integer [B, T] array" in str(e), e
-        try:  # the ranks' T differ: every rank refuses (none is left waiting in a collective)
-            red.start(x[1][:, :8 if rank == 0 else 16])
-            raise SystemExit("different T on the ranks was accepted")
-        except ValueError as e:
-            assert "different sequence lengths T [8, 16]" in str(e), e
         try:  # (start() failed above, so this step never began: nothing would be reduced)
             red.finish()
             raise SystemExit("finish() without start() was accepted")
         except RuntimeError as e:
             assert "finish() without start()" in str(e), e
+        try:  # tokens on one rank only: every rank refuses (none is left waiting in a collective)
+            red.start(x[1] if rank == 0 else None)
+            raise SystemExit("tokens on some ranks only were accepted")
+        except ValueError as e:
+            assert "some ranks gave their tokens and others none" in str(e), e
         red.close()
+        # the ranks' T differ: with wpe (its first T rows are summed) every rank refuses; without, it works
+        xt = x[1][:, :8 if rank == 0 else 16]
+
+        def step(compact):
+            m = Model(cfg, seed=1)
+            red = comm.gradient_reducer(m.flat_gradients(), 300, model=m if compact else None)
+            red.start(xt if compact else None)
+            m.forward_backward(xt, xt, embedding_grad=red.embedding_grad)
+            red.finish()
+            red.close()
+            return m.flat_gradients().copy()
+        try:
+            got = step(True)
+            assert arch == "llama", "different T on the ranks was accepted with wpe"
+            want = step(False)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+        except ValueError as e:
+            assert arch == "gpt2" and "different sequence lengths T [8, 16]" in str(e), e
     print("compact ok", rank, flush=True)
 """)
 
@@ -317,8 +335,8 @@ def test_compact_embedding_exchange_equals_the_dense_one(ranks, tmp_path):
     """The embedding's rows exchanged compactly (union of the ranks' tokens) give the dense exchange's averaged
     gradients to float32 order noise (1e-6 of the largest; bf16 to its rounding), bit for bit the same with and
     without overlap, with an earlier micro-batch on the dense path, for GPT-2 (learned wpe) and a tied Llama,
-    and under ZeRO-1 on each rank's shard; no bucket straddles wte's end; float tokens and different sequence
-    lengths on the ranks are refused."""
+    and under ZeRO-1 on each rank's shard; no bucket straddles wte's end; float tokens and tokens on some ranks
+    only are refused; ranks with different sequence lengths are refused with wpe and exchange correctly without."""
     script = tmp_path / "compact.py"
     script.write_text(COMPACT_SCRIPT)
     code, log, _ = run_mpi(ranks, [script], cwd=tmp_path)

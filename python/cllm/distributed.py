@@ -241,6 +241,17 @@ def shard_ranges(total: int, world_size: int) -> List[tuple]:
     return [(cuts[r], cuts[r + 1]) for r in range(world_size)]
 
 
+def _token_summary(tokens):
+    """What GradientReducer.start exchanges about a rank's tokens: (what is wrong with them or None, their T, their
+    distinct ids); (None, 0, None) without tokens."""
+    if tokens is None:
+        return None, 0, None
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+        return f"tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}", 0, None
+    return None, tokens.shape[1], np.unique(tokens)
+
+
 class GradientReducer:
     """Averages the flat gradient buffer across ranks in buckets, optionally while the backward still runs.
 
@@ -311,21 +322,29 @@ class GradientReducer:
     def start(self, tokens=None) -> None:
         """Begin a step: every bucket is pending again. `tokens` ([B, T], the step's last micro-batch on this
         rank; with a tied-head model only): leave the embedding's part apart (`embedding_grad`), exchanging
-        the token ids now (a few KB) so that finish() knows the rows every rank touched."""
+        the token ids now (a few KB) so that finish() knows the rows every rank touched. Give tokens on every rank
+        or on none; with a learned wpe, the same T on every rank."""
         self._pending, self._started = list(self.buckets), False
         self.embedding_grad = self._rows = self._union_tokens = None
-        if tokens is not None and self.embedding:
-            tokens = np.asarray(tokens)
-            if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
-                raise ValueError(f"start: tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}")
-            gathered = self.comm.allgather((tokens.shape[1], np.unique(tokens)))
-            lengths = sorted({T for T, _ in gathered})
-            if len(lengths) > 1:  # every rank sees the same list: all of them raise, none waits in a collective
-                raise ValueError(f"start: the ranks' tokens have different sequence lengths T {lengths}: the compact "
-                                 f"embedding exchange sums wpe's first T rows and needs one T on every rank")
-            rows = np.unique(np.concatenate([ids for _, ids in gathered]))
-            self._rows, self._union_tokens = rows, np.searchsorted(rows, tokens).astype(np.int32)
-            self.embedding_grad = np.empty((*tokens.shape, self.embedding[2]), dtype=np.float32)
+        if self.embedding:
+            # every rank takes part, with tokens or without, and checks the same list: all of them raise or none,
+            # so that no rank is left waiting in a collective
+            gathered = self.comm.allgather(_token_summary(tokens))
+            problems = [f"rank {r}: {p}" for r, (p, _, _) in enumerate(gathered) if p]
+            if problems:
+                raise ValueError(f"start: {problems[0]}")
+            if len({ids is None for _, _, ids in gathered}) > 1:
+                raise ValueError("start: some ranks gave their tokens and others none: give them on every rank or "
+                                 "on none")
+            lengths = sorted({T for _, T, _ in gathered})
+            if len(lengths) > 1 and self.embedding[3] is not None:
+                raise ValueError(f"start: the ranks' tokens have different sequence lengths T {lengths}: the "
+                                 f"compact embedding exchange sums wpe's first T rows and needs one T on every rank")
+            if tokens is not None:
+                tokens = np.asarray(tokens)
+                rows = np.unique(np.concatenate([ids for _, _, ids in gathered]))
+                self._rows, self._union_tokens = rows, np.searchsorted(rows, tokens).astype(np.int32)
+                self.embedding_grad = np.empty((*tokens.shape, self.embedding[2]), dtype=np.float32)
         self._started = True
         if self.overlap and self._thread is None:
             if self.MPI.Query_thread() < self.MPI.THREAD_SERIALIZED:
