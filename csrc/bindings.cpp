@@ -267,6 +267,8 @@ void bind_model(py::module_& mod) {
         .def("position_table", &position_table)
         .def_property_readonly("arena_bytes",
                                [](const PyModel& pm) { return pm.m.acts.arena_floats * sizeof(float); })
+        .def_property_readonly("decode_storage_floats",  // kept after the first generate(bf16)
+                               [](const PyModel& pm) { return pm.m.decode_panels_floats; })
         .def_property(
             "dropout_step", [](const PyModel& pm) { return pm.m.dropout_step; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_step = s; })

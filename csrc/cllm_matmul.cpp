@@ -18,7 +18,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
-#include <vector>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -607,7 +606,8 @@ void bias_backward(float* dbias, const float* dout, int N, int OC) {
 // ---- a few rows (a decode step: one row per sequence) ----------------------------------------------------------
 // The GEMM would pack all of the weight for them, which costs as much as the product: these paths read the rows
 // in place and every weight element once for all of them, so a step costs one pass over the weights. Every output is
-// summed over the inputs in order, in the same way for any number of rows up to ROWS_MAX: a sequence's logits do not
+// summed over the inputs in a fixed order (rows_dots: in order; rows_forward: in order within fixed chunks, then the
+// chunks in order), the same for any number of rows up to ROWS_MAX and any thread count: a sequence's logits do not
 // depend on the batch it is decoded in while the batch has at most ROWS_MAX live rows (more take the GEMM).
 
 // f(std::integral_constant<int, R>{}) for R = rows (1..MR): the row count of a group as a compile-time constant,
@@ -670,16 +670,16 @@ void rows_forward(float* out, int ldo, const float* x, int ldx, const float* w, 
                   int N, float* gelu_out) {
     constexpr int KC = 64;
     const int chunks = std::max(1, (K + KC - 1) / KC), strips = N / NR, KB = M <= 2 ? 1 : 8;
-    thread_local std::vector<float> scratch;  // [chunks][M][N] partial sums (the calling thread's)
-    scratch.resize(std::max(scratch.size(), (size_t)chunks * M * N));
-    float* part = scratch.data();
+    thread_local Scratch scratch;  // [chunks][M][N] partial sums (the calling thread's)
+    float* part = scratch.get<float>((size_t)chunks * M * N);
     #pragma omp parallel
     {
         const int T = omp_get_num_threads(), t = omp_get_thread_num();
-        const int splits = (T + chunks - 1) / chunks, tasks = chunks * splits;
-        for (int task = tasks * t / T; task < tasks * (t + 1) / T; task++) {
+        const int splits = (T + chunks - 1) / chunks;
+        const long tasks = (long)chunks * splits;
+        for (int task = (int)(tasks * t / T); task < (int)(tasks * (t + 1) / T); task++) {
             const int c = task / splits, sp = task % splits;
-            const int s0 = strips * sp / splits, s1 = strips * (sp + 1) / splits;
+            const int s0 = (int)((long)strips * sp / splits), s1 = (int)((long)strips * (sp + 1) / splits);
             const int j0 = s0 * NR, j1 = sp == splits - 1 ? N : s1 * NR;  // the last split takes the N % NR columns
             float* p = part + (size_t)c * M * N;
             for (int r = 0; r < M; r++) std::fill(p + (size_t)r * N + j0, p + (size_t)r * N + j1, 0.0f);

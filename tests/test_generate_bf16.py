@@ -189,3 +189,22 @@ def test_precision_argument_validated(model):
     need32 = cllm._core.generation_floats(cllm.model.core_config(model.config), 2, 5, False, False)
     need16 = cllm._core.generation_floats(cllm.model.core_config(model.config), 2, 5, False, True)
     assert need16 != need32  # the bf16 cache and weight copies are counted
+
+
+def test_the_bf16_weight_storage_is_kept_and_not_counted_twice(monkeypatch):
+    """The first bf16 call allocates the storage of the weight copies and the model keeps it (the next calls pack
+    into it); the memory check then asks only for what a call still allocates."""
+    import cllm.model as model_module
+
+    model = _model(ODD)
+    assert model._core.decode_storage_floats == 0
+    model.generate([1, 2], 3, precision="bf16")
+    kept = model._core.decode_storage_floats
+    assert kept > 0
+    model.generate([1, 2], 3, precision="bf16")
+    assert model._core.decode_storage_floats == kept  # reused, not grown
+    asked = []
+    monkeypatch.setattr(model_module, "check_memory", lambda nbytes, what: asked.append(nbytes))
+    model.check_generation_memory(2, 5, precision="bf16")
+    full = cllm._core.generation_floats(cllm.model.core_config(model.config), 2, 5, False, True)
+    assert asked == [4 * (full - kept)]

@@ -314,9 +314,9 @@ class Model:
         (a list for a batch). Past max_seq_len the newest half of a context is kept.
 
         precision="bf16" decodes with bfloat16 copies of the weights (made again by each call, in half the parameter
-        bytes of extra memory that the model keeps for its next bf16 call) and a bfloat16 K/V cache, summing in fp32: each new token reads half the bytes, so
-        decoding is up to twice as fast, and the tokens can differ from fp32's where two candidates are close. The
-        prompt's prefill runs in the model's own precision."""
+        bytes of extra memory that the model keeps for its next bf16 call) and a bfloat16 K/V cache, summing in fp32:
+        each new token reads half the bytes, so decoding is up to twice as fast, and the tokens can differ from
+        fp32's where two candidates are close. The prompt's prefill runs in the model's own precision."""
         batch = _is_batch(prompt)
         n = check_int("the number of prompts", len(prompt) if batch else 1, 1, INT32_MAX)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
@@ -358,6 +358,8 @@ class Model:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         floats = _core.generation_floats(core_config(self.config), n, max_new_tokens, bool(return_logits),
                                          precision == "bf16")
+        if precision == "bf16":  # the storage of the bf16 weight copies, once allocated, is kept and reused
+            floats -= min(floats, self._core.decode_storage_floats)
         check_memory(4 * floats, f"generating {max_new_tokens:,} tokens for {n:,} prompt(s)")
 
     def _prompt(self, p, name: str) -> np.ndarray:
