@@ -113,3 +113,54 @@ def test_sample_bad_values_are_one_line(checkpoint, capsys, monkeypatch, args, w
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
+
+
+MIXED = "plain text, café naïve, 日本語のテキスト, 🙂🚀 and\nnew lines " * 8
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from cllm.tokenizer import BPETokenizer
+    return BPETokenizer.train([MIXED], 300)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_decode_stream_adds_up_to_decode(kind, bpe):
+    """A tokenizer's streaming decoder gives, token by token, a prefix of decode() of the tokens so far, and all of
+    it unless the last character is incomplete: over real text cut anywhere and over random ids (invalid UTF-8)."""
+    tok = BYTES if kind == "byte" else bpe
+    rng = np.random.default_rng(0)
+    enc = tok.encode(MIXED)
+    for trial in range(200):
+        if trial % 2:
+            ids = rng.integers(0, tok.vocab_size, rng.integers(1, 40))
+        else:
+            start = int(rng.integers(0, enc.size - 1))
+            ids = enc[start:start + int(rng.integers(1, 60))]
+        step, streamed = tok.decode_stream(), ""
+        for n, t in enumerate(ids, 1):
+            streamed += step(int(t))
+            full = tok.decode(ids[:n])
+            assert full.startswith(streamed), (kind, trial, n)
+            assert streamed == full or full.endswith("\ufffd"), (kind, trial, n)
+
+
+def test_text_stream_streams_as_the_full_decode_does(bpe):
+    """_TextStream with the tokenizer's streaming decoder and with decode() alone (a tokenizer without one) ends
+    with the same text and stop, and each's pieces add up to its text."""
+    class DecodeOnly:
+        def decode(self, ids):
+            return bpe.decode(ids)
+
+    ids = bpe.encode(MIXED)[:150]
+    for stops in ([], ["テキスト"], ["🚀 and\nnew"], ["never there"]):
+        results = []
+        for tok in (bpe, DecodeOnly()):
+            s = _TextStream(tok, stops)
+            pieces = [s.add(int(t)) for t in ids if s.final is None]
+            pieces.append(s.flush(s.text()))
+            assert "".join(pieces) == s.text()
+            results.append((s.text(), s.final))
+        assert results[0] == results[1], stops
+        if stops and stops[0] != "never there":
+            assert results[0][1] == bpe.decode(ids)[:bpe.decode(ids).find(stops[0])]

@@ -19,16 +19,25 @@ class _TextStream:
         self.ids: List[int] = []
         self.shown = 0           # characters passed to on_text
         self.final: Optional[str] = None  # set when a stop string ended the text
+        # the tokenizer's streaming decoder, if it has one: each token then costs its own text, not a decode of
+        # everything so far (quadratic over a long output)
+        step = getattr(tokenizer, "decode_stream", None)
+        self._step = step() if step is not None else None
+        self._streamed = ""  # the text of ids so far, whole characters only (with _step)
 
     def add(self, token: int) -> str:
         """Take a token; return the newly safe text (stopped: the text up to the stop string)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(np.asarray(self.ids))
+        if self._step is not None:
+            self._streamed += self._step(token)
+            text = safe = self._streamed
+        else:
+            text = self.tokenizer.decode(np.asarray(self.ids))
+            safe = text.rstrip("\ufffd")  # an incomplete UTF-8 character may still change
         cuts = [i for i in (text.find(s, max(0, self.shown - len(s) + 1)) for s in self.stops) if i >= 0]
         if cuts:
             self.final = text[:min(cuts)]
             return self.flush(self.final)
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 character may still change
         # hold back the longest ending that may grow into a stop string
         hold = max((k for s in self.stops for k in range(1, min(len(s), len(safe) + 1)) if safe.endswith(s[:k])),
                    default=0)

@@ -22,11 +22,12 @@ Malformed or foreign JSON raises :class:`ValueError` naming the problem.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -105,6 +106,12 @@ class Tokenizer:
         """Text of a sequence of token ids (invalid UTF-8 becomes U+FFFD)."""
         raise NotImplementedError
 
+    def decode_stream(self) -> Optional[Callable[[int], str]]:
+        """A decoder of one sequence's ids as they come, for streaming generation: step(id) returns the text that
+        id completes ("" while a character is incomplete); the steps add up to `decode` of the ids, but for a
+        character still incomplete at the end. None (the default): no such decoder, decode everything again."""
+        return None
+
     def to_json(self) -> str:
         """Serialise to a JSON string readable by :func:`tokenizer_from_json`."""
         raise NotImplementedError
@@ -152,6 +159,10 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         arr = _as_id_array(ids, 256)
         return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def decode_stream(self) -> Callable[[int], str]:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds an incomplete character back
+        return lambda token: utf8.decode(bytes(_as_id_array([token], 256).astype(np.uint8)))
 
     def token_bytes(self) -> np.ndarray:
         return np.ones(256, dtype=np.int64)
@@ -316,6 +327,14 @@ class BPETokenizer(Tokenizer):
         if arr.size == 0:
             return ""
         return self._tok.decode(arr.tolist(), skip_special_tokens=False)
+
+    def decode_stream(self) -> Optional[Callable[[int], str]]:
+        try:  # the tokenizers library's own streaming decoder (tokenizers >= 0.21)
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        stream = DecodeStream(skip_special_tokens=False)
+        return lambda token: stream.step(self._tok, int(_as_id_array([token], self._vocab_size)[0])) or ""
 
     def token_bytes(self) -> np.ndarray:
         if getattr(self, "_token_bytes", None) is None:
