@@ -350,8 +350,10 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
 size_t generation_floats(const Config& c, int batch, int max_new_tokens, bool return_logits, bool bf16) {
     using u128 = unsigned __int128;
     const u128 B = (u128)std::max(1, batch);
-    const u128 total = B * ((u128)c.num_layers * cache_floats_per_layer(c, c.max_seq_len, bf16) + row_floats(c) + sequence_floats(c)) +
-                       activation_floats(c, 1, c.max_seq_len) + (bf16 ? DecodeWeights::floats(c) : 0) +
+    const u128 per_sequence =
+        (u128)c.num_layers * cache_floats_per_layer(c, c.max_seq_len, bf16) + row_floats(c) + sequence_floats(c);
+    const u128 total = B * per_sequence + activation_floats(c, 1, c.max_seq_len) +
+                       (bf16 ? DecodeWeights::floats(c) : 0) +
                        (return_logits ? B * (u128)std::max(0, max_new_tokens) * c.vocab_size : 0);
     return total > SIZE_MAX ? SIZE_MAX : (size_t)total;
 }

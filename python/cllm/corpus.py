@@ -373,13 +373,13 @@ def prepare(
             n_train, n_val = _write_tail_split(out_dir, tok, docs, val_fraction, where)
         tok.save(out_dir / "tokenizer.json")
     except BaseException:
-        lock.release()
         if created:  # leave no empty directory behind (one holding files stays)
             with contextlib.suppress(OSError):
                 (out_dir / ".lock").unlink()
                 out_dir.rmdir()
         raise
-    lock.release()
+    finally:
+        lock.release()
     return {
         "out_dir": str(out_dir),
         "files": len(docs),

@@ -77,9 +77,6 @@ def read_json_object(path: Path, error=ValueError) -> dict:
     return obj
 
 
-__all__ = ["atomic_write", "read_json_object"]
-
-
 class DirLock:
     """An exclusive lock on a directory (flock on DIR/.lock), held while one process writes it: a second writer
     stops at once with an error naming the holder and what it is doing, instead of the two mixing their files.
@@ -108,3 +105,6 @@ class DirLock:
             self._fd = None
 
     __del__ = release
+
+
+__all__ = ["DirLock", "atomic_write", "read_json_object"]

@@ -66,8 +66,9 @@ _OUTPUT_FLOATS: Dict[str, Callable[..., int]] = {
     "sinusoidal_table": lambda P, C: P * C,
     "embedding_forward": lambda tok, wte, pos: _dim(tok, 0) * _dim(tok, 1) * _dim(wte, 1),
     "embedding_backward": lambda dout, tok, V, P: (max(V, 0) + max(P, 0)) * _dim(dout, 2),
-    # up to 16 rows also take rows_forward's partial sums, one row of N per 64 rows of w (and row of x)
-    "linear_forward": lambda x, w, b: _dim(x, 0) * _dim(w, 1) * (1 + (-(-_dim(w, 0) // 64) if _dim(x, 0) <= 16 else 0)),
+    # up to 16 rows (ROWS_MAX) also take rows_forward's partial sums: a row of N per 64 rows of w and row of x
+    "linear_forward": lambda x, w, b: _dim(x, 0) * _dim(w, 1) * (1 + ((_dim(w, 0) + 63) // 64 if _dim(x, 0) <= 16
+                                                                      else 0)),
     "matmul": _matmul_out,
     "feedforward_forward": lambda x, wfc, *r: _dim(x, 0) * (2 * _dim(wfc, 1) + _dim(x, 1)),
     "feedforward_backward": lambda dout, x, wfc, *r: _dim(x, 0) * (3 * _dim(wfc, 1) + 2 * _dim(x, 1)),
