@@ -343,7 +343,26 @@ def prepare(
     seed = check_int("seed", seed, lo=0)
     tok, bpe_vocab = _resolve_tokenizer(tokenizer)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one preparation at a time, from reading the corpus on: two at once would leave one's train.bin beside the
+    # other's tokenizer.json
+    lock = DirLock(out_dir, "another process is preparing data", "output directory")
+    try:
+        return _prepare_into(out_dir, inputs, tok, bpe_vocab, val_fraction, seed, max_bytes)
+    except BaseException:
+        if created:  # leave no empty directory behind (one holding files stays)
+            with contextlib.suppress(OSError):
+                (out_dir / ".lock").unlink()
+                out_dir.rmdir()
+        raise
+    finally:
+        lock.release()
 
+
+def _prepare_into(out_dir: Path, inputs, tok: Optional[Tokenizer], bpe_vocab: Optional[int], val_fraction: float,
+                  seed: int, max_bytes: Optional[int]) -> Dict[str, Any]:
+    """prepare's work, in its locked output directory (tok None: train a BPE of bpe_vocab tokens)."""
     files, skip, where = _corpus_files(inputs)
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(files))
     docs, skipped = _scan_docs([files[i] for i in order], skip, max_bytes)
@@ -358,28 +377,15 @@ def prepare(
         # acceptable for a small single-document corpus
         tok = BPETokenizer.train((piece for path, used in train_docs for piece in _text_pieces(path, used)),
                                  bpe_vocab)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # one writer at a time: two preparations at once would leave one's train.bin beside the other's tokenizer
-    lock = DirLock(out_dir, "another process is preparing data", "output directory")
-    try:
-        if val_idx:  # whole files: neither split can be empty (see _validation_files)
-            train = _Counted(_token_stream(tok, train_docs))
-            val = _Counted(_token_stream(tok, [docs[i] for i in val_idx]))
-            write_token_chunks(out_dir / "train.bin", train, tok.vocab_size)
-            write_token_chunks(out_dir / "val.bin", val, tok.vocab_size)
-            n_train, n_val = train.n, val.n
-        else:
-            n_train, n_val = _write_tail_split(out_dir, tok, docs, val_fraction, where)
-        tok.save(out_dir / "tokenizer.json")
-    except BaseException:
-        if created:  # leave no empty directory behind (one holding files stays)
-            with contextlib.suppress(OSError):
-                (out_dir / ".lock").unlink()
-                out_dir.rmdir()
-        raise
-    finally:
-        lock.release()
+    if val_idx:  # whole files: neither split can be empty (see _validation_files)
+        train = _Counted(_token_stream(tok, train_docs))
+        val = _Counted(_token_stream(tok, [docs[i] for i in val_idx]))
+        write_token_chunks(out_dir / "train.bin", train, tok.vocab_size)
+        write_token_chunks(out_dir / "val.bin", val, tok.vocab_size)
+        n_train, n_val = train.n, val.n
+    else:
+        n_train, n_val = _write_tail_split(out_dir, tok, docs, val_fraction, where)
+    tok.save(out_dir / "tokenizer.json")
     return {
         "out_dir": str(out_dir),
         "files": len(docs),
