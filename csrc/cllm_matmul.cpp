@@ -42,13 +42,17 @@ constexpr size_t C_LARGE = 4u << 20;       // a C this big no longer stays in th
 constexpr int ROWS_MAX = 16;  // products of up to this many rows (decode steps) read the weight in place
 
 // Adds the finished MR x NR register tile to C, or (add false: C's first K block) stores it plus the bias
-// row when there is one; writes only rows < m and columns < n.
+// row when there is one; writes only rows < m and columns < n. The loops over the tile's rows are unrolled so
+// that every accumulator is a register by name: indexed at run time, GCC would zero the tile in memory before
+// the K loop and spill it there after.
 inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int n, bool add, const float* bias) {
-    alignas(64) float bt[NR] = {};
-    if (!add && bias)
-        for (int j = 0; j < n; j++) bt[j] = bias[j];
-    const vf b0 = *(const vf*)&bt[0], b1 = *(const vf*)&bt[VL];
     if (m == MR && n == NR) {
+        vf b0 = {}, b1 = {};
+        if (!add && bias) {
+            b0 = *(const vf_u*)bias;
+            b1 = *(const vf_u*)(bias + VL);
+        }
+        #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
             vf_u* cr = (vf_u*)(C + (size_t)r * ldc);
             if (add) {
@@ -59,14 +63,17 @@ inline void store_tile(const vf* c0, const vf* c1, float* C, int ldc, int m, int
                 cr[1] = c1[r] + b1;
             }
         }
-    } else {
-        alignas(64) float t[MR][NR];
-        for (int r = 0; r < MR; r++) {
-            *(vf*)&t[r][0] = c0[r];
-            *(vf*)&t[r][VL] = c1[r];
-        }
-        for (int r = 0; r < m; r++)
-            for (int j = 0; j < n; j++) C[(size_t)r * ldc + j] = (add ? C[(size_t)r * ldc + j] : bt[j]) + t[r][j];
+        return;
+    }
+    alignas(64) float t[MR][NR];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        *(vf*)&t[r][0] = c0[r];
+        *(vf*)&t[r][VL] = c1[r];
+    }
+    for (int r = 0; r < m; r++) {
+        float* cr = C + (size_t)r * ldc;
+        for (int j = 0; j < n; j++) cr[j] = (add ? cr[j] : bias ? bias[j] : 0.0f) + t[r][j];
     }
 }
 
@@ -90,12 +97,14 @@ struct KernelF32 {
     [[gnu::always_inline]] static inline void tile(int kc, const float* __restrict Ap, const float* __restrict Bp,
                                                    float* C, int ldc, int m, int n, bool add, const float* bias) {
         vf c0[MR], c1[MR];
+        #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = (vf){};
         prefetch_tile(C, ldc, m);
         for (int k = 0; k < kc; k++) {
             const vf b0 = *(const vf*)(Bp + k * NR);
             const vf b1 = *(const vf*)(Bp + k * NR + VL);
             const float* a = Ap + k * MR;
+            #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
                 c0[r] += a[r] * b0;
                 c1[r] += a[r] * b1;
@@ -121,6 +130,7 @@ struct KernelBF16 {
                                                    const uint16_t* __restrict Bp, float* C, int ldc, int m, int n,
                                                    bool add, const float* bias) {
         __m512 c0[MR], c1[MR];
+        #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
         prefetch_tile(C, ldc, m);
         const int kp = (kc + 1) / 2;
@@ -128,6 +138,7 @@ struct KernelBF16 {
         for (int k = 0; k < kp; k++) {
             const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp + (size_t)k * 2 * NR);
             const __m512bh b1 = (__m512bh)_mm512_load_si512(Bp + (size_t)k * 2 * NR + 2 * VL);
+            #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
                 const __m512bh a = (__m512bh)_mm512_set1_epi32((int)a32[k * MR + r]);
                 c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
@@ -135,6 +146,7 @@ struct KernelBF16 {
             }
         }
         vf v0[MR], v1[MR];
+        #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
             v0[r] = (vf)c0[r];
             v1[r] = (vf)c1[r];
