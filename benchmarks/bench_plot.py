@@ -1,7 +1,8 @@
 """PNG charts of saved benchmark results (`python benchmarks/bench_train.py --plot DIR FILE.json ...`).
 
 Each file is either a training run written by `bench_train.py --json` or a generation run written by
-`bench_generate.py --json`. Charts, written to DIR:
+`bench_generate.py --json`; the training runs are pooled (separate runs of tiny, small and gpt2 make one chart).
+Charts, written to DIR:
   train_tokens_per_s.png   tokens/s by config and engine (the file's largest thread count)
   long_context.png         tokens/s against T for small, small-t1024, small-t2048 (B*T = 2048), per engine
   generation.png           generation tokens/s by batch and engine, with the weight bandwidth of CLLM's engines
@@ -41,7 +42,10 @@ def train_chart(results: list, path: Path) -> Path:
     ok = [r for r in results if "tokens_per_s" in r]
     threads = max(r["threads"] for r in ok)
     ok = [r for r in ok if r["threads"] == threads]
-    configs = list(dict.fromkeys(r["config"] for r in ok))
+    from bench_common import CONFIGS
+
+    order = list(CONFIGS)  # tiny, small, gpt2, ...: by size
+    configs = sorted(dict.fromkeys(r["config"] for r in ok), key=lambda c: order.index(c) if c in order else len(order))
     engines = list(dict.fromkeys(r["engine"] for r in ok))
     fig = _figure(max(8.0, 1.6 * len(configs)))
     ax = fig.add_subplot()
@@ -90,24 +94,37 @@ def generation_chart(result: dict, path: Path) -> Path:
     return path
 
 
+def pooled_training(runs: list) -> list:
+    """The results of several training runs as one list: a (config, threads, engine) that a later run measured
+    again replaces the earlier one."""
+    pooled = {}
+    for results in runs:
+        for r in results:
+            pooled[(r["config"], r["threads"], r["engine"])] = r
+    return list(pooled.values())
+
+
 def plot(out_dir: str, files: list) -> list:
     """Writes the charts the files allow; returns their paths. ValueError naming a file that is not a result."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, train_runs = [], []
     for f in files:
         try:
             data = json.loads(Path(f).read_text(encoding="utf-8"))
             if isinstance(data, dict) and data.get("what") == "generation":
                 written.append(generation_chart(data, out / "generation.png"))
             elif isinstance(data, dict) and data.get("mode") == "train":
-                written.append(train_chart(data["results"], out / "train_tokens_per_s.png"))
-                if any(r.get("config") in LONG_CONTEXT[1:] and "tokens_per_s" in r for r in data["results"]):
-                    written.append(long_context_chart(data["results"], out / "long_context.png"))
+                train_runs.append(pooled_training([data["results"]]))  # a result without its keys: this file
             else:
                 raise ValueError("neither a bench_train.py --json training run nor a bench_generate.py --json run")
         except OSError as e:
             raise ValueError(f"{f}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{f}: cannot plot ({type(e).__name__}: {e})") from None
+    if train_runs:
+        results = pooled_training(train_runs)
+        written.append(train_chart(results, out / "train_tokens_per_s.png"))
+        if any(r["config"] in LONG_CONTEXT[1:] and "tokens_per_s" in r for r in results):
+            written.append(long_context_chart(results, out / "long_context.png"))
     return written

@@ -87,8 +87,10 @@ def test_plot_writes_the_charts_from_result_files(tmp_path):
             for e in ("cllm", "cllm-bf16", "transformers") for b in (1, 8)]
     gen = {"what": "generation", "config": "gpt2", "parameters": 124e6, "threads": 2, "new_tokens": 64,
            "rounds": [{"bandwidth_gbs": {"1": 20.0, "2": 25.0}, "runs": runs}] * 3}
+    short = {"mode": "train", "results": [r for r in train["results"] if r["config"] == "small"]}
+    long = {"mode": "train", "results": [r for r in train["results"] if r["config"] != "small"]}
     files = []
-    for name, data in (("t.json", train), ("g.json", gen)):
+    for name, data in (("t1.json", short), ("t2.json", long), ("g.json", gen)):
         files.append(tmp_path / name)
         files[-1].write_text(json.dumps(data))
     proc = subprocess.run([sys.executable, str(BENCH), "--plot", str(tmp_path / "png"), *map(str, files)],
@@ -99,3 +101,16 @@ def test_plot_writes_the_charts_from_result_files(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH), "--plot", str(tmp_path / "png"), str(BENCH)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "bench_train.py" in bad.stderr
+
+
+def test_plot_pools_training_runs_a_later_run_replacing_an_earlier_measurement():
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_plot import pooled_training
+
+    first = [dict(config="small", threads=2, engine=e, tokens_per_s=v) for e, v in (("cllm", 1.0), ("torch", 2.0))]
+    second = [dict(config="small", threads=2, engine="cllm", tokens_per_s=3.0),
+              dict(config="gpt2", threads=2, engine="cllm", tokens_per_s=4.0)]
+    pooled = pooled_training([first, second])
+    assert {(r["config"], r["engine"]): r["tokens_per_s"] for r in pooled} == {
+        ("small", "cllm"): 3.0, ("small", "torch"): 2.0, ("gpt2", "cllm"): 4.0}
+    assert len(pooled) == 3
