@@ -269,6 +269,13 @@ void bind_model(py::module_& mod) {
                                [](const PyModel& pm) { return pm.m.acts.arena_floats * sizeof(float); })
         .def_property_readonly("decode_storage_floats",  // kept after the first generate(bf16)
                                [](const PyModel& pm) { return pm.m.decode_panels_floats; })
+        .def("release_decode_storage",
+             [](PyModel& pm) {
+                 locked(pm, [](Model& m) {
+                     m.decode_panels.reset();
+                     m.decode_panels_floats = 0;
+                 });
+             })
         .def_property(
             "dropout_step", [](const PyModel& pm) { return pm.m.dropout_step; },
             [](PyModel& pm, uint64_t s) { pm.m.dropout_step = s; })

@@ -208,3 +208,15 @@ def test_the_bf16_weight_storage_is_kept_and_not_counted_twice(monkeypatch):
     model.check_generation_memory(2, 5, precision="bf16")
     full = cllm._core.generation_floats(cllm.model.core_config(model.config), 2, 5, False, True)
     assert asked == [4 * (full - kept)]
+
+
+def test_release_generation_memory_frees_the_kept_storage_and_the_next_call_packs_again():
+    model = _model(ODD)
+    first = model.generate([1, 2], 6, temperature=0, precision="bf16")
+    assert model._core.decode_storage_floats > 0
+    model.release_generation_memory()
+    assert model._core.decode_storage_floats == 0
+    model.release_generation_memory()  # nothing kept: nothing to do
+    again = model.generate([1, 2], 6, temperature=0, precision="bf16")
+    np.testing.assert_array_equal(again, first)
+    assert model._core.decode_storage_floats > 0

@@ -314,9 +314,10 @@ class Model:
         (a list for a batch). Past max_seq_len the newest half of a context is kept.
 
         precision="bf16" decodes with bfloat16 copies of the weights (made again by each call, in half the parameter
-        bytes of extra memory that the model keeps for its next bf16 call) and a bfloat16 K/V cache, summing in fp32:
-        each new token reads half the bytes, so decoding is up to twice as fast, and the tokens can differ from
-        fp32's where two candidates are close. The prompt's prefill runs in the model's own precision."""
+        bytes of extra memory that the model keeps for its next bf16 call until release_generation_memory()) and a
+        bfloat16 K/V cache, summing in fp32: each new token reads half the bytes, so decoding is up to twice as fast,
+        and the tokens can differ from fp32's where two candidates are close. The prompt's prefill runs in the
+        model's own precision."""
         batch = _is_batch(prompt)
         n = check_int("the number of prompts", len(prompt) if batch else 1, 1, INT32_MAX)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0, INT32_MAX, integral_float=True)
@@ -347,6 +348,12 @@ class Model:
         if batch:
             return out
         return (out[0][0], out[1][0]) if return_logits else out[0]
+
+    def release_generation_memory(self) -> None:
+        """Frees the storage of the bfloat16 weight copies that generate(precision="bf16") keeps for its next call
+        (about half the parameters' bytes), e.g. before training a model that was sampled from; the next bf16 call
+        allocates it again (and pays for faulting it in again)."""
+        self._core.release_decode_storage()
 
     def check_generation_memory(self, prompts: int, max_new_tokens: int, return_logits: bool = False,
                                 precision: str = "fp32") -> None:
