@@ -3,7 +3,7 @@
 Each file is either a training run written by `bench_train.py --json` or a generation run written by
 `bench_generate.py --json`; the training runs are pooled (separate runs of tiny, small and gpt2 make one chart).
 Charts, written to DIR:
-  train_tokens_per_s.png   tokens/s by config and engine (the file's largest thread count)
+  train_tokens_per_s.png   tokens/s by config and engine (the runs' largest thread count)
   long_context.png         tokens/s against T for small, small-t1024, small-t2048 (B*T = 2048), per engine
   generation.png           generation tokens/s by batch and engine, with the weight bandwidth of CLLM's engines
 """
