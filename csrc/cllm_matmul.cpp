@@ -499,18 +499,28 @@ struct PackedB {
     }
 };
 
-// A thread's packed block of op(A): its consecutive tasks share it.
+// A thread's packed blocks of op(A), one per K block of the chunk when they fit in A_BUDGET (else one): its
+// consecutive tasks, the same row block's next columns, share them instead of packing them again.
+constexpr size_t A_BUDGET = 2u << 20;  // bytes
 template <class K>
 struct PackedA {
     typename K::T* data;
-    int packed_i0 = -1, packed_k0 = -1;  // the block in data
-    // op(A)[i0:i0+mc, K block], packed unless it already is
-    const typename K::T* get(const Operand& a, int i0, int mc, const KBlock& blk) {
-        if (i0 != packed_i0 || blk.k0 != packed_k0) {
-            pack_A<K>(data, a, i0, mc, blk);
-            packed_i0 = i0, packed_k0 = blk.k0;
+    int slots;
+    static constexpr int MAX_SLOTS = A_BUDGET / (MC * K::KC * sizeof(typename K::T));
+    int packed_i0[MAX_SLOTS], packed_kb[MAX_SLOTS];  // per slot: the block in it (-1: none)
+    PackedA(typename K::T* data, int slots) : data(data), slots(slots) { std::fill_n(packed_i0, slots, -1); }
+    static int slots_for(int kblocks) {
+        return std::clamp(kblocks, 1, MAX_SLOTS);
+    }
+    // op(A)[i0:i0+mc, K block kb], packed unless it already is
+    const typename K::T* get(const Operand& a, int i0, int mc, int kb, const KBlock& blk) {
+        const int slot = kb % slots;
+        typename K::T* d = data + (size_t)slot * MC * K::KC;
+        if (packed_i0[slot] != i0 || packed_kb[slot] != kb) {
+            pack_A<K>(d, a, i0, mc, blk);
+            packed_i0[slot] = i0, packed_kb[slot] = kb;
         }
-        return data;
+        return d;
     }
 };
 
@@ -521,7 +531,7 @@ template <class K>
 void tile_task(const Gemm& g, const PackedB<K>& B, PackedA<K>& A, int i0, int mc, int j0, int nc) {
     for (int kb = B.kb0; kb < B.kb1; kb++) {
         const KBlock blk = k_block<K>(kb, g.k);
-        const typename K::T* Ap = A.get(g.a, i0, mc, blk);
+        const typename K::T* Ap = A.get(g.a, i0, mc, kb, blk);
         BlockPrefetch next_a;
         const int next_kb = kb + 1 < B.kb1 ? kb + 1 : B.kb0, next_i0 = kb + 1 < B.kb1 ? i0 : i0 + MC;
         if (next_i0 < g.m) next_a.start(g.a, next_i0, std::min(MC, g.m - next_i0), k_block<K>(next_kb, g.k));
@@ -566,7 +576,8 @@ void gemm_shared_b(const Gemm& g) {
                         pack_B<K>(B.panel(kb, p * NR, blk.kpad), g.b, p * NR, std::min(NR, g.n - p * NR), blk);
                     }
                 thread_local Scratch ascratch;
-                PackedA<K> A{ascratch.get<T>((size_t)MC * K::KC)};
+                const int slots = PackedA<K>::slots_for(B.kb1 - B.kb0);
+                PackedA<K> A(ascratch.get<T>((size_t)slots * MC * K::KC), slots);
                 #pragma omp for schedule(static) collapse(2)
                 for (int ib = 0; ib < mblocks; ib++)
                     for (int jb = 0; jb < nblocks; jb++) {
