@@ -509,14 +509,13 @@ struct PackedA {
     static constexpr int MAX_SLOTS = A_BUDGET / (MC * K::KC * sizeof(typename K::T));
     int packed_i0[MAX_SLOTS], packed_kb[MAX_SLOTS];  // per slot: the block in it (-1: none)
     PackedA(typename K::T* data, int slots) : data(data), slots(slots) { std::fill_n(packed_i0, slots, -1); }
-    static int slots_for(int kblocks) {
-        return std::clamp(kblocks, 1, MAX_SLOTS);
-    }
+    static int slots_for(int kblocks) { return std::clamp(kblocks, 1, MAX_SLOTS); }
+    bool holds(int i0, int kb) const { return packed_i0[kb % slots] == i0 && packed_kb[kb % slots] == kb; }
     // op(A)[i0:i0+mc, K block kb], packed unless it already is
     const typename K::T* get(const Operand& a, int i0, int mc, int kb, const KBlock& blk) {
         const int slot = kb % slots;
         typename K::T* d = data + (size_t)slot * MC * K::KC;
-        if (packed_i0[slot] != i0 || packed_kb[slot] != kb) {
+        if (!holds(i0, kb)) {
             pack_A<K>(d, a, i0, mc, blk);
             packed_i0[slot] = i0, packed_kb[slot] = kb;
         }
@@ -526,7 +525,7 @@ struct PackedA {
 
 // One thread task: C[i0:i0+mc, j0:j0+nc] over the K blocks of the packed B chunk. While a K block computes,
 // the A block this thread most likely packs next (this row block's next K block, else the next row block's
-// first) is prefetched.
+// first) is prefetched, unless the thread already holds it packed.
 template <class K>
 void tile_task(const Gemm& g, const PackedB<K>& B, PackedA<K>& A, int i0, int mc, int j0, int nc) {
     for (int kb = B.kb0; kb < B.kb1; kb++) {
@@ -534,7 +533,8 @@ void tile_task(const Gemm& g, const PackedB<K>& B, PackedA<K>& A, int i0, int mc
         const typename K::T* Ap = A.get(g.a, i0, mc, kb, blk);
         BlockPrefetch next_a;
         const int next_kb = kb + 1 < B.kb1 ? kb + 1 : B.kb0, next_i0 = kb + 1 < B.kb1 ? i0 : i0 + MC;
-        if (next_i0 < g.m) next_a.start(g.a, next_i0, std::min(MC, g.m - next_i0), k_block<K>(next_kb, g.k));
+        if (next_i0 < g.m && !A.holds(next_i0, next_kb))
+            next_a.start(g.a, next_i0, std::min(MC, g.m - next_i0), k_block<K>(next_kb, g.k));
         const int calls = ((mc + MR - 1) / MR) * col_panels(nc);
         const int per_call = (next_a.total + calls - 1) / calls;
         block_product<K, false>(g, blk, i0, mc, j0, nc, Ap, B.panel(kb, j0, blk.kpad), (size_t)blk.kpad * NR,
