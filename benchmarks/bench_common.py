@@ -2,7 +2,7 @@
 
 Imported by bench_train.py (the driver), bench_child.py (one measurement in a fresh process), bench_mpi.py and
 torch_gpt2.py.
-The model sizes come from CLLM itself (cllm.model.parameter_shapes), not from a second copy of the architecture.
+The model sizes come from CLLM itself (cllm.core.model.parameter_shapes), not from a second copy of the architecture.
 """
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ def model_config(name: str):
 
 def param_count(name: str) -> int:
     """Parameters of the config (with wpe), as CLLM lays them out (the Hugging Face GPT-2 layout)."""
-    from cllm.model import parameter_count
+    from cllm.core.model import parameter_count
 
     return parameter_count(model_config(name), padded=False)
 
 
 def flops_per_token(name: str) -> float:
-    from cllm.model import parameter_shapes
+    from cllm.core.model import parameter_shapes
 
     c = CONFIGS[name]
     T, C = parameter_shapes(model_config(name)).get("wpe", (0, 0))
@@ -64,7 +64,7 @@ def linear_shapes(name: str):
     """(layer, N rows, IC, OC) of every distinct matmul in a training step: the block's four linears (CLLM's
     weights are [in, out]) and the tied LM head (done here as a [C, V] linear, the same FLOPs as the model's
     lnf @ wte^T)."""
-    from cllm.model import parameter_shapes
+    from cllm.core.model import parameter_shapes
 
     c = CONFIGS[name]
     N = c["B"] * c["T"]

@@ -14,7 +14,7 @@ report gives each quantity's median over the rounds:
                 bf16), against the read bandwidth measured in the same run
   first s       the call's time before its decode steps (CLLM): the prefill, the first token and, for
                 cllm-bf16, packing the bf16 weight copies
-Engines: cllm (fp32), cllm-bf16 (Model.generate(precision="bf16")), transformers (GPT2LMHeadModel with the same
+Engines: cllm (fp32), cllm-bf16 (Model.generate(decode_precision="bf16")), transformers (GPT2LMHeadModel with the same
 weights, generate(do_sample=False, use_cache=True), float32, torch threads = --threads) when installed.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run_cllm(model, prompts, new_tokens, precision):
     """(seconds for the call, seconds from the first token to the last): one generate call."""
     stamps = []
     t = time.perf_counter()
-    model.generate(prompts, new_tokens, temperature=0.0, precision=precision,
+    model.generate(prompts, new_tokens, temperature=0.0, decode_precision=precision,
                    on_step=lambda seqs, toks: stamps.append(time.perf_counter()))
     return time.perf_counter() - t, stamps[-1] - stamps[0]
 
@@ -64,7 +64,7 @@ def transformers_model(model: cllm.Model):
         import transformers
     except ImportError:
         return None
-    from cllm.hf import config_to_hf, hf_name
+    from cllm.interop.hf import config_to_hf, hf_name
 
     cfg = transformers.GPT2Config(**config_to_hf(model.config, None, None))
     hf = transformers.GPT2LMHeadModel(cfg).eval()

@@ -1,5 +1,5 @@
 """Data-parallel scaling over MPI: training tokens/s with 1, 2, 4 ranks (1 thread each), on one machine or
-across "hosts" (network namespaces on a link shaped by tc, cllm.netns_hosts), with and without overlapping the
+across "hosts" (network namespaces on a link shaped by tc, tests/netns_hosts.py), with and without overlapping the
 gradient exchange with the backward.
 
     python benchmarks/bench_mpi.py                                  # small config, 1 and 2 ranks, one host
@@ -41,7 +41,7 @@ def worker(args) -> int:
     import numpy as np
 
     import cllm
-    from cllm.distributed import auto_communicator
+    from cllm.parallel.mpi import auto_communicator
 
     cllm.set_num_threads(args.threads)
     comm = auto_communicator()
@@ -103,8 +103,9 @@ def _children_cpu_seconds() -> float:
 
 def run(ranks: int, threads: int, args) -> list:
     """One mpirun of the worker; its results, one per mode."""
-    from cllm.distributed import mpirun_command
-    from cllm.netns_hosts import NamespaceHosts
+    from cllm.parallel.mpi import mpirun_command
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from netns_hosts import NamespaceHosts  # a test helper: namespace "hosts" on this machine
 
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)

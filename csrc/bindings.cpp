@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 #include <stdexcept>
+#include <type_traits>
 
 #include "bindings.h"
 #include "cllm.h"
@@ -301,32 +302,66 @@ py::list layout_tensors(const ParamLayout& l) {
     return out;
 }
 
+// How a config field crosses the boundary: its kind for Python ("int", "float", "bool", "choice"), its choices,
+// and the conversion of an enum to and from its name.
+template <class T> struct Field;
+template <> struct Field<int> { static constexpr const char* kind = "int"; };
+template <> struct Field<float> { static constexpr const char* kind = "float"; };
+template <> struct Field<bool> { static constexpr const char* kind = "bool"; };
+template <class E, size_t N>
+struct Choice {
+    static constexpr const char* kind = "choice";
+    static std::vector<std::string> choices() { return {std::begin(Field<E>::names), std::end(Field<E>::names)}; }
+    static std::string to_str(E e) { return Field<E>::names[(int)e]; }
+    static E parse(const std::string& field, const std::string& s) {
+        for (size_t i = 0; i < N; i++)
+            if (s == Field<E>::names[i]) return (E)i;
+        std::string all;
+        for (auto& n : Field<E>::names) all += (all.empty() ? "'" : ", '") + std::string(n) + "'";
+        throw py::value_error(field + " must be one of " + all + ", got '" + s + "'");
+    }
+};
+template <> struct Field<Arch> : Choice<Arch, 2> { static constexpr const char* names[] = {"gpt2", "llama"}; };
+template <> struct Field<Pos> : Choice<Pos, 4> {
+    static constexpr const char* names[] = {"auto", "learned", "sinusoidal", "rope"};
+};
+
+// The default as written in the field list (a float's as its double literal: 1e-5, not 1e-5f's 9.99999975e-06).
+template <class T, class V> py::object field_default(V v) {
+    if constexpr (std::is_enum_v<T>) return py::str(Field<T>::to_str(v)); else return py::cast(v);
+}
+template <class T> py::object field_choices() {
+    if constexpr (std::is_enum_v<T>) return py::cast(Field<T>::choices()); else return py::none();
+}
+
+// An enum field reads and writes as its name; the others as themselves.
+template <class T, T Config::*member>
+void bind_field(py::class_<Config>& config, const char* name, const char* help) {
+    if constexpr (std::is_enum_v<T>)
+        config.def_property(
+            name, [](const Config& c) { return Field<T>::to_str(c.*member); },
+            [name](Config& c, const std::string& s) { c.*member = Field<T>::parse(name, s); }, help);
+    else
+        config.def_readwrite(name, member, help);
+}
+
 void bind_config(py::module_& mod) {
-    py::class_<Config>(mod, "Config")
-        .def(py::init<>())
-        .def_property(
-            "architecture", [](const Config& c) { return c.llama() ? "llama" : "gpt2"; },
-            [](Config& c, const std::string& a) {
-                require(a == "gpt2" || a == "llama", "architecture must be 'gpt2' or 'llama', got '" + a + "'");
-                c.arch = a == "llama" ? Arch::LLAMA : Arch::GPT2;
-            })
-        .def_readwrite("vocab_size", &Config::vocab_size)
-        .def_readwrite("max_seq_len", &Config::max_seq_len)
-        .def_readwrite("embedding_dim", &Config::embedding_dim)
-        .def_readwrite("num_layers", &Config::num_layers)
-        .def_readwrite("num_heads", &Config::num_heads)
-        .def_readwrite("num_kv_heads", &Config::num_kv_heads)
-        .def_readwrite("ff_dim", &Config::ff_dim)
-        .def_readwrite("dropout", &Config::dropout)
-        .def_readwrite("learned_pos", &Config::learned_pos)
-        .def_readwrite("rope_theta", &Config::rope_theta)
-        .def_readwrite("rms_norm_eps", &Config::rms_norm_eps)
-        .def_readwrite("tie_embeddings", &Config::tie_embeddings)
-        .def_readwrite("bf16", &Config::bf16);
+    py::class_<Config> config(mod, "Config");
+    config.def(py::init<>()).def_readwrite("bf16", &Config::bf16);
+    py::list fields;
+#define CLLM_BIND_FIELD(T_, N_, V_, H_)                                                                            \
+    bind_field<T_, &Config::N_>(config, #N_, H_);                                                                  \
+    fields.append(py::make_tuple(#N_, Field<T_>::kind, field_default<T_>(V_), field_choices<T_>(), H_));
+    CLLM_CONFIG_FIELDS(CLLM_BIND_FIELD)
+#undef CLLM_BIND_FIELD
+    mod.attr("config_fields") = py::tuple(fields);  // (name, kind, default, choices or None, help), in order
+    mod.def("resolve_config", &resolve_config, py::arg("config"),
+            "the config with its auto choices made, after validate_config's rules (ValueError naming the field)");
     // The parameter layout of a config, without allocating: the one source of names, shapes and offsets.
     py::class_<ParamLayout>(mod, "ParamLayout")
         .def(py::init<const Config&>(), py::arg("config"))
         .def_readonly("total", &ParamLayout::total, "floats in the flat buffer (tensors padded to 16 floats)")
+        .def_readonly("parameters", &ParamLayout::parameters, "the tensors' floats, without the padding")
         .def_property_readonly("tensors", &layout_tensors, "[(name, shape, offset, size, decay)] in buffer order");
     mod.def("activation_floats", &activation_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the activation arena of a [B, T] training step");

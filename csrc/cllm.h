@@ -14,24 +14,36 @@ namespace cllm {
 // LLAMA: RMSNorm, rotary positions (RoPE), SwiGLU MLP, grouped-query attention, no biases, tied or untied head,
 // weights [out, in] (nn.Linear).
 enum class Arch { GPT2, LLAMA };
+// AUTO: the architecture's own, learned for GPT2 and rotary for LLAMA (resolve_config makes it explicit).
+enum class Pos { AUTO, LEARNED, SINUSOIDAL, ROPE };
+
+// The model config's fields, written once: Config's members and defaults below, `_core.Config` and the field
+// list `_core.config_fields()` (bindings.cpp), from which Python's ModelConfig is made (python/cllm/core/config.py).
+// X(type, name, default, help); the order is ModelConfig's; float defaults as double literals (Python's values). The rules are validate_config's alone.
+#define CLLM_CONFIG_FIELDS(X)                                                                                      \
+    X(int, vocab_size, 256, "tokens in the vocabulary V")                                                          \
+    X(int, max_seq_len, 128, "positions T a sequence may have")                                                    \
+    X(int, embedding_dim, 128, "channels C")                                                                       \
+    X(int, num_layers, 4, "transformer blocks L")                                                                  \
+    X(int, num_heads, 4, "attention heads H (C divisible by H)")                                                   \
+    X(int, ff_dim, 512, "the MLP's hidden size F (SwiGLU's for llama)")                                            \
+    X(float, dropout, 0.0, "dropout probability in [0, 1)")                                                       \
+    X(Pos, pos_encoding, Pos::AUTO, "positions: learned or sinusoidal (gpt2), rope (llama); auto: the "            \
+                                    "architecture's own")                                                          \
+    X(Arch, architecture, Arch::GPT2, "the blocks: gpt2 or llama")                                                 \
+    X(int, num_kv_heads, 0, "llama: K/V heads of grouped-query attention, dividing num_heads (0: num_heads)")      \
+    X(float, rope_theta, 10000.0, "llama: the rotary embedding's base")                                           \
+    X(float, rms_norm_eps, 1e-5, "llama: RMSNorm's epsilon, in (0, 1)")                                           \
+    X(bool, tie_embeddings, true, "the LM head is the token embedding (llama may untie it: lm_head.weight)")
 
 struct Config {
-    Arch arch = Arch::GPT2;
-    int vocab_size = 256;
-    int max_seq_len = 128;
-    int embedding_dim = 128;
-    int num_layers = 4;
-    int num_heads = 4;
-    int num_kv_heads = 0;     // K/V heads (LLAMA); 0 means num_heads. GPT2 has num_heads.
-    int ff_dim = 512;         // the MLP's hidden size (SwiGLU's for LLAMA)
-    float dropout = 0.0f;
-    bool learned_pos = true;  // GPT2; false: fixed sinusoidal table. LLAMA: must be false (RoPE)
-    float rope_theta = 10000.0f;  // LLAMA
-    float rms_norm_eps = 1e-5f;   // LLAMA
-    bool tie_embeddings = true;   // the LM head is wte; LLAMA may untie it (lm_head.weight). GPT2: true
-    bool bf16 = false;        // matmul inputs in bfloat16, fp32 accumulation; weights/optimizer stay fp32
+#define CLLM_CONFIG_MEMBER(type, name, value, help) type name = value;
+    CLLM_CONFIG_FIELDS(CLLM_CONFIG_MEMBER)
+#undef CLLM_CONFIG_MEMBER
+    bool bf16 = false;  // a run setting, not the model's: matmul inputs in bfloat16, fp32 accumulation
 
-    bool llama() const { return arch == Arch::LLAMA; }
+    bool llama() const { return architecture == Arch::LLAMA; }
+    bool learned_pos() const { return pos_encoding == Pos::LEARNED || (pos_encoding == Pos::AUTO && !llama()); }
     int kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
     int head_dim() const { return embedding_dim / num_heads; }
     // qkv row: q [H*hs] | k [KV*hs] | v [KV*hs] (3C for GPT2)
@@ -43,6 +55,8 @@ struct Config {
 // ---- layout (cllm_layout.cpp): config validation, parameter layout, activation arena ------------
 // Throws std::invalid_argument naming the offending field.
 void validate_config(const Config& c);
+// The config with its AUTO choices made (pos_encoding, num_kv_heads 0), validated.
+Config resolve_config(Config c);
 
 // 64-byte aligned float buffer (AVX-512 loads), zero-initialised (cllm_model.cpp). huge_pages: from 2 MiB on, on
 // 2 MiB boundaries and marked for transparent huge pages (buffers walked by rows far apart); false for buffers read
@@ -83,7 +97,8 @@ struct ModelTensors {
 
 struct ParamLayout {
     std::vector<TensorInfo> tensors;
-    size_t total = 0;
+    size_t total = 0;       // floats in the flat buffer, each tensor padded to 16
+    size_t parameters = 0;  // the tensors' own floats (no padding)
     explicit ParamLayout(const Config& c);
     ModelTensors bind(float* base) const;
 
@@ -213,7 +228,7 @@ void dropout_mask(float* out, size_t n, const Dropout& d, uint64_t site);
 size_t dropout_mask_floats(const Config& c, int B, int T);
 
 // ---- kernels (one file each) -------------------------------------------------------------------
-// cllm_matmul.cpp: the GEMM, and the linear layer built on it.
+// cllm_gemm.cpp: the GEMM (its tiles and packing: gemm_tiles.h); cllm_linear.cpp: the linear layers built on it.
 // op(X): X row-major with row stride ld (in floats), or (trans) the transpose of that.
 struct Operand {
     const float* data;
@@ -400,7 +415,7 @@ struct Model {
 
     Model(const Config& c, uint64_t seed);
     // the table added to the embeddings: GPT2's wpe or sinusoidal table; null for LLAMA (rotary)
-    const float* positions() const { return cfg.llama() ? nullptr : cfg.learned_pos ? p.wpe : pos_table.data(); }
+    const float* positions() const { return cfg.llama() ? nullptr : cfg.learned_pos() ? p.wpe : pos_table.data(); }
     // The block's parts for this architecture (cllm_block.cpp). The training forward, its backward and the cached
     // decode wire the same parts, so the block is written once per direction.
     // Pre-norm: LayerNorm (mean, rstd) or RMSNorm (rstd only; b and mean unused).

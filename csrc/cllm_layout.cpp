@@ -1,43 +1,79 @@
 // The architectures' shapes: config validation, the parameter layout (Hugging Face GPT-2 or Llama names and
 // shapes) and the activation arena's plan for a (B, T) step. Everything that sizes or binds a buffer reads them from here.
+#include <cstdio>
 #include <stdexcept>
 
 #include "cllm.h"
 
 namespace cllm {
 
+// Every rule a model config must satisfy; Python's ModelConfig raises these messages as they are.
 void validate_config(const Config& c) {
-    auto positive = [](int v, const char* name) {
-        if (v <= 0) throw std::invalid_argument(std::string(name) + " must be positive, got " + std::to_string(v));
+    auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
+    auto str = [](float v) {  // as Python prints it: 0.5, 500000.0, 1e-05, nan
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%g", v);
+        std::string s(buf);
+        return s.find_first_of(".en") == std::string::npos ? s + ".0" : s;
     };
-    positive(c.vocab_size, "vocab_size");
-    positive(c.max_seq_len, "max_seq_len");
-    positive(c.embedding_dim, "embedding_dim");
-    positive(c.num_layers, "num_layers");
-    positive(c.num_heads, "num_heads");
-    positive(c.ff_dim, "ff_dim");
+    auto num = [](int64_t v) {  // with thousands separators, as Python's {:,} (v >= 0)
+        const std::string digits = std::to_string(v);
+        std::string s;
+        for (size_t i = 0; i < digits.size(); i++) {
+            if (i > 0 && (digits.size() - i) % 3 == 0) s += ',';
+            s += digits[i];
+        }
+        return s;
+    };
+    const std::pair<int, const char*> sizes[] = {{c.vocab_size, "vocab_size"},   {c.max_seq_len, "max_seq_len"},
+                                                 {c.embedding_dim, "embedding_dim"}, {c.num_layers, "num_layers"},
+                                                 {c.num_heads, "num_heads"},     {c.ff_dim, "ff_dim"}};
+    for (auto& [v, name] : sizes)
+        if (v <= 0) fail(std::string(name) + " must be positive, got " + std::to_string(v));
+    const int64_t INT32_LIMIT = 2147483647;
+    if (3 * (int64_t)c.embedding_dim > INT32_LIMIT)  // the width of the qkv projection
+        fail("embedding_dim " + num(c.embedding_dim) + " is too large (at most " + num(INT32_LIMIT / 3) + ")");
+    if (c.llama() && 2 * (int64_t)c.ff_dim > INT32_LIMIT)  // the width of SwiGLU's gate | up
+        fail("ff_dim " + num(c.ff_dim) + " is too large for llama (at most " + num(INT32_LIMIT / 2) + ")");
     if (c.embedding_dim % c.num_heads != 0)
-        throw std::invalid_argument("embedding_dim " + std::to_string(c.embedding_dim) +
-                                    " is not divisible by num_heads " + std::to_string(c.num_heads));
-    if (!(c.dropout >= 0.0f && c.dropout < 1.0f))
-        throw std::invalid_argument("dropout must be in [0, 1), got " + std::to_string(c.dropout));
-    if (c.num_kv_heads < 0 || c.num_heads % c.kv_heads() != 0)
-        throw std::invalid_argument("num_kv_heads " + std::to_string(c.num_kv_heads) + " must divide num_heads " +
-                                    std::to_string(c.num_heads));
+        fail("embedding_dim " + std::to_string(c.embedding_dim) + " is not divisible by num_heads " +
+             std::to_string(c.num_heads));
+    if (!(c.dropout >= 0.0f && c.dropout < 1.0f)) fail("dropout must be in [0, 1), got " + str(c.dropout));
+    if (c.num_kv_heads < 0) fail("num_kv_heads must be positive, got " + std::to_string(c.num_kv_heads));
+    if (!(c.rope_theta > 1.0f && c.rope_theta < 1e30f))
+        fail("rope_theta must be > 1 and finite, got " + str(c.rope_theta));
+    if (!(c.rms_norm_eps > 0.0f && c.rms_norm_eps < 1.0f))
+        fail("rms_norm_eps must be in (0, 1), got " + str(c.rms_norm_eps));
     if (!c.llama()) {
+        if (c.pos_encoding == Pos::ROPE)
+            fail("pos_encoding of a gpt2 model must be one of ('learned', 'sinusoidal'), got 'rope'");
         if (c.kv_heads() != c.num_heads)
-            throw std::invalid_argument("gpt2 has num_kv_heads = num_heads, got " + std::to_string(c.num_kv_heads));
-        if (!c.tie_embeddings) throw std::invalid_argument("gpt2's LM head is tied to wte (tie_embeddings)");
+            fail("num_kv_heads " + std::to_string(c.num_kv_heads) + " needs architecture 'llama' (gpt2 has " +
+                 "num_kv_heads = num_heads " + std::to_string(c.num_heads) + ")");
+        if (!c.tie_embeddings) fail("tie_embeddings=False needs architecture 'llama' (gpt2's LM head is tied to wte)");
+        const Config defaults;  // llama's settings keep their defaults in a gpt2
+        if (c.rope_theta != defaults.rope_theta)
+            fail("rope_theta " + str(c.rope_theta) + " needs architecture 'llama' (gpt2 has none)");
+        if (c.rms_norm_eps != defaults.rms_norm_eps)
+            fail("rms_norm_eps " + str(c.rms_norm_eps) + " needs architecture 'llama' (gpt2 has none)");
         return;
     }
-    if (c.learned_pos) throw std::invalid_argument("llama's positions are rotary: learned_pos must be false");
+    if (c.pos_encoding == Pos::LEARNED || c.pos_encoding == Pos::SINUSOIDAL)
+        fail(std::string("pos_encoding of a llama model must be one of ('rope',), got '") +
+             (c.pos_encoding == Pos::LEARNED ? "learned'" : "sinusoidal'"));
+    if (c.num_heads % c.kv_heads() != 0)
+        fail("num_kv_heads " + std::to_string(c.kv_heads()) + " does not divide num_heads " +
+             std::to_string(c.num_heads));
     if (c.head_dim() % 2 != 0)
-        throw std::invalid_argument("llama's rotary embedding needs an even head size, got " +
-                                    std::to_string(c.head_dim()));
-    if (!(c.rope_theta > 1.0f && c.rope_theta < 1e30f))
-        throw std::invalid_argument("rope_theta must be > 1 and finite, got " + std::to_string(c.rope_theta));
-    if (!(c.rms_norm_eps > 0.0f && c.rms_norm_eps < 1.0f))
-        throw std::invalid_argument("rms_norm_eps must be in (0, 1), got " + std::to_string(c.rms_norm_eps));
+        fail("llama's rotary embedding needs an even head size: embedding_dim " + std::to_string(c.embedding_dim) +
+             " / num_heads " + std::to_string(c.num_heads) + " = " + std::to_string(c.head_dim()));
+}
+
+Config resolve_config(Config c) {
+    validate_config(c);
+    if (c.pos_encoding == Pos::AUTO) c.pos_encoding = c.llama() ? Pos::ROPE : Pos::LEARNED;
+    c.num_kv_heads = c.kv_heads();
+    return c;
 }
 
 namespace {
@@ -85,6 +121,7 @@ ParamLayout::ParamLayout(const Config& c) : num_layers(c.num_layers) {
         tensors.push_back({name, shape, total, n, shape.size() == 2});
         slots.push_back({top, layer, field});
         total += pad16(n);
+        parameters += n;
     };
     using L = LayerTensors;
     if (c.llama()) {  // LlamaForCausalLM's state-dict names without "model."; nn.Linear weights [out, in]
@@ -108,7 +145,7 @@ ParamLayout::ParamLayout(const Config& c) : num_layers(c.num_layers) {
     }
     // GPT-2's state-dict names without "transformer."; Conv1D weights [in, out]
     add("wte", {V, C}, &ModelTensors::wte);
-    if (c.learned_pos) add("wpe", {T, C}, &ModelTensors::wpe);
+    if (c.learned_pos()) add("wpe", {T, C}, &ModelTensors::wpe);
     for (layer = 0; layer < c.num_layers; layer++) {
         const std::string h = "h." + std::to_string(layer) + ".";
         add(h + "ln_1.weight", {C}, nullptr, &L::ln1_w);

@@ -60,7 +60,7 @@ Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(c) {
         rope_cos.resize(n);
         rope_sin.resize(n);
         rope_table(rope_cos.data(), rope_sin.data(), cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta);
-    } else if (!cfg.learned_pos) {
+    } else if (!cfg.learned_pos()) {
         pos_table.resize((size_t)cfg.max_seq_len * cfg.embedding_dim);
         sinusoidal_table(pos_table.data(), cfg.max_seq_len, cfg.embedding_dim);
     }

@@ -10,10 +10,17 @@ tolerance, not only the first one.
         errs.finish()                                  # raises if anything was over tolerance
 
 Set CLLM_TEST_ERRORS=all to print every measured quantity instead of the worst per test.
+
+The folders are the rungs of the oracle ladder (docs/design.md §7), each trusting the one below: 0_oracle,
+1_kernels, 2_model, 3_references (PyTorch, transformers, llama.cpp), 4_workflows, 5_distributed; boundary/ holds
+the bad-input, fuzzing and hostile tests beside them. Markers (pyproject.toml): `slow` (the quick loop is
+`pytest -m "not slow"`), and `torch`, `mpi`, `amx`, which skip, printing why, where the machine lacks them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import sys
 import zlib
@@ -93,6 +100,37 @@ def rng(request):
 
 
 # ----------------------------------------------------------------------------------------------------
+# markers: what a test needs of the machine, and why it is skipped without it
+# ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _missing(need: str) -> str:
+    if need == "torch":
+        return "" if importlib.util.find_spec("torch") else "needs torch (CI installs its CPU build: torch==2.13.0)"
+    if need == "mpi":
+        if importlib.util.find_spec("mpi4py") is None:
+            return "needs mpi4py (pip install 'cllm[mpi]')"
+        from cllm.parallel.mpi import mpirun_command
+        try:
+            mpirun_command(2)
+        except FileNotFoundError:
+            return "needs mpirun or mpiexec (pip install 'cllm[mpi]')"
+        return ""
+    if need == "amx":
+        try:
+            flags = open("/proc/cpuinfo").read().split()
+        except OSError:
+            flags = []
+        return "" if "amx_tile" in flags else "needs a CPU with AMX (no amx_tile in /proc/cpuinfo)"
+    raise AssertionError(need)
+
+
+def pytest_runtest_setup(item):
+    for need in ("torch", "mpi", "amx"):
+        if item.get_closest_marker(need) is not None and _missing(need):
+            pytest.skip(_missing(need))
+
+
+# ----------------------------------------------------------------------------------------------------
 # the engine under test
 # ----------------------------------------------------------------------------------------------------
 def _import_engine():
@@ -124,7 +162,7 @@ def each_variant(request):
     """Runs a test once per kernel variant this CPU runs (avx512bf16, avx512, avx2, baseline on an AVX-512 BF16
     machine), then goes back to the automatic choice: `pytest.mark.usefixtures("each_variant")` on the oracle
     tests."""
-    from cllm.isa import use_variant
+    from cllm.core.isa import use_variant
     use_variant(request.param)
     yield request.param
     use_variant("auto")

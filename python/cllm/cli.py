@@ -52,7 +52,7 @@ def _opt(convert, what):
 # train
 # ----------------------------------------------------------------------------------------------------
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train_config import TrainConfig
+    from .train.config import TrainConfig
 
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML or JSON file (flags override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -85,9 +85,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args) -> int:
-    from .checkpoint import read_metadata
-    from .train_config import TrainConfig, read_config_file
-    from .trainer import Trainer
+    from .train.checkpoint import read_metadata
+    from .train.config import TrainConfig, read_config_file
+    from .train.trainer import Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
@@ -106,7 +106,7 @@ def _run_train(args) -> int:
         saved = {k: v for k, v in saved.items() if k in fields and k != "overwrite"}  # that run's start only
         settings = {**saved, **settings}
     config = TrainConfig.from_dict(settings, source=source)
-    from .distributed import abort_on_error, auto_communicator
+    from .parallel.mpi import abort_on_error, auto_communicator
     comm = auto_communicator()  # MPICommunicator under `mpirun -n N` (N > 1), else SingleProcess
     with abort_on_error(comm, prog="cllm train"):  # an error on one rank ends the whole job
         summary = Trainer(config, comm=comm).fit()
@@ -155,7 +155,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_sample(args) -> int:
     import math
-    from .pretrained import load_pretrained
+    from .interop.pretrained import load_pretrained
 
     checks = [(args.max_new_tokens >= 0, "--max-new-tokens must be non-negative"),
               (args.num_samples >= 1, "--num-samples must be at least 1"),
@@ -174,7 +174,7 @@ def _run_sample(args) -> int:
     model, tokenizer = load_pretrained(args.checkpoint)
     # before the prompts and seeds of --num-samples are built (a huge count fails here, at once)
     model.check_generation_memory(1 if args.stream else args.num_samples, args.max_new_tokens,
-                                  precision=args.precision)
+                                  decode_precision=args.precision)
     if not args.interactive:
         _print_samples(model, tokenizer, args.prompt, args)
         return 0
@@ -194,12 +194,12 @@ def _run_sample(args) -> int:
 
 def _print_samples(model, tokenizer, prompt: str, args) -> None:
     """--num-samples continuations of one prompt, each printed after the prompt; streamed, or all at the end."""
-    from .generation import generate_text
+    from .infer.generation import generate_text
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, stop_at_eos=not args.ignore_eos,
                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                   presence_penalty=args.presence_penalty, precision=args.precision)
+                   presence_penalty=args.presence_penalty, decode_precision=args.precision)
     if args.stream:  # one sample at a time, printed piece by piece
         for k in range(args.num_samples):
             sys.stdout.write(("---\n" if k else "") + prompt)
@@ -239,8 +239,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(args) -> int:
     import json
-    from .evaluation import evaluate_choices, evaluate_files
-    from .pretrained import load_pretrained
+    from .infer.evaluation import evaluate_choices, evaluate_files
+    from .interop.pretrained import load_pretrained
 
     if args.choices and (args.stride is not None or args.batch_size is not None):
         raise CLLMError("--stride and --batch-size apply to --data only (--choices scores one example at a time)")
@@ -297,7 +297,7 @@ def _run_prepare(args) -> int:
     if args.tokenizer in ("byte", "bpe"):
         spec = "byte" if args.tokenizer == "byte" else f"bpe:{args.vocab_size}"
     else:
-        from .hf_tokenizer import load_any_tokenizer
+        from .interop.hf_tokenizer import load_any_tokenizer
         spec = load_any_tokenizer(args.tokenizer)
     s = prepare(args.inputs or None, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
                 max_bytes=args.max_bytes)
@@ -320,7 +320,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args) -> int:
-    from .pretrained import load_pretrained
+    from .interop.pretrained import load_pretrained
 
     out = Path(args.out)
     if args.format == "hf" and out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -331,10 +331,10 @@ def _run_export(args) -> int:
         raise CLLMError("--dtype applies to --format gguf only (Hugging Face exports are float32)")
     model, tokenizer = load_pretrained(args.checkpoint)
     if args.format == "hf":
-        from .hf import export_hf
+        from .interop.hf import export_hf
         written = export_hf(model, tokenizer, out)
     else:
-        from .gguf_export import export_gguf
+        from .interop.gguf_export import export_gguf
         written = export_gguf(model, tokenizer, out, dtype=args.dtype)
     print(f"wrote {written} ({args.format}, {model.num_parameters:,} parameters, vocab {tokenizer.vocab_size})")
     return 0
@@ -349,7 +349,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_info(args) -> int:
     import json
-    from .isa import build_info, format_build_info
+    from .core.isa import build_info, format_build_info
     info = build_info()
     print(json.dumps(info) if args.json else format_build_info(info))
     if info["variant"] is None:  # the report is printed whole (for a bug report); the error also goes to stderr
@@ -398,7 +398,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = COMMANDS[args.command][2]
     try:
         if args.command != "info":
-            from .isa import check_kernels
+            from .core.isa import check_kernels
             check_kernels()  # CLLM_ISA asking for kernels this CPU lacks: say so before any work
         return int(run(args) or 0)
     except USER_ERRORS as e:

@@ -33,12 +33,13 @@ with atheris.instrument_imports(include=["cllm"]):
     import numpy as np
 
     import cllm
-    from cllm.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+    from cllm.train.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from cllm.data import load_tokens, write_tokens
     from cllm.errors import InsufficientMemoryError
     from cllm.errors import MissingFileError
-    from cllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
-    from cllm.train_config import TrainConfig
+    from cllm.data.tokenizer import ByteTokenizer, load_tokenizer
+    from cllm.data.bpe import BPETokenizer
+    from cllm.train.config import TrainConfig
 
 CLEAN = (ValueError, TypeError, FileNotFoundError, MissingFileError, MemoryError, InsufficientMemoryError)
 SAMPLE_TEXT = "def f(x):\n    return x * 2  # héllo wörld ✓\n\n\tclass A: pass\r\n"
