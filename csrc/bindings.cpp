@@ -7,10 +7,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 
 #include "bindings.h"
@@ -20,7 +22,6 @@
 namespace cllm_py {
 
 using namespace cllm;
-using FlatArray = py::array_t<float, py::array::c_style>;
 
 FloatArray zeros(std::vector<py::ssize_t> shape) {
     FloatArray a(shape);
@@ -57,35 +58,46 @@ void check_tokens(const IntArray& a, const char* what, int vocab_size, int max_s
 
 namespace {
 
-std::string shape_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); i++)
-        s += std::to_string(a.shape(i)) + (a.ndim() == 1 || i + 1 < a.ndim() ? "," : "");
-    return s + ")";
-}
-
-// A flat buffer of the layout's size (parameters, gradients or optimizer state).
-void check_flat(const FlatArray& a, const ParamLayout& layout, const char* what) {
-    if (a.ndim() != 1 || (size_t)a.shape(0) != layout.total)
-        throw py::value_error(std::string(what) + " must be a flat float32 array of size " +
-                              std::to_string(layout.total) + ", got shape " + shape_str(a));
-}
-
 // ---- the model -----------------------------------------------------------------------------------
-// A Model with a lock: one call at a time touches its buffers and arena.
+// A Model with a lock: one call at a time touches its buffers and arena. `holder` is the thread in a locked call
+// and `busy` names that call: a callback it runs (on_step, on_grads_ready) that uses the model again is refused,
+// as waiting for the lock its own thread holds would wait for ever.
 struct PyModel {
     Model m;
     std::mutex mu;
+    std::atomic<std::thread::id> holder{};
+    const char* busy = "";  // written and read by the holder only
     PyModel(const Config& c, uint64_t seed) : m(c, seed) {}
     const Config& cfg() const { return m.cfg; }
 };
 
-// Runs f(model) without the GIL, holding the model's lock.
+// Runs f(model) without the GIL, holding the model's lock; `what` names the call for a re-entry's error.
 template <class F>
-auto locked(PyModel& pm, F&& f) {
+auto locked(PyModel& pm, const char* what, F&& f) {
+    if (pm.holder.load() == std::this_thread::get_id())
+        throw std::runtime_error(std::string("the model is running ") + pm.busy +
+                                 " on this thread: it cannot be used (" + what +
+                                 ") from that call's own callback (on_step, on_text, on_grads_ready)");
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(pm.mu);
+    struct Hold {
+        PyModel& pm;
+        Hold(PyModel& p, const char* w) : pm(p) {
+            pm.busy = w;
+            pm.holder.store(std::this_thread::get_id());
+        }
+        ~Hold() { pm.holder.store(std::thread::id()); }
+    } hold(pm, what);
     return f(pm.m);
+}
+
+// fn() with the GIL, holding the model's lock: Python code that changes the weights (load_parameters, an optimizer
+// step, EMA swaps) waits for a running generate, which then sees one model throughout.
+py::object exclusive(PyModel& pm, py::object fn) {
+    return locked(pm, "exclusive(fn)", [&](Model&) {
+        py::gil_scoped_acquire gil;
+        return fn();
+    });
 }
 
 py::array view(py::object owner, float* ptr, const std::vector<int64_t>& shape) {
@@ -150,7 +162,7 @@ float forward_backward(PyModel& pm, const IntArray& x, const IntArray& y, bool a
             py::gil_scoped_acquire gil;
             on_grads_ready(from, to);  // a Python exception leaves the backward as error_already_set
         };
-    return locked(pm, [&](Model& m) {
+    return locked(pm, "forward_backward", [&](Model& m) {
         return m.forward_backward(x.data(), y.data(), B, T, accumulate, grad_scale, label_smoothing, ready, demb);
     });
 }
@@ -160,7 +172,7 @@ FloatArray forward(PyModel& pm, const IntArray& x) {
     const int B = (int)x.shape(0), T = (int)x.shape(1), V = pm.cfg().vocab_size;
     FloatArray out = empty({B, T, V});
     float* o = out.mutable_data();
-    locked(pm, [&](Model& m) {
+    locked(pm, "forward", [&](Model& m) {
         m.forward(x.data(), B, T, Dropout{});
         std::copy(m.acts.logits, m.acts.logits + (size_t)B * T * V, o);
     });
@@ -170,21 +182,21 @@ FloatArray forward(PyModel& pm, const IntArray& x) {
 float loss(PyModel& pm, const IntArray& x, const IntArray& y) {
     check_pair(pm, x, y);
     const int B = (int)x.shape(0), T = (int)x.shape(1);
-    return locked(pm, [&](Model& m) {
+    return locked(pm, "loss", [&](Model& m) {
         m.forward(x.data(), B, T, Dropout{});
         return m.loss_only(y.data());
     });
 }
 
 void zero_grad(PyModel& pm) {
-    locked(pm, [](Model& m) { m.zero_grad(); });
+    locked(pm, "zero_grad", [](Model& m) { m.zero_grad(); });
 }
 
 // The dropout masks the next forward_backward will use, {site name: mask} (for tests).
 py::dict dropout_masks(PyModel& pm, int B, int T) {
     const Config& c = pm.cfg();
     require(B > 0 && T > 0 && T <= c.max_seq_len, "invalid B, T for dropout_masks");
-    const Dropout d = locked(pm, [](Model& m) { return m.step_dropout(); });
+    const Dropout d = locked(pm, "dropout_masks", [](Model& m) { return m.step_dropout(); });
     const size_t BTC = (size_t)B * T * c.embedding_dim;
     py::dict out;
     auto resid = [&](uint64_t site) {
@@ -236,7 +248,7 @@ py::object generate_tokens(PyModel& pm, const std::vector<IntArray>& prompts, in
     std::vector<std::vector<float>> logits;
     std::vector<std::vector<int32_t>> out;
     try {
-        out = locked(pm, [&](Model& m) {
+        out = locked(pm, "generate", [&](Model& m) {
             return generate(m, p, max_new_tokens, s, precision == "bf16", seeds, stops, callback,
                             return_logits ? &logits : nullptr);
         });
@@ -272,7 +284,7 @@ void bind_model(py::module_& mod) {
                                [](const PyModel& pm) { return pm.m.decode_panels_floats; })
         .def("release_decode_storage",
              [](PyModel& pm) {
-                 locked(pm, [](Model& m) {
+                 locked(pm, "release_generation_memory", [](Model& m) {
                      m.decode_panels.reset();
                      m.decode_panels_floats = 0;
                  });
@@ -292,7 +304,8 @@ void bind_model(py::module_& mod) {
         .def("dropout_masks", &dropout_masks, py::arg("B"), py::arg("T"))
         .def("generate", &generate_tokens, py::arg("prompts"), py::arg("max_new_tokens"), py::arg("sampling"),
              py::arg("seeds"), py::arg("stop_tokens"), py::arg("on_step"), py::arg("return_logits") = false,
-             py::arg("precision") = "fp32");
+             py::arg("precision") = "fp32")
+        .def("exclusive", &exclusive, py::arg("fn"), "fn() holding the model's lock (a running generate ends first)");
 }
 
 // ---- config and layout ---------------------------------------------------------------------------
@@ -375,65 +388,10 @@ void bind_config(py::module_& mod) {
         .def_readwrite("top_p", &Sampling::top_p)
         .def_readwrite("repetition_penalty", &Sampling::repetition_penalty)
         .def_readwrite("frequency_penalty", &Sampling::frequency_penalty)
-        .def_readwrite("presence_penalty", &Sampling::presence_penalty);
+        .def_readwrite("presence_penalty", &Sampling::presence_penalty)
+        .def_readwrite("vocab_limit", &Sampling::vocab_limit);
     mod.def("dropout_mask_floats", &dropout_mask_floats, py::arg("config"), py::arg("B"), py::arg("T"),
             "floats of the masks Model.dropout_masks(B, T) returns");
-}
-
-// ---- optimizer: kernels over flat buffers laid out by a ParamLayout -------------------------------
-// lo, hi: update only the parameters [lo, hi) (hi < 0: to the end), with moments of hi - lo floats (a ZeRO shard)
-void adamw(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray m, FlatArray v, float lr,
-           double beta1, double beta2, float eps, float weight_decay, int64_t step, int64_t lo, int64_t hi) {
-    check_flat(params, layout, "params");
-    check_flat(grads, layout, "grads");
-    if (hi < 0) hi = (int64_t)layout.total;
-    require(0 <= lo && lo <= hi && hi <= (int64_t)layout.total,
-            "adamw_step: the range [" + std::to_string(lo) + ", " + std::to_string(hi) + ") is not inside [0, " +
-                std::to_string(layout.total) + ")");
-    for (auto [a, name] : {std::pair{&m, "exp_avg"}, std::pair{&v, "exp_avg_sq"}})
-        require(a->ndim() == 1 && a->shape(0) == hi - lo,
-                std::string(name) + " must be a flat float32 array of " + std::to_string(hi - lo) +
-                    " floats (the range)");
-    require(step >= 1, "step must be >= 1");
-    float *pp = params.mutable_data(), *mp = m.mutable_data(), *vp = v.mutable_data();
-    const float* gp = grads.data();
-    nogil([&] { adamw_step(pp, gp, mp, vp, layout, lr, beta1, beta2, eps, weight_decay, step, lo, hi); });
-}
-
-void sgd(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray buf, float lr, float momentum,
-         float weight_decay, bool nesterov, bool first_step) {
-    check_flat(params, layout, "params");
-    check_flat(grads, layout, "grads");
-    check_flat(buf, layout, "momentum buffer");
-    float *pp = params.mutable_data(), *bp = buf.mutable_data();
-    const float* gp = grads.data();
-    nogil([&] { sgd_step(pp, gp, bp, layout, lr, momentum, weight_decay, nesterov, first_step); });
-}
-
-double global_norm(const FlatArray& g) {
-    require(g.ndim() == 1, "grads must be a flat float32 array");
-    const float* p = g.data();
-    const size_t n = (size_t)g.size();
-    double norm = 0.0;
-    nogil([&] { norm = grad_norm(p, n); });
-    return norm;
-}
-
-void scale(FlatArray x, float s) {
-    require(x.ndim() == 1, "x must be a flat float32 array");
-    float* p = x.mutable_data();
-    const size_t n = (size_t)x.size();
-    nogil([&] { scale_inplace(p, n, s); });
-}
-
-void bind_optimizer(py::module_& mod) {
-    mod.def("adamw_step", &adamw, py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
-            py::arg("exp_avg_sq"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-            py::arg("weight_decay"), py::arg("step"), py::arg("lo") = 0, py::arg("hi") = -1);
-    mod.def("sgd_step", &sgd, py::arg("layout"), py::arg("params"), py::arg("grads"), py::arg("momentum_buffer"),
-            py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first_step"));
-    mod.def("grad_norm", &global_norm, py::arg("grads"), "global L2 norm (accumulated in double)");
-    mod.def("scale_", &scale, py::arg("x"), py::arg("s"), "x *= s in place");
 }
 
 void set_threads(int n) {

@@ -34,6 +34,7 @@ void check_tokens(const IntArray& a, const char* what, int vocab_size, int max_s
 // Every id of a (any shape) in [0, vocab_size); the first one outside is named with its position.
 void check_ids(const IntArray& a, const char* what, int vocab_size);
 
-void bind_kernels(py::module_& mod);  // bindings_kernels.cpp: the submodule _core.kernels
+void bind_kernels(py::module_& mod);    // bindings_kernels.cpp: the submodule _core.kernels
+void bind_optimizer(py::module_& mod);  // bindings_kernels.cpp: adamw_step, sgd_step, grad_norm, scale_
 
 }  // namespace cllm_py

@@ -1,5 +1,6 @@
-// _core.kernels: each part's forward and backward on float32 NumPy arrays, for the oracle tests and benchmarks.
-// Shapes are checked and outputs allocated with the GIL held; the kernel itself runs without it.
+// _core.kernels: each part's forward and backward on float32 NumPy arrays, for the oracle tests and benchmarks; and
+// the optimizer functions of _core (bind_optimizer) over flat buffers. Shapes are checked and outputs allocated with
+// the GIL held; the kernel itself runs without it.
 #include <algorithm>
 #include <vector>
 
@@ -311,6 +312,86 @@ void bind_kernels(py::module_& mod) {
           py::arg("label_smoothing") = 0.0f);
     k.def("cross_entropy_backward", &cross_entropy_bwd, py::arg("logits"), py::arg("targets"), py::arg("scale"),
           py::arg("label_smoothing") = 0.0f);
+}
+
+// ---- optimizer: kernels over flat buffers laid out by a ParamLayout -------------------------------
+namespace {
+
+using FlatArray = py::array_t<float, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); i++)
+        s += std::to_string(a.shape(i)) + (a.ndim() == 1 || i + 1 < a.ndim() ? "," : "");
+    return s + ")";
+}
+
+// A flat buffer of the layout's size (parameters, gradients or optimizer state).
+void check_flat(const FlatArray& a, const ParamLayout& layout, const char* what) {
+    if (a.ndim() != 1 || (size_t)a.shape(0) != layout.total)
+        throw py::value_error(std::string(what) + " must be a flat float32 array of size " +
+                              std::to_string(layout.total) + ", got shape " + shape_str(a));
+}
+
+// lo, hi: update only the parameters [lo, hi) (hi < 0: to the end), with moments of hi - lo floats (a ZeRO shard)
+void adamw(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray m, FlatArray v, float lr,
+           double beta1, double beta2, float eps, float weight_decay, int64_t step, int64_t lo, int64_t hi) {
+    check_flat(params, layout, "params");
+    check_flat(grads, layout, "grads");
+    if (hi < 0) hi = (int64_t)layout.total;
+    require(0 <= lo && lo <= hi && hi <= (int64_t)layout.total,
+            "adamw_step: the range [" + std::to_string(lo) + ", " + std::to_string(hi) + ") is not inside [0, " +
+                std::to_string(layout.total) + ")");
+    for (auto [a, name] : {std::pair{&m, "exp_avg"}, std::pair{&v, "exp_avg_sq"}})
+        require(a->ndim() == 1 && a->shape(0) == hi - lo,
+                std::string(name) + " must be a flat float32 array of " + std::to_string(hi - lo) +
+                    " floats (the range)");
+    require(step >= 1, "step must be >= 1");
+    float *pp = params.mutable_data(), *mp = m.mutable_data(), *vp = v.mutable_data();
+    const float* gp = grads.data();
+    nogil([&] { adamw_step(pp, gp, mp, vp, layout, lr, beta1, beta2, eps, weight_decay, step, lo, hi); });
+}
+
+void sgd(const ParamLayout& layout, FlatArray params, const FlatArray& grads, FlatArray buf, float lr, float momentum,
+         float weight_decay, bool nesterov, bool first_step) {
+    check_flat(params, layout, "params");
+    check_flat(grads, layout, "grads");
+    check_flat(buf, layout, "momentum buffer");
+    float *pp = params.mutable_data(), *bp = buf.mutable_data();
+    const float* gp = grads.data();
+    nogil([&] { sgd_step(pp, gp, bp, layout, lr, momentum, weight_decay, nesterov, first_step); });
+}
+
+double global_norm(const FlatArray& g) {
+    require(g.ndim() == 1, "grads must be a flat float32 array");
+    const float* p = g.data();
+    const size_t n = (size_t)g.size();
+    double norm = 0.0;
+    nogil([&] { norm = grad_norm(p, n); });
+    return norm;
+}
+
+void scale(FlatArray x, float s) {
+    require(x.ndim() == 1, "x must be a flat float32 array");
+    float* p = x.mutable_data();
+    const size_t n = (size_t)x.size();
+    nogil([&] { scale_inplace(p, n, s); });
+}
+
+}  // namespace
+
+// The buffers written in place are noconvert(): a list, a strided or a float64 array would be converted into a
+// temporary copy whose updates are lost (TypeError instead).
+void bind_optimizer(py::module_& mod) {
+    mod.def("adamw_step", &adamw, py::arg("layout"), py::arg("params").noconvert(), py::arg("grads"),
+            py::arg("exp_avg").noconvert(), py::arg("exp_avg_sq").noconvert(), py::arg("lr"), py::arg("beta1"),
+            py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("lo") = 0,
+            py::arg("hi") = -1);
+    mod.def("sgd_step", &sgd, py::arg("layout"), py::arg("params").noconvert(), py::arg("grads"),
+            py::arg("momentum_buffer").noconvert(), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
+            py::arg("nesterov"), py::arg("first_step"));
+    mod.def("grad_norm", &global_norm, py::arg("grads"), "global L2 norm (accumulated in double)");
+    mod.def("scale_", &scale, py::arg("x").noconvert(), py::arg("s"), "x *= s in place");
 }
 
 }  // namespace cllm_py

@@ -471,6 +471,7 @@ struct Sampling {
     float repetition_penalty = 1.0f;  // transformers' definition, over prompt and output; 1 is off
     float frequency_penalty = 0.0f;   // logit -= count in the output x this
     float presence_penalty = 0.0f;    // logit -= this, once the token is in the output
+    int vocab_limit = 0;  // draw ids below this only (0: all): a tokenizer smaller than a padded vocabulary
 };
 // Called after each step with the sequences (prompt indices) that drew a token and those tokens; returns the
 // sequences to stop there (stop strings, a user's interrupt).

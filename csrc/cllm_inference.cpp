@@ -283,6 +283,10 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
             throw std::invalid_argument("prompt " + std::to_string(b) + " length " + std::to_string(prompts[b].size()) +
                                         " exceeds max_seq_len " + std::to_string(Tmax));
     }
+    if (sampling.vocab_limit < 0 || sampling.vocab_limit > V)
+        throw std::invalid_argument("vocab_limit must be in [0, vocab_size = " + std::to_string(V) + "], got " +
+                                    std::to_string(sampling.vocab_limit));
+    const int drawn = sampling.vocab_limit > 0 ? sampling.vocab_limit : V;  // the ids a token may be drawn from
     std::vector<char> is_stop(V, 0);
     for (int32_t t : stop_tokens) is_stop.at(t) = 1;
     std::vector<Sequence> seqs(B);
@@ -313,7 +317,7 @@ std::vector<std::vector<int32_t>> generate(Model& m, const std::vector<std::vect
             if (all_logits) (*all_logits)[b].insert((*all_logits)[b].end(), logits, logits + V);
             apply_penalties(logits, s, sampling);
             const int32_t t =
-                sample_token(logits, V, sampling.temperature, sampling.top_k, sampling.top_p, seeds[b], i);
+                sample_token(logits, drawn, sampling.temperature, sampling.top_k, sampling.top_p, seeds[b], i);
             if (is_stop[t]) {  // a stop token ends the sequence and is not part of it
                 s.done = true;
                 continue;

@@ -3,6 +3,9 @@
 The package by job: core/ (the model, its config, the kernels), data/ (tokenizers, token files, corpora,
 batches), train/ (the trainer, optimizers, checkpoints), parallel/ (MPI), interop/ (Hugging Face, GGUF),
 infer/ (generation, evaluation); cli.py is the command line. The public names are all here."""
+from ._omp_env import bound_omp_num_threads
+
+bound_omp_num_threads()  # before the imports below load the core and libgomp, which reads OMP_NUM_THREADS once
 from . import _moved
 from .core import kernels  # the core's kernels behind argument checks (see core/kernels.py)
 from .core.config import ModelConfig

@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .errors import USER_ERRORS, CLLMError
+
+UINT64_MAX = 2**64 - 1  # seeds are uint64 in the core (core/checks.py's; not imported here: it loads NumPy)
 
 # name -> (help, add_arguments(parser), run(args) -> exit status), in the order `cllm --help` lists them
 COMMANDS: Dict[str, tuple] = {}
@@ -123,7 +126,8 @@ def _run_train(args) -> int:
 def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run directory (its best.safetensors, else last.safetensors)")
-    p.add_argument("--prompt", default="", help="text to continue (default: '', start from a newline)")
+    p.add_argument("--prompt", default="", help="text to continue, with backslash escapes as --stop's (default: '', "
+                                                "start from a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=_opt(int, "int"), default=None, metavar="K",
@@ -138,14 +142,20 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
                    help="subtract P from the logit of every token already in the output (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample just before TEXT (repeatable); samples also end at the tokenizer's EOS token")
+                   help="end a sample just before TEXT (repeatable); samples also end at the tokenizer's EOS token. "
+                        "In --stop and --prompt a backslash escape stands for its character, as in a Python string: "
+                        "\\n newline, \\t tab, \\r, \\\\ (a backslash), \\xHH, \\uXXXX, \\UXXXXXXXX; a "
+                        "backslash before any other character is kept as it is (stdin lines of --interactive are "
+                        "taken literally)")
+    p.add_argument("--no-escapes", dest="escapes", action="store_false",
+                   help="take --prompt and --stop literally, backslashes included")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="samples per prompt, generated together, with seeds SEED, SEED+1, ... (default: 1)")
     p.add_argument("--stream", action="store_true", help="print the text as it is produced (one sample at a time)")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from stdin, one UTF-8 line each, until end of input (not with --prompt)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help=f"sampling seed, 0 to {UINT64_MAX} (default: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: decode with bfloat16 weights and K/V cache (half the bytes per token, faster; tokens "
                         "may differ from fp32's where candidates are close; default: fp32)")
@@ -153,11 +163,37 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: OpenMP default)")
 
 
+_ESCAPE = re.compile(r"\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[ntr\\])")
+_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(flag: str, text: str) -> str:
+    """text with its backslash escapes (\\n, \\t, \\r, \\\\, \\xHH, \\uXXXX, \\UXXXXXXXX) replaced by their
+    characters, as a shell passes them literally; a backslash before any other character stays. CLLMError naming
+    the flag for an escape that is no character (a surrogate, beyond U+10FFFF)."""
+    def char(m):
+        e = m.group()[1:]
+        if e in _SIMPLE:
+            return _SIMPLE[e]
+        code = int(e[1:], 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise CLLMError(f"{flag}: {m.group()} is not a Unicode character")
+        return chr(code)
+    return _ESCAPE.sub(char, text)
+
+
 def _run_sample(args) -> int:
     import math
     from .interop.pretrained import load_pretrained
 
-    checks = [(args.max_new_tokens >= 0, "--max-new-tokens must be non-negative"),
+    if args.escapes:
+        args.prompt = unescape("--prompt", args.prompt)
+        args.stop = [unescape("--stop", s) for s in args.stop]
+    more = max(args.num_samples, 1) - 1  # --num-samples draws seeds SEED to SEED + more
+    checks = [(0 <= args.seed <= UINT64_MAX - more,
+               f"--seed must be in [0, {UINT64_MAX - more}]" + (f" with --num-samples {args.num_samples} (seeds SEED "
+                                                                 f"to SEED + {more})" if more else "") +
+               f", got {args.seed}"),(args.max_new_tokens >= 0, "--max-new-tokens must be non-negative"),
               (args.num_samples >= 1, "--num-samples must be at least 1"),
               (math.isfinite(args.temperature) and args.temperature >= 0, "--temperature must be a number >= 0"),
               (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
@@ -230,15 +266,25 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="--data: windows of max_seq_len tokens start every N tokens; each token is predicted once "
                         "from at least max_seq_len - N tokens of context (default: max_seq_len // 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="--data: windows per forward (default: 4)")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object (a figure that is not finite, e.g. the loss of a model "
+                        "with NaN weights, as null)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar on stderr (default: on)")
     p.add_argument("--threads", type=_opt(int, "int"), default=None, metavar="N",
                    help="CPU threads (default: OpenMP default)")
 
 
-def _run_eval(args) -> int:
+def _json_figures(figures: dict) -> str:
+    """figures as strict JSON: NaN and infinities (which json.dumps writes as the non-JSON NaN, Infinity) as null."""
     import json
+    import math
+
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in figures.items()},
+                      allow_nan=False)
+
+
+def _run_eval(args) -> int:
     from .infer.evaluation import evaluate_choices, evaluate_files
     from .interop.pretrained import load_pretrained
 
@@ -262,7 +308,7 @@ def _run_eval(args) -> int:
         figures = evaluate_choices(model, tokenizer, args.choices, progress=args.progress)
         text = (f"accuracy {figures['accuracy']:.4f}  acc_norm {figures['acc_norm']:.4f}  "
                 f"({figures['examples']:,} examples)")
-    print(json.dumps(figures) if args.json else text)
+    print(_json_figures(figures) if args.json else text)
     return 0
 
 

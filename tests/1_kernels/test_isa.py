@@ -90,6 +90,7 @@ def test_every_variant_computes_the_same_model():
 QEMU = shutil.which("qemu-x86_64")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (X86 and QEMU), reason="needs x86-64 and qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
 def test_on_an_avx2_only_cpu():
     """Under QEMU emulating Haswell: auto picks avx2; forcing AVX-512 is one line naming what the CPU lacks."""

@@ -243,6 +243,7 @@ def test_transformers_random_gpt2_imports(tmp_path, shape):
     assert err < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_exported_directory_loads_in_transformers(tmp_path):
     tf = _transformers()

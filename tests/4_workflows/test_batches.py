@@ -159,3 +159,16 @@ def test_loader_validation(token_file):
         BatchLoader(token_file.tokens, 2, 8, world_size=0)
     with pytest.raises(ValueError, match="1-D"):
         BatchLoader(np.zeros((10, 10), dtype=np.int32), 2, 4)
+
+
+def test_check_eval_batches_bounds_them_by_the_split(token_file):
+    """As many batches as draw each window once on average (5000 - 16 windows, 4 x 2 rows: 623), or 16 on any
+    split; more is an error naming the setting, the file and the limit."""
+    from cllm.data.batches import check_eval_batches
+
+    check_eval_batches(token_file, 623, 4, 16, world_size=2)
+    with pytest.raises(ValueError, match=r"eval_batches 624 is more than .*train.bin can use.*use at most 623"):
+        check_eval_batches(token_file, 624, 4, 16, world_size=2)
+    check_eval_batches(token_file, 16, 4096, 16)  # the default holds on a split of a few windows
+    with pytest.raises(ValueError, match=r"eval_batches 1,000,000,000 .*use at most 16"):
+        check_eval_batches(token_file, 10**9, 4096, 16)

@@ -332,3 +332,74 @@ def test_prepare_runs_in_memory_smaller_than_the_corpus(tmp_path):
                         str(base + headroom)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout) == size
+
+
+# ----------------------------------------------------------------------------
+# BPE training in bounded memory
+# ----------------------------------------------------------------------------
+def test_bpe_is_trained_on_a_bounded_sample_taken_across_the_corpus(tmp_path, monkeypatch):
+    """The trainer holds every distinct word (a 30 MB corpus took 1.7 GB): it gets BPE_SAMPLE_BYTES of the
+    training text at most, taken evenly across it, so its memory does not grow with the corpus."""
+    import cllm.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "BPE_SAMPLE_BYTES", 3000)
+    monkeypatch.setattr(corpus, "_PIECE_CHARS", 200)
+    monkeypatch.setattr(corpus, "_BLOCK", 256)
+    for i in range(20):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i:02d}.txt").write_text("".join(f"doc{i} line {j}\n" for j in range(200)))
+    given = []
+    real = BPETokenizer.train.__func__
+
+    def spy(cls, texts, vocab_size, **kw):
+        texts = list(texts)
+        given.extend(texts)
+        return real(cls, texts, vocab_size, **kw)
+
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(spy))
+    s = prepare([tmp_path / "c"], tmp_path / "out", "bpe:300", val_fraction=0.1)
+    assert s["bytes"] > 10 * 3000
+    assert 2500 < sum(len(t.encode()) for t in given) <= 3000
+    docs = {int(w[3:]) for t in given for w in t.split() if w.startswith("doc")}
+    assert len(docs) >= 10  # spread across the files, not the first ones only
+
+
+def test_bpe_that_cannot_fit_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import cllm.core.system as system
+    from cllm import cli
+
+    (tmp_path / "a.txt").write_text("some words here\n" * 65_536)  # 1 MiB: its BPE needs up to 160 MiB
+    monkeypatch.setattr(system, "available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(BPETokenizer, "train", None)  # never reached
+    assert cli.main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "bpe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training a BPE tokenizer on 1.0 MiB of text needs 160.0 MiB" in err[0], err
+    assert "use the byte tokenizer" in err[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bpe_under_an_address_space_limit_is_refused_not_aborted(tmp_path):
+    """`ulimit -v`: the Rust trainer's allocation failed and aborted the process (status 134). The memory check
+    counts the room the limit leaves: one line, status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cllm
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(ord("a"), ord("z") + 1, size=(1_000_000, 8), dtype=np.uint8)  # 8 MB of distinct words
+    words[:, 7] = ord(" ")
+    words[11::12, 7] = ord("\n")
+    (tmp_path / "words.txt").write_bytes(words.tobytes())
+    code = ("import resource, sys\n"
+            "size = int(open('/proc/self/statm').read().split()[0]) * 4096\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + (400 << 20),) * 2)\n"
+            "from cllm.cli import main\n"
+            f"sys.exit(main(['prepare', {str(tmp_path / 'words.txt')!r}, '--out', {str(tmp_path / 'out')!r}, "
+            "'--tokenizer', 'bpe']))\n")
+    env = {"PYTHONPATH": str(Path(cllm.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", "import cllm.cli\n" + code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (r.returncode, r.stderr[-2000:])
+    assert "training a BPE tokenizer on 4.0 MiB of text needs 640.0 MiB of memory" in r.stderr

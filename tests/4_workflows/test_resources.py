@@ -210,6 +210,27 @@ def test_full_disk_on_metrics_jsonl_names_it(tmp_path):
     assert cli._one_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: cannot write the metrics log: No space left on device"
 
 
+def test_full_disk_at_metrics_jsonl_for_real_is_one_line_naming_it(data_dir, tiny_tmpfs, capsys):
+    """A real ENOSPC at the first metrics line (the tmpfs full but for the lock's page): the refused line stayed
+    in the file's buffer, closing it failed again, and that second error, naming no file, was the one shown."""
+    run = tiny_tmpfs / "run"
+    run.mkdir()
+    (tiny_tmpfs / "reserve").write_bytes(bytes(4096))
+    with open(tiny_tmpfs / "fill", "wb", buffering=0) as f:
+        with pytest.raises(OSError):
+            while True:
+                f.write(bytes(4096))
+    (tiny_tmpfs / "reserve").unlink()
+    argv = ["train", "--data", str(data_dir), "--out-dir", str(run), "--max-steps", "2", "--max-seq-len", "16",
+            "--embedding-dim", "32", "--num-layers", "1", "--num-heads", "4", "--ff-dim", "64", "--batch-size", "4",
+            "--no-progress", "--sample-tokens", "0", "--log-interval", "1", "--threads", "1"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cllm train: error: {run / 'metrics.jsonl'}: cannot write the metrics log: No space left on "
+                   f"device"], err
+
+
 # ----------------------------------------------------------------------------------------------------
 # memory
 # ----------------------------------------------------------------------------------------------------

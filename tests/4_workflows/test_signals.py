@@ -1,6 +1,6 @@
 """Signals: Ctrl-C stops `cllm sample` (the C++ generation loop checks for it every few tokens), `cllm eval` and
-`cllm prepare` promptly, with one line and status 130; SIGTERM ends training like Ctrl-C, with a checkpoint from which --resume
-continues exactly."""
+`cllm prepare` (its BPE training too) promptly, with one line and status 130; SIGTERM ends training like Ctrl-C,
+with a checkpoint from which --resume continues exactly."""
 from __future__ import annotations
 
 import json
@@ -72,6 +72,28 @@ def test_ctrl_c_stops_prepare_and_leaves_no_partial_file(tmp_path):
     assert status == 130 and stderr == "cllm prepare: interrupted\n", stderr
     assert waited < 5
     assert not out.exists() or list(out.iterdir()) == []  # temporaries removed, no token file half written
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_bpe_training_stops_prepare_promptly(tmp_path):
+    """The Rust BPE trainer looks at no signals: once it had all its text, Ctrl-C waited for the merges (25 s on a
+    187 MB corpus). Training runs in a thread the main thread waits for, so Ctrl-C acts at once."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(ord("a"), ord("z") + 1, size=(600_000, 8), dtype=np.uint8)  # distinct words: slow merges
+    words[:, 7] = ord(" ")
+    words[11::12, 7] = ord("\n")
+    (tmp_path / "words.txt").write_bytes(words.tobytes())
+    out, fed = tmp_path / "out", tmp_path / "fed"
+    code = (f"import sys, cllm.data.corpus as c\n"
+            f"real = c._bpe_sample\n"
+            f"def sample(*a):\n    yield from real(*a)\n    open({str(fed)!r}, 'w').close()\n"
+            f"c._bpe_sample = sample\n"
+            f"from cllm.cli import main\nsys.exit(main(['prepare', {str(tmp_path / 'words.txt')!r}, '--out', "
+            f"{str(out)!r}, '--tokenizer', 'bpe', '--vocab-size', '8192']))\n")
+    status, stderr, waited = _interrupt_after([sys.executable, "-c", code], fed.exists, settle=0.5)  # merging
+    assert status == 130 and stderr == "cllm prepare: interrupted\n", stderr
+    assert waited < 3
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ training extras (EMA, SGD, label smoothing, samples during training). Its config
 test_trainer_config.py."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import cllm
 from cllm.train.checkpoint import load_checkpoint, read_metadata
-from cllm.data import load_tokens, prepare
+from cllm.data import load_tokens, prepare, write_tokens
 from cllm.train.run_files import read_metrics
 from cllm.train.config import TrainConfig
 from cllm.train.trainer import Trainer
@@ -82,7 +83,7 @@ def test_fit_writes_metrics_plot_checkpoints(data_dir, tmp_path):
     last = load_checkpoint(out / "last.safetensors")
     assert last.trainer_state["step"] == 10 and last.optimizer_state["step"] == 10
     best = load_checkpoint(out / "best.safetensors")
-    assert best.trainer_state["step"] == 8 == s["best_step"]
+    assert best.trainer_state["step"] == 10 == s["best_step"]  # the final evaluation beat step 8's: a new best
     assert s["best_val_loss"] == best.trainer_state["best_val_loss"]
 
 
@@ -267,6 +268,33 @@ def test_an_edited_input_is_prepared_again_saying_which(tmp_path, capsys):
     (src / "json.py").unlink()
     assert f"({src / 'json.py'} was removed)" in run()
     assert "using prepared data" in run()
+
+
+@pytest.mark.slow
+def test_resume_on_changed_data_is_refused(data_dir, tmp_path):
+    """A same-size edit of the corpus gives as many tokens, which the loader's check let through: the resume
+    trained on other data. The checkpoints record the token files' counts and checksums, and a resume compares
+    them: refused, then resumed once the corpus is restored. The same for prepared data given with --data."""
+    src = corpus_files(tmp_path)
+    cfg = TrainConfig(**{**TINY, "data": str(src), "out_dir": str(tmp_path / "run"), "max_steps": 2,
+                         "decay_steps": 4, "val_fraction": 0.3})
+    Trainer(cfg).fit()
+    f = src / "typing.py"
+    st, text = f.stat(), f.read_text()
+    f.write_text(text.replace("def ", "fed ", 1))  # same size, same mtime
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match=r"last.safetensors: cannot resume, the data changed since this checkpoint "
+                                         r"\((train|val).bin in .*data holds other tokens\)"):
+        Trainer(cfg.replace(max_steps=4, resume=True)).fit()
+    f.write_text(text)
+    assert Trainer(cfg.replace(max_steps=4, resume=True)).fit()["steps"] == 4
+    mine = tmp_path / "mine"
+    shutil.copytree(data_dir, mine)
+    Trainer(tiny(mine, tmp_path / "r2", max_steps=2, decay_steps=4)).fit()
+    tokens = load_tokens(mine / "val.bin").tokens.copy()
+    write_tokens(mine / "val.bin", tokens[::-1], 256)
+    with pytest.raises(ValueError, match=r"\(val.bin in .*mine holds other tokens\)"):
+        Trainer(tiny(mine, tmp_path / "r2", max_steps=4, decay_steps=4, resume=True)).fit()
 
 
 class CountingComm(cllm.SingleProcess):

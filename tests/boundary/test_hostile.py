@@ -72,6 +72,30 @@ def test_eval_of_a_directory_or_device_says_so(checkpoint, tmp_path, capsys, opt
     assert_one_line_error(code, err, str(path), "not a regular file")
 
 
+def test_eval_json_is_strict_json_with_non_finite_figures_as_null(tmp_path, capsys):
+    """Finite weights whose logits overflow give a NaN loss: --json writes null, never the non-JSON NaN."""
+    model = cllm.Model(CFG, seed=1)
+    model.parameters()["ln_f.weight"][...] = 3e38
+    cllm.save_checkpoint(tmp_path / "huge.safetensors", model, None, ByteTokenizer())
+    (tmp_path / "t.txt").write_text("some text to score\n")
+    code, out, err = run_cli(capsys, "eval", tmp_path / "huge.safetensors", "--data", tmp_path / "t.txt", "--json",
+                             "--no-progress")
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    figures = json.loads(out, parse_constant=refuse)
+    assert code == 0 and figures["loss"] is None and figures["perplexity"] is None and figures["tokens"] == 18, err
+
+
+def test_eval_choices_lines_may_hold_unicode_line_separators(checkpoint, tmp_path, capsys):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings as they are: only "\\n" ends a JSONL line."""
+    examples = [{"context": f"a{sep}b", "endings": [f"c{sep}", "d"], "label": 0} for sep in "\u2028\u2029\x85"]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples),
+                                       encoding="utf-8")
+    code, out, err = run_cli(capsys, "eval", checkpoint, "--choices", tmp_path / "mc.jsonl", "--json", "--no-progress")
+    assert code == 0 and json.loads(out)["examples"] == 3, err
+
+
 # ---- cllm info: CLLM_ISA ------------------------------------------------------------------------------
 def cllm_info(isa):
     env = dict(os.environ, CLLM_ISA=isa, OMP_NUM_THREADS="1")

@@ -28,7 +28,10 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], *, what: s
     directory = path.parent
     if not directory.is_dir():
         raise MissingFileError(2, missing_dir, str(directory))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only directory: named by the file asked for, not the temporary one
+        raise OSError(e.errno, f"cannot write the {what}: {e.strerror}", str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

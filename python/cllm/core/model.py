@@ -151,9 +151,18 @@ class Model:
         none (ValueError): its positions are rotary."""
         return self._core.position_table()
 
+    def exclusive(self, fn):
+        """fn() while holding the model's lock, its result returned: a generate running on another thread ends
+        first, and no other call of the model starts meanwhile. For code that writes the weights (through the
+        views of parameters()) while other threads may use the model. fn must not call the model (RuntimeError)."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        return self._core.exclusive(fn)
+
     def load_parameters(self, params: dict) -> None:
         """Copy a name -> array mapping into the model; every tensor must be present with its shape and hold
-        real numbers (integer or floating dtype)."""
+        real numbers (integer or floating dtype). Everything is checked before anything is copied, and the copy
+        waits for a generate running on another thread (which sees one model throughout)."""
         if not hasattr(params, "keys") or not hasattr(params, "__getitem__"):
             raise TypeError(f"params must be a mapping name -> array, got {type(params).__name__}")
         mine = self._params
@@ -161,13 +170,18 @@ class Model:
         extra = sorted(set(params) - set(mine))
         if missing or extra:
             raise ValueError(f"parameter names do not match: missing {missing}, unexpected {extra}")
+        sources = {}
         for name, view in mine.items():
-            src = np.asarray(params[name])
+            src = sources[name] = np.asarray(params[name])
             if src.shape != view.shape:
                 raise ValueError(f"parameter {name}: shape {src.shape} does not match {view.shape}")
             if src.dtype.kind not in "iuf":
                 raise TypeError(f"parameter {name}: dtype {src.dtype} is not a real number type")
-            view[...] = src
+
+        def copy():
+            for name, view in mine.items():
+                view[...] = sources[name]
+        self.exclusive(copy)
 
     # -- compute ------------------------------------------------------------------------------
     def _tokens(self, a, name: str) -> np.ndarray:
@@ -294,7 +308,7 @@ class Model:
     def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k=None, top_p=None,
                  seed=0, return_logits: bool = False, stop_tokens=(), repetition_penalty: float = 1.0,
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, on_step=None,
-                 decode_precision: str = "fp32", precision: Optional[str] = None):
+                 decode_precision: str = "fp32", precision: Optional[str] = None, vocab_limit=None):
         """Sample a continuation of `prompt` with a KV cache; returns the new token ids.
 
         `prompt` is 1-D token ids, or a batch: a list of them (any lengths) or a 2-D array. A batch returns a
@@ -307,7 +321,11 @@ class Model:
         frequency_penalty and presence_penalty subtract count x f + p from the logits of tokens in the output.
         A token of `stop_tokens` (e.g. the tokenizer's EOS) ends its sequence and is not returned.
         on_step(sequences, tokens) runs after each step with the sequences that drew a token (indices into the
-        batch; [0] for one prompt) and their tokens; it returns the sequences to stop there (or None).
+        batch; [0] for one prompt) and their tokens; it returns the sequences to stop there (or None); it must not
+        use the model (RuntimeError: the model is busy with this call). vocab_limit (1 to vocab_size, None: all)
+        draws only ids below it, greedy or sampled: a tokenizer smaller than the model's padded vocabulary (as
+        Hugging Face pads it to a multiple of 64 or 128) has no text for the others. seed (each in [0, 2**64 - 1])
+        gives the same tokens for the same seed.
         With return_logits=True also returns the [n, V] logits (before penalties) each token was drawn from
         (a list for a batch). Past max_seq_len the newest half of a context is kept.
 
@@ -329,6 +347,8 @@ class Model:
         s.repetition_penalty = check_float("repetition_penalty", repetition_penalty, lo=0, lo_open=True)
         s.frequency_penalty = check_float("frequency_penalty", frequency_penalty)
         s.presence_penalty = check_float("presence_penalty", presence_penalty)
+        if vocab_limit is not None:
+            s.vocab_limit = check_int("vocab_limit", vocab_limit, 1, self.config.vocab_size, integral_float=True)
         seeds = self._seeds(seed, n)
         stops = np.asarray(stop_tokens).reshape(-1)
         stops = token_array("stop_tokens", stops if stops.size else stops.astype(np.int64))
@@ -376,12 +396,12 @@ class Model:
 
     @staticmethod
     def _seeds(seed, n: int) -> list:
-        """One seed per prompt (any int, taken modulo 2**64)."""
+        """One seed per prompt, each in [0, 2**64 - 1] (the core's uint64: a larger one would repeat a smaller)."""
         if isinstance(seed, (list, tuple, np.ndarray)):
             if len(seed) != n:
                 raise ValueError(f"seed: {len(seed)} seeds for {n} prompts")
-            return [check_int("seed", s, integral_float=True) & UINT64_MAX for s in seed]
-        return [check_int("seed", seed, integral_float=True) & UINT64_MAX] * n
+            return [check_int("seed", s, 0, UINT64_MAX, integral_float=True) for s in seed]
+        return [check_int("seed", seed, 0, UINT64_MAX, integral_float=True)] * n
 
     def __repr__(self) -> str:
         return f"cllm.Model({self.config}, parameters={self.num_parameters:,}, precision={self.precision!r})"

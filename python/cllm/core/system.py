@@ -2,7 +2,8 @@
 
 Threads: the C++ kernels run on an OpenMP team of `get_num_threads()` threads, set with `set_num_threads(n)`;
 absurd counts are refused (MAX_THREADS), as OpenMP teams much larger than the machine fail to start (libgomp exits
-with "Thread creation failed" or the process crashes).
+with "Thread creation failed" or the process crashes). OMP_NUM_THREADS is checked before the core loads
+(cllm/_omp_env.py) and, should libgomp have read it first, bounded after (`bound_threads_from_environment`).
 
 Memory: `check_memory(nbytes, what)` refuses, with an InsufficientMemoryError, an allocation that cannot fit in
 what `available_memory()` reports, before it is made, instead of letting the OOM killer end the process. The
@@ -15,6 +16,7 @@ import warnings
 from typing import Optional
 
 from .. import _core
+from .._omp_env import MAX_THREADS, VARIABLE, thread_list
 from .checks import check_int
 from ..errors import InsufficientMemoryError
 
@@ -24,9 +26,6 @@ __all__ = ["MAX_THREADS", "check_num_threads", "set_num_threads", "get_num_threa
 # ----------------------------------------------------------------------------------------------------
 # threads
 # ----------------------------------------------------------------------------------------------------
-MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))
-
-
 def check_num_threads(n) -> int:
     """The number of kernel threads, checked: an int in [1, MAX_THREADS]."""
     return check_int("number of threads", n, 1, MAX_THREADS)
@@ -43,12 +42,16 @@ def get_num_threads() -> int:
 
 
 def bound_threads_from_environment() -> None:
-    """OMP_NUM_THREADS far beyond the machine would crash the first parallel kernel: bound it, with a warning
-    (called once, when cllm is imported)."""
-    if _core.get_num_threads() > MAX_THREADS:
-        warnings.warn(f"{_core.get_num_threads()} OpenMP threads requested (OMP_NUM_THREADS); using {MAX_THREADS}",
-                      RuntimeWarning, stacklevel=3)
-        _core.set_num_threads(MAX_THREADS)
+    """The thread count outside [1, MAX_THREADS] (an OMP_NUM_THREADS that libgomp read before cllm could bound it,
+    cllm/_omp_env.py: a library loaded it first) would crash the first parallel kernel: bound it, with a warning
+    (called once, when cllm is imported, after the core is loaded)."""
+    n = _core.get_num_threads()  # an unsigned long cut to an int by libgomp: 2**32 reads as 0
+    if not 1 <= n <= MAX_THREADS:
+        counts = thread_list(os.environ.get(VARIABLE, ""))
+        use = min(counts[0], MAX_THREADS) if counts else min(os.cpu_count() or 1, MAX_THREADS)
+        warnings.warn(f"OpenMP's thread count reads {n} (libgomp was loaded before cllm, with a {VARIABLE} it "
+                      f"cannot hold); using {use}", RuntimeWarning, stacklevel=3)
+        _core.set_num_threads(use)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,14 +146,30 @@ def _meminfo_available() -> Optional[int]:
         return None
 
 
+def _address_space_room() -> Optional[int]:
+    """Bytes left under an address-space limit (RLIMIT_AS, `ulimit -v`: past it an allocation fails, and the
+    Rust code of a library aborts the process): the limit less this process's size now; None without one."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, AttributeError, OSError, ValueError, IndexError):
+        return None
+    return max(0, limit - size)
+
+
 def available_memory() -> Optional[int]:
     """Bytes this process can still allocate without swapping out the machine or meeting the OOM killer:
     MemAvailable + SwapFree (Linux /proc/meminfo, else sysconf), capped by the tightest cgroup limit of this
-    process's cgroup hierarchy; None if unknown."""
+    process's cgroup hierarchy and by what an address-space limit leaves; None if unknown."""
     avail = _meminfo_available()
-    room = _cgroup_room()
-    if room is not None:
-        avail = room if avail is None else min(avail, room)
+    for room in (_cgroup_room(), _address_space_room()):
+        if room is not None:
+            avail = room if avail is None else min(avail, room)
     return avail
 
 

@@ -6,7 +6,8 @@ data-parallel job use the same seed and draw the offsets of the *global* batch
 from one generator; rank ``r`` keeps rows ``[r*B, (r+1)*B)``.  Hence two ranks
 with batch ``B`` see exactly the rows one rank with batch ``2B`` sees.
 :func:`eval_batches` gives a fixed, repeatable sequence of batches for validation,
-drawn anew on each pass, so that its memory does not grow with their number.
+drawn anew on each pass, so that its memory does not grow with their number;
+:func:`check_eval_batches` bounds their number by the validation split's size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from ..core.checks import check_int
 from .tokenfile import TokenFile
 
-__all__ = ["BatchLoader", "EvalBatches", "eval_batches"]
+__all__ = ["BatchLoader", "EvalBatches", "check_eval_batches", "eval_batches"]
 
 
 class BatchLoader:
@@ -116,14 +117,15 @@ class BatchLoader:
         rng_state = state["rng"]
         if not isinstance(rng_state, dict) or rng_state.get("bit_generator") != "PCG64":
             raise ValueError("loader state has no PCG64 generator state")
+        step = check_int("loader state step", state["step"], lo=0)
+        seed = check_int("loader state seed", state.get("seed", self.seed), lo=0)
         rng = np.random.Generator(np.random.PCG64())
         try:
             rng.bit_generator.state = rng_state
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, OverflowError) as e:  # OverflowError: a number outside uint64/128
             raise ValueError(f"loader state has an invalid generator state: {e}") from None
         self._rng = rng
-        self.step = int(state["step"])
-        self.seed = int(state.get("seed", self.seed))
+        self.step, self.seed = step, seed
 
 
 class EvalBatches:
@@ -154,6 +156,24 @@ class EvalBatches:
         for j, batch in enumerate(self):
             if j == i % self.num_batches:
                 return batch
+
+
+#: validation batches up to this many (the trainer's default) are allowed on any validation split
+ALWAYS_USEFUL_EVAL_BATCHES = 16
+
+
+def check_eval_batches(tokens: TokenFile, num_batches: int, batch_size: int, seq_len: int, world_size: int = 1,
+                       name: str = "eval_batches") -> None:
+    """ValueError naming the setting when `num_batches` validation batches of `tokens` are more than can be of
+    use: past what draws each window once on average (or ALWAYS_USEFUL_EVAL_BATCHES) they repeat windows, adding
+    time and nothing else (a billion never let a run's setup finish)."""
+    rows = batch_size * world_size
+    windows = len(tokens) - seq_len  # the distinct windows (too few for one: the loader says so)
+    limit = max(ALWAYS_USEFUL_EVAL_BATCHES, -(-windows // rows))
+    if windows > 0 and num_batches > limit:
+        raise ValueError(f"{name} {num_batches:,} is more than {tokens.path} can use: batches of {rows} windows, "
+                         f"and its {len(tokens):,} tokens hold {windows:,} windows of {seq_len} tokens; use at "
+                         f"most {limit:,}")
 
 
 def eval_batches(

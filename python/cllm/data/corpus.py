@@ -27,8 +27,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.checks import check_float, check_int
+from ..core.system import check_memory, format_bytes
 from .tokenfile import write_token_chunks
-from ..errors import MissingFileError
+from ..errors import InsufficientMemoryError, MissingFileError
 from ..core.files import DirLock
 from .tokenizer import ByteTokenizer, Tokenizer
 from .bpe import BPETokenizer, _chunk_text
@@ -42,6 +43,11 @@ _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 _BLOCK = 1 << 20           # bytes read from a file at a time
 _PIECE_CHARS = 1 << 20     # text handed to the tokenizer per piece (cut at a safe place)
 _TOKEN_CHUNK = 1 << 22     # tokens copied at a time between files
+# A BPE is trained on at most this much of the training text, taken evenly across it: the trainer (Hugging Face
+# tokenizers) holds every distinct word with its pairs, up to ~130 bytes per byte of text (random words; code
+# ~10), so the whole of a 30 MB corpus took 1.7 GB. Its memory is checked against this bound before it starts.
+BPE_SAMPLE_BYTES = 4 << 20
+BPE_MEMORY_PER_BYTE = 160
 
 
 def default_corpus_files() -> List[Path]:
@@ -260,6 +266,22 @@ def _write_tail_split(out_dir: Path, tok: Tokenizer, docs, val_fraction: float, 
     return n - n_val, n_val
 
 
+def _bpe_sample(docs: Sequence[Tuple[Path, int]], total: int, budget: int) -> Iterator[str]:
+    """About `budget` of the `total` bytes of text of the documents, in pieces taken evenly across them (all of
+    it when budget == total; the last piece taken cut to fit)."""
+    seen = kept = 0
+    for path, used in docs:
+        for piece in _text_pieces(path, used):
+            size = len(piece.encode("utf-8"))
+            seen += size
+            if kept < budget and kept * total < seen * budget:  # behind the even share of what was read
+                if kept + size > budget:
+                    piece = piece.encode("utf-8")[:budget - kept].decode("utf-8", "ignore")
+                    size = budget - kept
+                kept += size
+                yield piece
+
+
 class _Counted:
     """An iterator of token arrays that counts the tokens it passes on."""
 
@@ -328,7 +350,8 @@ def prepare(
     :func:`default_corpus_files` (undecodable files skipped).
     ``tokenizer``: a :class:`~cllm.data.Tokenizer`, or the spec string
     ``"byte"`` or ``"bpe:<vocab_size>"`` (a BPE trained here on the train
-    split only).
+    split only, on at most ``BPE_SAMPLE_BYTES`` of it taken evenly across it,
+    its memory checked first).
 
     The file list is shuffled with ``seed``.  ``max_bytes`` keeps only the
     first ``max_bytes`` bytes of text of the shuffled list.  Whole files are
@@ -376,8 +399,13 @@ def _prepare_into(out_dir: Path, inputs, tok: Optional[Tokenizer], bpe_vocab: Op
     if tok is None:
         # with a tail split the BPE also sees the last val_fraction of the text;
         # acceptable for a small single-document corpus
-        tok = BPETokenizer.train((piece for path, used in train_docs for piece in _text_pieces(path, used)),
-                                 bpe_vocab)
+        train_bytes = sum(used for _, used in train_docs)
+        sample = min(train_bytes, BPE_SAMPLE_BYTES)
+        try:
+            check_memory(sample * BPE_MEMORY_PER_BYTE, f"training a BPE tokenizer on {format_bytes(sample)} of text")
+        except InsufficientMemoryError as e:
+            raise InsufficientMemoryError(f"{e}: use the byte tokenizer, or less text (max_bytes)") from None
+        tok = BPETokenizer.train(_bpe_sample(train_docs, train_bytes, sample), bpe_vocab)
     if val_idx:  # whole files: neither split can be empty (see _validation_files)
         train = _Counted(_token_stream(tok, train_docs))
         val = _Counted(_token_stream(tok, [docs[i] for i in val_idx]))

@@ -60,14 +60,17 @@ def _dtype_for(bytes_per_token: int) -> np.dtype:
 
 
 class TokenFile:
-    """A loaded token file: ``tokens`` is a read-only ``np.memmap``."""
+    """A loaded token file: ``tokens`` is a read-only ``np.memmap``; ``crc32`` the tokens' checksum from the
+    header (None in an older file)."""
 
-    def __init__(self, path: Path, tokens: np.ndarray, vocab_size: int, bytes_per_token: int, version: int):
+    def __init__(self, path: Path, tokens: np.ndarray, vocab_size: int, bytes_per_token: int, version: int,
+                 crc32=None):
         self.path = path
         self.tokens = tokens
         self.vocab_size = vocab_size
         self.bytes_per_token = bytes_per_token
         self.version = version
+        self.crc32 = crc32
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -182,7 +185,8 @@ def load_tokens(path: PathLike, *, check_range: bool = True) -> TokenFile:
         tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(n,))
     if check_range:
         _check_tokens(path, tokens, vocab_size, crc if flags & HAS_CRC32 else None)
-    return TokenFile(path, tokens, int(vocab_size), int(bytes_per_token), int(version))
+    return TokenFile(path, tokens, int(vocab_size), int(bytes_per_token), int(version),
+                     int(crc) if flags & HAS_CRC32 else None)
 
 
 def _check_tokens(path: Path, tokens: np.ndarray, vocab_size: int, crc) -> None:

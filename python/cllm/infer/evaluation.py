@@ -228,7 +228,8 @@ def read_choices(path: PathLike) -> List[dict]:
     path = _input_file(path, "choices file")
     examples = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only: str.splitlines also splits at U+2028, U+0085, ... which JSON strings may hold as they are
+        lines = path.read_bytes().decode("utf-8").split("\n")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     for i, line in enumerate(lines, 1):

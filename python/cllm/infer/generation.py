@@ -62,7 +62,9 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ma
     A sequence ends at the tokenizer's EOS token (unless stop_at_eos=False) and just before the first of the
     `stop` strings it produces. on_text(i, piece) receives prompt i's text as it is produced; the pieces of a
     prompt add up to its result. `seed` is an int or one per prompt; decode_precision "bf16" decodes with bf16
-    weights and cache; see Model.generate for the rest (and precision, decode_precision's old name)."""
+    weights and cache; see Model.generate for the rest (and precision, decode_precision's old name). Only ids the
+    tokenizer has are drawn: a model whose vocabulary is padded beyond the tokenizer's (Hugging Face models often
+    are) never emits the padding ids. on_text must not use the model (RuntimeError)."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise TypeError("prompts must be a non-empty list of str")
     if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
@@ -88,10 +90,12 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ma
         return ended
 
     eos = tokenizer.eos_id if stop_at_eos else None
+    # a larger tokenizer than the model: its ids beyond the model's are refused by generate (in the prompts)
+    vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
     model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stop_tokens=[] if eos is None else [eos], repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, on_step=on_step,
-                   decode_precision=decode_precision)
+                   decode_precision=decode_precision, vocab_limit=vocab_limit)
     texts = [s.text() for s in streams]
     for i, (s, text) in enumerate(zip(streams, texts)):  # what was held back for a stop string that never came
         piece = s.flush(text)

@@ -12,20 +12,24 @@ two NUL bytes into a token that is not in the vocabulary, which text practically
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import List, Tuple, Union
 
 import numpy as np
 
-from ..errors import CLLMError
+from ..errors import CLLMError, MissingFileError
+from ..core.files import _fsync_dir
 from ..core.model import Model
 from ..data.tokenizer import ByteTokenizer, Tokenizer
 from ..data.bpe import BPETokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
 DTYPES = ("f32", "f16")
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: a larger weight becomes Inf in float16
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
@@ -95,7 +99,9 @@ def _vocab_and_merges(tokenizer: Tokenizer) -> Tuple[List[str], List[str]]:
 
 
 def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str = "f32") -> Path:
-    """Write `model` and `tokenizer` as a GGUF file for llama.cpp; dtype "f16" halves the 2-D weights."""
+    """Write `model` and `tokenizer` as a GGUF file for llama.cpp; dtype "f16" halves the 2-D weights. The file is
+    written as core.files.atomic_write writes one: whole or not at all, through a temporary file that no planted
+    link can redirect; a write error is an OSError naming `path`."""
     try:
         import gguf
     except ImportError:
@@ -110,9 +116,75 @@ def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str =
     for name, arr in tensors:
         if not np.isfinite(arr).all():
             raise ValueError(f"cannot export: tensor {name} holds NaN or Inf")
+        if dtype == "f16" and arr.ndim == 2 and arr.size and np.abs(arr).max() > F16_MAX:
+            raise ValueError(f"cannot export as f16: tensor {name} holds {np.abs(arr).max():g} in magnitude, beyond "
+                             f"float16's largest {F16_MAX:g} (it would become Inf); export with --dtype f32")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), arch=c.architecture)
+    if not path.parent.is_dir():
+        raise MissingFileError(2, "directory to write the GGUF file in not found", str(path.parent))
+    # mkstemp: created O_EXCL under an unpredictable name, so the writer's reopening of that name by path finds
+    # this new file, never a link planted in advance (a fixed name such as ".m.gguf.tmp<pid>" could be one)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only directory, a full disk: named by the file asked for, not the temporary one
+        raise _naming(e, path) from None
+    w = None
+    try:
+        w = gguf.GGUFWriter(tmp, arch=c.architecture)
+        _add_fields(gguf, w, model, tokenizer, tokens, merges, dtype)
+        for name, arr in tensors:
+            w.add_tensor(name, (arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr).view(_Written))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        if not os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+            raise CLLMError(f"{tmp}: the temporary file was replaced by another process; {path} is not written")
+        os.fsync(fd)
+        os.fchmod(fd, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _discard(w, tmp)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk: the error names no file by itself
+            raise _naming(e, path) from e
+        raise
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+    return path
+
+
+class _Written(np.ndarray):
+    """A tensor gguf's writer writes with file.write, whose error says why (ENOSPC: "No space left on device"),
+    instead of ndarray.tofile, whose short write says only "1024 requested and 776 written"."""
+
+    def tofile(self, f, *args, **kwargs):
+        f.write(memoryview(np.ascontiguousarray(self)).cast("B"))
+
+
+def _discard(w, tmp: str) -> None:
+    """Close the writer (its buffered bytes may meet the same full disk) and remove the temporary file."""
+    try:
+        if w is not None:
+            w.close()
+    except OSError:
+        pass
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` as an OSError naming the GGUF file; a short write with no errno is most likely a full disk: said so."""
+    if e.errno is not None:
+        return OSError(e.errno, f"cannot write the GGUF file: {e.strerror or e}", str(path))
+    return OSError(errno.EIO, f"cannot write the GGUF file: {e} (is the disk full?)", str(path))
+
+
+def _add_fields(gguf, w, model: Model, tokenizer: Tokenizer, tokens: List[str], merges: List[str], dtype: str):
+    """The hyperparameters and the tokenizer, as llama.cpp's loader reads them."""
+    c = model.config
     w.add_name(f"cllm-{c.architecture}")
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.embedding_dim)
@@ -141,15 +213,3 @@ def export_gguf(model: Model, tokenizer: Tokenizer, path: PathLike, dtype: str =
     for role, token_id in tokenizer.special_ids.items():
         getattr(w, f"add_{role}_token_id")(token_id)
     w.add_add_bos_token(False)
-    for name, arr in tensors:
-        w.add_tensor(name, arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -22,7 +24,7 @@ import numpy as np
 from ..core import safetensors_io
 from ..core.config import ModelConfig
 from ..errors import CLLMError, MissingFileError
-from ..core.files import read_json_object
+from ..core.files import atomic_write, read_json_object
 from ..core.model import Model, parameter_shapes
 from ..data.tokenizer import Tokenizer
 
@@ -122,6 +124,29 @@ def config_from_hf(hf: dict, source: PathLike = "config.json") -> ModelConfig:
                          dropout=max(drops), pos_encoding="learned")
 
 
+def _check_rope(f: _Fields) -> dict:
+    """The rope_parameters mapping ({} if absent), every rotary setting checked to be the default (unscaled) one:
+    transformers 5 keeps them in rope_parameters, earlier versions in rope_scaling with the type under "rope_type"
+    or the older "type"; both are read, so that neither spelling is ignored."""
+    for field in ("rope_parameters", "rope_scaling"):
+        value = f.hf.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            f.refuse(field, value, "a mapping is expected (or null)")
+        for key in ("rope_type", "type"):
+            if value.get(key) not in (None, "default"):
+                f.refuse(f"{field}.{key}", value[key], "CLLM's rotary embedding is the default (unscaled) one")
+        if "rope_type" not in value and "type" not in value and set(value) - {"rope_theta", "partial_rotary_factor"}:
+            f.refuse(field, value, "it names no rope_type; CLLM's rotary embedding is the default (unscaled) one")
+        if value.get("partial_rotary_factor", 1.0) != 1.0:
+            f.refuse(f"{field}.partial_rotary_factor", value["partial_rotary_factor"],
+                     "CLLM rotates the whole head (1.0)")
+    if f.hf.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        f.refuse("partial_rotary_factor", f.hf["partial_rotary_factor"], "CLLM rotates the whole head (1.0)")
+    return f.hf.get("rope_parameters") or {}
+
+
 def _llama_config_from_hf(f: _Fields, source) -> ModelConfig:
     hf = f.hf
     act = f.str("hidden_act", "silu")
@@ -133,24 +158,26 @@ def _llama_config_from_hf(f: _Fields, source) -> ModelConfig:
             f.refuse(name, True, why)
     if f.int("pretraining_tp", default=1) != 1:
         f.refuse("pretraining_tp", hf.get("pretraining_tp"), "CLLM computes the projections unsplit (1)")
-    # transformers 5 keeps the rotary settings in rope_parameters, earlier versions in rope_theta / rope_scaling
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        f.refuse("rope_parameters", rope, "a mapping is expected")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or (scaling.get("rope_type") if isinstance(scaling, dict) else scaling)
-    if rope_type not in (None, "default"):
-        f.refuse("rope_type", rope_type, "CLLM's rotary embedding is the default (unscaled) one")
-    theta = _Fields(rope, source).float("rope_theta") if "rope_theta" in rope else f.float("rope_theta",
-                                                                                            default=10000.0)
+    rope = _check_rope(f)
+    theta = f.float("rope_theta", default=10000.0)
+    if "rope_theta" in rope:  # transformers 5 reads this one, earlier versions the top-level one: they must agree
+        inner = _Fields(rope, source).float("rope_theta")
+        if hf.get("rope_theta") is not None and inner != theta:
+            f.refuse("rope_theta", theta, f"it differs from rope_parameters.rope_theta = {inner!r}")
+        theta = inner
     C, H = f.int("hidden_size"), f.int("num_attention_heads")
+    window, T = hf.get("sliding_window"), f.int("max_position_embeddings")
+    no_effect = window is None or hf.get("use_sliding_window") is False or (isinstance(window, int) and window >= T)
+    if not no_effect:  # a window as long as the context, or switched off, changes nothing
+        f.refuse("sliding_window", window, "CLLM's attention sees the whole context (null, or at least "
+                                           f"max_position_embeddings = {T})")
     if H > 0 and f.int("head_dim", default=C // H) != C // H:
         f.refuse("head_dim", hf.get("head_dim"), f"CLLM's head size is hidden_size / num_attention_heads = {C // H}")
     dropout = f.float("attention_dropout", default=0.0)
     if not 0.0 <= dropout < 1.0:
         f.refuse("attention_dropout", dropout, "a dropout probability is in [0, 1)")
     return _model_config(source, architecture="llama", vocab_size=f.int("vocab_size"),
-                         max_seq_len=f.int("max_position_embeddings"), embedding_dim=C,
+                         max_seq_len=T, embedding_dim=C,
                          num_layers=f.int("num_hidden_layers"), num_heads=H,
                          num_kv_heads=f.int("num_key_value_heads", default=H), ff_dim=f.int("intermediate_size"),
                          dropout=dropout, rope_theta=theta, rms_norm_eps=f.float("rms_norm_eps", default=1e-6),
@@ -290,27 +317,53 @@ def from_hf(path: PathLike, precision: str = "fp32") -> Tuple[Model, Tokenizer]:
 
 def export_hf(model: Model, tokenizer, path: PathLike) -> Path:
     """Write `model` and `tokenizer` as a transformers GPT-2 or Llama directory (config.json, model.safetensors,
-    tokenizer files, generation_config.json). A GPT-2's sinusoidal positions are written into wpe."""
-    from safetensors.numpy import save_file
+    tokenizer files, generation_config.json). A GPT-2's sinusoidal positions are written into wpe.
 
-    from .hf_tokenizer import save_hf_tokenizer
+    All or nothing: the files are written into a hidden staging directory inside `path` and moved into place
+    only once every one is whole, so a full disk or an unwritable directory (an OSError naming the file) leaves
+    no partial export behind and any files already in `path` as they were."""
+    from .hf_tokenizer import hf_tokenizer_files
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     specials = tokenizer.special_ids
     bos, eos = specials.get("bos"), specials.get("eos")
-    config = config_to_hf(model.config, bos, eos)
     arch = model.config.architecture
     params = model.parameters()
     if arch == "gpt2" and "wpe" not in params:  # sinusoidal: the fixed table becomes GPT-2's learned one
         params["wpe"] = model.position_table()
-    tensors = {hf_name(name, arch): np.ascontiguousarray(v) for name, v in params.items()}
+    tensors = {hf_name(name, arch): np.ascontiguousarray(v, dtype=np.float32) for name, v in params.items()}
     for name, arr in tensors.items():
         if not np.isfinite(arr).all():
             raise ValueError(f"cannot export: tensor {name} holds NaN or Inf")
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": bos, "eos_token_id": eos}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_hf_tokenizer(tokenizer, path, model_max_length=model.config.max_seq_len)
+    files = {"model.safetensors": lambda f: safetensors_io.write_float32(f, tensors, {"format": "pt"}),
+             "config.json": _json_bytes(config_to_hf(model.config, bos, eos)),
+             "generation_config.json": _json_bytes({"bos_token_id": bos, "eos_token_id": eos}),
+             **hf_tokenizer_files(tokenizer, model_max_length=model.config.max_seq_len)}
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        stage = Path(tempfile.mkdtemp(dir=path, prefix=".export.", suffix=".tmp"))
+    except OSError as e:  # a read-only directory: named, not the staging directory's random name
+        if created:
+            path.rmdir()
+        raise OSError(e.errno, f"cannot write the export into it: {e.strerror}", str(path)) from None
+    try:
+        for name, content in files.items():
+            write = content if callable(content) else (lambda f, data=content: f.write(data))
+            try:
+                atomic_write(stage / name, write, what="Hugging Face export", missing_dir="staging directory vanished")
+            except OSError as e:  # named by the file the user asked for, not its staged copy
+                raise OSError(e.errno, e.strerror or str(e), str(path / name)) from None
+        for name in files:
+            os.replace(stage / name, path / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    stage.rmdir()
     return path
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..errors import MissingFileError
-from ..core.files import read_json_object
+from ..core.files import atomic_write, read_json_object
 from ..data.tokenizer import ByteTokenizer, Tokenizer
 from ..data.bpe import SPECIAL_ROLES, BPETokenizer
 
@@ -123,13 +123,20 @@ def byte_level_symbols() -> List[str]:
     return table
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, directory: PathLike, model_max_length: int) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers' AutoTokenizer."""
-    directory = Path(directory)
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> Dict[str, bytes]:
+    """{file name: contents} of tokenizer.json, tokenizer_config.json and special_tokens_map.json, the files
+    transformers' AutoTokenizer reads."""
     hf_tok = _byte_level_bpe(tokenizer)
-    hf_tok.save(str(directory / "tokenizer.json"))
     specials = {f"{role}_token": text for role, text in tokenizer.special_tokens.items()}
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
               "add_prefix_space": False, "clean_up_tokenization_spaces": False, **specials}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return {"tokenizer.json": hf_tok.to_str(pretty=True).encode("utf-8"),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+            "special_tokens_map.json": (json.dumps(specials, indent=2) + "\n").encode("utf-8")}
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: PathLike, model_max_length: int) -> None:
+    """Write hf_tokenizer_files into `directory`, each file atomically."""
+    for name, data in hf_tokenizer_files(tokenizer, model_max_length).items():
+        atomic_write(Path(directory) / name, lambda f, data=data: f.write(data), what=f"tokenizer's {name}",
+                     missing_dir="directory to save the tokenizer in not found")

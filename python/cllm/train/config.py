@@ -103,7 +103,8 @@ class TrainConfig:
                            ("skip", "stop"))
     # evaluation and early stopping
     eval_interval: int = _f(100, "evaluate on the validation set every this many steps", "int")
-    eval_batches: int = _f(16, "validation batches averaged per evaluation", "int")
+    eval_batches: int = _f(16, "validation batches averaged per evaluation (at most what draws each window of "
+                              "val.bin once on average, or 16)", "int")
     patience: Optional[int] = _f(None, "stop after this many evaluations without improvement (none: off)",
                                  "opt_int")
     min_delta: float = _f(0.0, "an evaluation improves if it beats the best by more than this", "float")

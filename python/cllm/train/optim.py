@@ -1,5 +1,10 @@
 """Optimizers over the model's flat buffers (the maths is in C++): AdamW, SGD, global-norm clipping; and the
-exponential moving average of the weights (EMA)."""
+exponential moving average of the weights (EMA).
+
+Every hyperparameter is checked whenever it is set (at construction and by `opt.lr = ...`, a schedule's way):
+finite, and in its range. The state buffers (exp_avg, exp_avg_sq, momentum_buffer) are updated in place by the
+core, so one that is set must be a C-contiguous, writeable float32 array of the right size: any other (a list, a
+strided view, float64) would be copied on each step and its updates lost, and is refused."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +13,7 @@ import math
 import numpy as np
 
 from .. import _core
-from ..core.checks import check_float
+from ..core.checks import check_float, check_int
 from ..core.model import Model
 
 
@@ -21,6 +26,50 @@ def _views(model: Model, flat: np.ndarray) -> dict:
     return {t["name"]: flat[t["offset"]:t["offset"] + t["size"]].reshape(t["shape"]) for t in model.tensor_info}
 
 
+class _Checked:
+    """An attribute checked by `check(optimizer, name, value)` each time it is set."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.slot, self.check(obj, self.name, value))
+
+
+def _non_negative(opt, name, value) -> float:
+    return check_float(name, value, lo=0)
+
+
+def _positive(opt, name, value) -> float:
+    return check_float(name, value, lo=0, lo_open=True)
+
+
+def _betas(opt, name, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {value!r:.60}")
+    return tuple(check_float(f"betas[{i}]", b, 0, 1, hi_open=True) for i, b in enumerate(value))
+
+
+def _state_buffer(opt, name, value) -> np.ndarray:
+    """A state buffer the core updates in place: the array itself, never a copy."""
+    n = opt._state_size()
+    if not isinstance(value, np.ndarray) or value.dtype != np.float32:
+        got = f"dtype {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise TypeError(f"{name} must be a float32 NumPy array of {n} floats (updated in place), got {got}")
+    if value.shape != (n,):
+        raise ValueError(f"{name} must be a flat array of {n} floats, got shape {value.shape}")
+    if not value.flags.c_contiguous or not value.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writeable: the optimizer updates it in place (a strided "
+                         f"or read-only array would be copied at each step and its updates lost)")
+    return value
+
+
 class AdamW:
     """AdamW (decoupled weight decay on 2-D weights only, bias-corrected moments), PyTorch semantics.
 
@@ -29,16 +78,15 @@ class AdamW:
     of a sharded AdamW is gathered into one unsharded AdamW (`with_moments`) to be saved; `load_state` takes
     the whole moments and keeps its shard of them."""
 
+    lr, betas, eps, weight_decay = (_Checked(_non_negative), _Checked(_betas), _Checked(_positive),
+                                    _Checked(_non_negative))
+    exp_avg, exp_avg_sq = _Checked(_state_buffer), _Checked(_state_buffer)
+
     def __init__(self, model: Model, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, shard=None):
         _check_model(model)
         self.model = model
-        self.lr = check_float("lr", lr, lo=0)
-        if not hasattr(betas, "__len__") or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        self.betas = tuple(check_float(f"betas[{i}]", b, 0, 1, hi_open=True) for i, b in enumerate(betas))
-        self.eps = check_float("eps", eps, lo=0, lo_open=True, finite=False)
-        self.weight_decay = check_float("weight_decay", weight_decay, lo=0, finite=False)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         n = model.layout.total
         lo, hi = (0, n) if shard is None else shard
         if isinstance(lo, bool) or isinstance(hi, bool) or not (0 <= int(lo) <= int(hi) <= n):
@@ -52,11 +100,16 @@ class AdamW:
     def sharded(self) -> bool:
         return self.shard != (0, self.model.layout.total)
 
+    def _state_size(self) -> int:
+        return self.shard[1] - self.shard[0]
+
     def step(self) -> None:
-        self.step_count += 1
         m = self.model
-        _core.adamw_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.exp_avg, self.exp_avg_sq, self.lr,
-                         self.betas[0], self.betas[1], self.eps, self.weight_decay, self.step_count, *self.shard)
+        step = self.step_count + 1
+        m.exclusive(lambda: _core.adamw_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.exp_avg,
+                                             self.exp_avg_sq, self.lr, self.betas[0], self.betas[1], self.eps,
+                                             self.weight_decay, step, *self.shard))  # after a running generate
+        self.step_count = step
 
     def state(self) -> dict:
         if self.sharded:
@@ -65,12 +118,11 @@ class AdamW:
                 "exp_avg_sq": _views(self.model, self.exp_avg_sq)}
 
     def with_moments(self, exp_avg: np.ndarray, exp_avg_sq: np.ndarray) -> "AdamW":
-        """An unsharded AdamW like this one (hyperparameters, step) holding these whole flat moments (not copied)."""
+        """An unsharded AdamW like this one (hyperparameters, step) holding these whole flat moments (not copied:
+        C-contiguous, writeable float32 arrays of the buffer's size)."""
         whole = AdamW(self.model, self.lr, self.betas, self.eps, self.weight_decay, shard=(0, 0))
-        for name, a in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != (self.model.layout.total,):
-                raise ValueError(f"{name} must be a flat float32 array of {self.model.layout.total} floats")
-        whole.exp_avg, whole.exp_avg_sq, whole.shard = exp_avg, exp_avg_sq, (0, self.model.layout.total)
+        whole.shard = (0, self.model.layout.total)
+        whole.exp_avg, whole.exp_avg_sq = exp_avg, exp_avg_sq
         whole.step_count = self.step_count
         return whole
 
@@ -85,7 +137,7 @@ class AdamW:
             _load_flat(self.model, whole, src, f"optimizer state {name}")
             if self.sharded:
                 flat[...] = whole[lo:hi]
-        self.step_count = int(step)
+        self.step_count = check_int("optimizer step", step, 0, integral_float=True)
 
 
 def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str) -> None:
@@ -103,23 +155,30 @@ def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str) -> None:
 class SGD:
     """SGD with momentum (optionally Nesterov) and L2 weight decay on 2-D weights, PyTorch semantics."""
 
+    lr, momentum, weight_decay = _Checked(_non_negative), _Checked(_non_negative), _Checked(_non_negative)
+    momentum_buffer = _Checked(_state_buffer)
+
     def __init__(self, model: Model, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False):
         _check_model(model)
         self.model = model
-        self.lr = check_float("lr", lr, lo=0)
-        self.momentum = check_float("momentum", momentum, lo=0, finite=False)
-        self.weight_decay = check_float("weight_decay", weight_decay, finite=False)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov momentum requires momentum > 0")
         self.momentum_buffer = np.zeros(model.layout.total, dtype=np.float32)
         self.step_count = 0
 
+    def _state_size(self) -> int:
+        return self.model.layout.total
+
     def step(self) -> None:
         m = self.model
-        _core.sgd_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.momentum_buffer, self.lr,
-                       self.momentum, self.weight_decay, self.nesterov, self.step_count == 0)
+        if self.nesterov and self.momentum <= 0:  # momentum set to 0 since
+            raise ValueError("nesterov momentum requires momentum > 0")
+        m.exclusive(lambda: _core.sgd_step(m.layout, m.flat_parameters(), m.flat_gradients(), self.momentum_buffer,
+                                           self.lr, self.momentum, self.weight_decay, self.nesterov,
+                                           self.step_count == 0))  # after a running generate
         self.step_count += 1
 
     def state(self) -> dict:
@@ -131,7 +190,7 @@ class SGD:
 
     def load_state(self, step: int, momentum_buffer: dict) -> None:
         _load_flat(self.model, self.momentum_buffer, momentum_buffer, "optimizer state momentum_buffer")
-        self.step_count = int(step)
+        self.step_count = check_int("optimizer step", step, 0, integral_float=True)
 
 
 class EMA:
@@ -170,12 +229,11 @@ class EMA:
     @contextlib.contextmanager
     def applied(self):
         weights = self.model.flat_parameters()
-        np.copyto(self._scratch, weights)
-        np.copyto(weights, self.shadow)
+        self.model.exclusive(lambda: (np.copyto(self._scratch, weights), np.copyto(weights, self.shadow)))
         try:
             yield self.model
         finally:
-            np.copyto(weights, self._scratch)
+            self.model.exclusive(lambda: np.copyto(weights, self._scratch))
 
 
 def grad_norm(model: Model) -> float:

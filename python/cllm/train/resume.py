@@ -57,6 +57,14 @@ def resume_run(trainer: "Trainer") -> None:
     if ckpt.tokenizer != trainer.tokenizer:
         raise ValueError(f"{trainer.last_path}: cannot resume, the checkpoint's tokenizer differs from the data's")
     st = ckpt.trainer_state
+    was = st.get("data")  # absent in checkpoints of older CLLMs
+    if was is not None and was != trainer.data_fingerprint:
+        changed = [n for n, f in trainer.data_fingerprint.items() if not isinstance(was, dict) or was.get(n) != f]
+        changed = changed or list(trainer.data_fingerprint)
+        verb = "hold" if len(changed) > 1 else "holds"
+        raise ValueError(f"{trainer.last_path}: cannot resume, the data changed since this checkpoint "
+                         f"({' and '.join(changed)} in {trainer.data_dir} {verb} other tokens); resuming exactly "
+                         f"needs the data the run trained on (restore it, or start over with --overwrite)")
     field = TrainerStateReader(trainer.last_path, st)
     try:
         trainer.model.load_parameters(ckpt.model.parameters())
@@ -66,7 +74,10 @@ def resume_run(trainer: "Trainer") -> None:
             raise ValueError(f"trainer_state field 'loader' must be a JSON object, got {st.get('loader')!r}")
         if trainer.ema is not None and not trainer.ema.restore(ckpt.ema):
             trainer._warn(f"{trainer.last_path} holds no EMA weights: the average starts from the current weights")
-        trainer.loader.load_state_dict(st["loader"])
+        try:
+            trainer.loader.load_state_dict(st["loader"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"trainer_state field 'loader' is not a state of this run's loader: {e}") from None
         trainer.step = field("step", "count")
         trainer.best_val_loss = field("best_val_loss", "loss")
         trainer.best_step = field("best_step", "count", none=True)
@@ -91,6 +102,7 @@ def trainer_state(trainer: "Trainer", elapsed: float) -> Dict[str, Any]:
     return {
         "step": trainer.step, "optimizer_step": trainer.optimizer.step_count,
         "train_config": trainer.config.to_dict(), "loader": trainer.loader.state_dict(),
+        "data": trainer.data_fingerprint,
         "dropout_step": trainer.model.dropout_step, "best_val_loss": trainer.best_val_loss,
         "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
         "last_val_loss": trainer.last_val_loss, "nonfinite_steps": trainer.nonfinite_steps,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -86,7 +87,8 @@ def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer
                       seed: int, max_bytes: Optional[int], say: Callable[[str], None]) -> None:
     """Prepare `inputs` (None: the Python standard library) into data_dir (see data.prepare), unless its
     prepare.json records this very preparation, of the inputs as they are now (each file's size, mtime and
-    CRC-32, see source_fingerprint), and its files are all there. Says why it prepares again."""
+    CRC-32, see source_fingerprint), and the files it made are those there now (another preparation into
+    data_dir, a `cllm prepare --out` say, leaves the stamp of this one). Says why it prepares again."""
     spec = {
         "inputs": None if inputs is None else [os.path.abspath(p) for p in inputs],
         "tokenizer": tokenizer if isinstance(tokenizer, str) else
@@ -101,25 +103,47 @@ def prepare_data_once(data_dir: Path, inputs: Optional[Sequence[str]], tokenizer
                         f"(give prepared data with --data instead)")
     sources = source_fingerprint(None if inputs is None else list(inputs))  # before reading: an edit during
     stamp = data_dir / "prepare.json"                                         # preparation shows next time
-    why = _out_of_date(stamp, spec, sources)
-    if why is None and all((data_dir / f).is_file() for f in ("train.bin", "val.bin", "tokenizer.json")):
+    why = _out_of_date(stamp, spec, sources, _prepared_files(data_dir))
+    if why is None:
         say(f"using prepared data in {data_dir}")
         return
     say(f"preparing data in {data_dir}{f' ({why})' if why else ''} ...")
     summary = prepare(None if inputs is None else list(inputs), data_dir, tokenizer, val_fraction=val_fraction,
                       seed=seed, max_bytes=max_bytes)
-    write_json_atomic(stamp, {"spec": spec, "sources": sources, "summary": summary})
+    write_json_atomic(stamp, {"spec": spec, "sources": sources, "summary": summary,
+                              "outputs": _prepared_files(data_dir)})
     say(f"  {summary['files']} files, {summary['bytes']:,} bytes -> {summary['train_tokens']:,} train / "
         f"{summary['val_tokens']:,} val tokens ({summary['tokenizer']}, vocab {summary['vocab_size']})")
 
 
-def _out_of_date(stamp: Path, spec: dict, sources: List[dict]) -> Optional[str]:
-    """Why the data that `stamp` describes is not the data asked for (None: it is; "" with no stamp)."""
+_PREPARED = ("train.bin", "val.bin", "tokenizer.json")
+
+
+def _prepared_files(data_dir: Path) -> dict:
+    """What the prepared files are now: each token file's header (its count and checksum), tokenizer.json's
+    SHA-256; None for a missing file."""
+    out = {}
+    for name in _PREPARED:
+        try:
+            with open(data_dir / name, "rb") as f:
+                out[name] = f.read(64).hex() if name.endswith(".bin") else hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            out[name] = None
+    return out
+
+
+def _out_of_date(stamp: Path, spec: dict, sources: List[dict], outputs: dict) -> Optional[str]:
+    """Why the data that `stamp` describes is not the data asked for, or not the files there (None: it is
+    both; "" with no stamp)."""
     try:
         old = json.loads(stamp.read_text())
-        old_spec, old_sources = old["spec"], {f["path"]: f for f in old["sources"]}
+        old_spec, old_sources, old_outputs = old["spec"], {f["path"]: f for f in old["sources"]}, old["outputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return "" if not stamp.exists() else f"{stamp.name} is unreadable or from an older CLLM"
+    if None in outputs.values():
+        return f"{', '.join(n for n, v in outputs.items() if v is None)} missing"
+    if old_outputs != outputs:
+        return f"its files are not the ones {stamp.name} records: another preparation replaced them"
     if old_spec != spec:
         changed = sorted(k for k in set(spec) | set(old_spec) if spec.get(k) != old_spec.get(k))
         return f"settings changed: {', '.join(changed)}"
@@ -143,18 +167,21 @@ def _out_of_date(stamp: Path, spec: dict, sources: List[dict]) -> Optional[str]:
 # metrics.jsonl
 # ----------------------------------------------------------------------------------------------------
 class MetricsLog:
-    """metrics.jsonl open for appending: `append(record)` writes one JSON line and flushes it."""
+    """metrics.jsonl open for appending: `append(record)` writes one JSON line straight to the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         # never through a symbolic link planted in the run directory (to append to a file outside it)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        # unbuffered: a buffered file keeps a line a full disk refused and writes it again when closed, and that
+        # second error (naming no file) replaced the first
+        self._file = os.fdopen(fd, "ab", buffering=0)
 
     def append(self, record: dict) -> None:
+        data = (json.dumps(record) + "\n").encode("utf-8")
         try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            while data:
+                data = data[self._file.write(data):]
         except OSError as e:  # a full disk: the error names no file by itself
             if e.filename is not None or e.errno is None:
                 raise
@@ -206,17 +233,28 @@ def truncate_metrics(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 def plot_losses(metrics_path, png_path) -> Optional[str]:
     """Train (averaged over each log interval) and validation loss curves from metrics.jsonl into a PNG;
-    None, with a warning, when there is nothing to read or no matplotlib."""
+    None, with a warning, when there is nothing to read or no matplotlib. Lines it cannot plot (damaged, or
+    written by something else) are skipped with a warning: the plot only reports, a finished run never fails
+    for it."""
     try:
-        records = read_metrics(metrics_path)
+        raw = Path(metrics_path).read_bytes().splitlines()
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ImportError) as e:
         warnings.warn(f"no loss plot: {e}", RuntimeWarning)
         return None
-    train = [(r["step"], r.get("train_loss_avg") or r.get("train_loss")) for r in records
-             if (r.get("train_loss_avg") or r.get("train_loss")) is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    train, val, skipped = [], [], 0
+    for line in filter(bytes.strip, raw):
+        points = _plot_points(line)
+        if points is None:
+            skipped += 1
+            continue
+        step, t, v = points
+        train += [(step, t)] if t is not None else []
+        val += [(step, v)] if v is not None else []
+    if skipped:
+        warnings.warn(f"{metrics_path}: the loss plot skips {skipped} line{'s' if skipped > 1 else ''} it cannot "
+                      f"plot", RuntimeWarning)
     fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -233,6 +271,21 @@ def plot_losses(metrics_path, png_path) -> Optional[str]:
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"), what="loss plot",
                  missing_dir="run directory not found")
     return str(png_path)
+
+
+def _plot_points(line: bytes) -> Optional[Tuple[int, Optional[float], Optional[float]]]:
+    """(step, train loss, validation loss) of a metrics line, a loss None where the record has none; None for a
+    line that is not a record of integer step and finite-number (or null) losses."""
+    try:
+        r = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(r, dict) or type(r.get("step")) is not int:
+        return None
+    losses = [r.get("train_loss_avg"), r.get("train_loss"), r.get("val_loss")]
+    if not all(x is None or (type(x) in (int, float) and math.isfinite(x)) for x in losses):
+        return None
+    return r["step"], losses[0] if losses[0] is not None else losses[1], losses[2]
 
 
 # ----------------------------------------------------------------------------------------------------

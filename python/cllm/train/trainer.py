@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core.config import ModelConfig
 from ..data import BatchLoader, eval_batches, load_tokens
+from ..data.batches import check_eval_batches
 from ..parallel.mpi import SingleProcess
 from ..parallel.reducer import shard_ranges
 from ..infer.generation import sample_text
@@ -108,6 +109,9 @@ class Trainer:
         if train.vocab_size != self.tokenizer.vocab_size or val.vocab_size != self.tokenizer.vocab_size:
             raise ValueError(f"{data_dir}: token files (vocab {train.vocab_size}/{val.vocab_size}) do not match "
                              f"tokenizer.json (vocab {self.tokenizer.vocab_size})")
+        self.data_dir = data_dir  # the checkpoints record which data (a resume needs the same)
+        self.data_fingerprint = {f.path.name: [len(f), f.crc32] for f in (train, val)}
+        check_eval_batches(val, c.eval_batches, c.batch_size, c.max_seq_len, self.comm.world_size)
         pretrained = None if init is None else init[0] if isinstance(init[0], ModelConfig) else init[0].config
         self.model_config = model_config_for(self, pretrained)
         # weights, gradients, optimizer state, EMA and a step's activations, before any of them is allocated; a
@@ -376,17 +380,23 @@ class Trainer:
         val = self.evaluate()
         self.last_val_loss, s.last_eval_step = _num(val), self.step
         step.record.update(val_loss=_num(val), val_bpb=_num(self.bits_per_byte(val)))
-        improved = math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss - c.min_delta)
-        if improved:
-            self.best_val_loss, self.best_step, self.evals_since_best = val, self.step, 0
-            save_run(self, self.best_path, self._elapsed(s))
-        else:
+        improved = self._keep_if_best(val, s)
+        if not improved:
             self.evals_since_best += 1
         best = "best" if improved else f"best {_fmt(self.best_val_loss)} at step {self.best_step}"
         self.console.say(f"step {self.step}: val loss {val:.4f}, {self.bits_per_byte(val):.4f} bits/byte ({best})")
         if c.patience is not None and self.evals_since_best >= c.patience:
             self.console.say(f"early stopping: no improvement in {c.patience} evaluations")
             s.stop_reason = "early_stop"
+
+    def _keep_if_best(self, val: float, s: Session) -> bool:
+        """Whether `val` beats the best by more than min_delta: then it is the best, saved as best.safetensors."""
+        best = self.best_val_loss
+        improved = math.isfinite(val) and (best is None or val < best - self.config.min_delta)
+        if improved:
+            self.best_val_loss, self.best_step, self.evals_since_best = val, self.step, 0
+            save_run(self, self.best_path, self._elapsed(s))
+        return improved
 
     def _log_step(self, step: _Step, s: Session) -> None:
         """Every log_interval steps, and at evaluations, non-finite steps and the last step: the record, with the
@@ -425,17 +435,20 @@ class Trainer:
         return text, f"--- sample {where} ---\n{c.prompt}{text}\n---"
 
     def _finish(self, s: Session) -> Dict[str, Any]:
-        """The end of a session: the last checkpoint, a final evaluation if the last step had none, then (rank 0)
-        the loss curves and a sample. Returns the summary."""
+        """The end of a session: the last checkpoint, a final evaluation if the last step had none (a new best like
+        any other), then (rank 0) the loss curves and a sample from the best. Returns the summary."""
         session_time = s.seconds()
         s.stop_reason = s.stop_reason or "max_steps"
         self._check_replicas(final=True)
         save_run(self, self.last_path, self._elapsed(s))
         final_val = self.last_val_loss
         if self.step > 0 and s.last_eval_step != self.step and s.stop_reason not in ("nonfinite", "interrupted"):
-            final_val = self.evaluate()  # reported only: early stopping sees the regular evaluations alone
+            final_val = self.evaluate()
             self._log({"step": self.step, "val_loss": _num(final_val), "val_bpb": _num(self.bits_per_byte(final_val)),
                        "final_eval": True})
+            # the best if better, as at any evaluation (patience counts the regular ones); last.safetensors says so
+            if self._keep_if_best(final_val, s):
+                save_run(self, self.last_path, self._elapsed(s))
         self._close_metrics()
         summary = self._summary(s, session_time, final_val)
         if self.main:
