@@ -114,7 +114,7 @@ def _child_train(spec: dict) -> dict:
     name, engine, threads = spec["config"], spec["engine"], spec["threads"]
     if engine == "cllm":
         step, info = _make_cllm(name, threads, "fp32")
-    elif engine == "cllm-bf16":
+    elif engine in ("cllm-bf16", "cllm-bf16-dot"):  # -dot: the parent set CLLM_ISA=avx512bf16
         step, info = _make_cllm(name, threads, "bf16")
     elif engine in ("torch", "torch-compile", "torch-bf16", "torch-bf16-compile"):
         step, info = _make_torch(name, threads, engine.endswith("compile"), "bf16" in engine)

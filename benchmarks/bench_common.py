@@ -22,7 +22,10 @@ CONFIGS = {
     "tiny-llama": dict(V=256, T=128, C=128, L=4, H=4, KV=2, F=344, B=16, steps=20, warmup=3, arch="llama"),
     "llama": dict(V=8192, T=256, C=384, L=6, H=6, KV=2, F=1024, B=8, steps=6, warmup=2, arch="llama"),
 }
-ENGINES = ("cllm", "cllm-bf16", "torch", "torch-compile", "torch-bf16", "torch-bf16-compile")
+ENGINES = ("cllm", "cllm-bf16", "cllm-bf16-dot", "torch", "torch-compile", "torch-bf16", "torch-bf16-compile")
+# cllm-bf16-dot: cllm-bf16 on the avx512bf16 kernels (vdpbf16ps) whatever the automatic choice: its peer where the
+# dispatcher runs bf16 on the FMAs instead (docs/portability.md)
+ENGINE_ISA = {"cllm-bf16-dot": "avx512bf16"}
 FLOP_FORMULA = "6*N + 6*L*T*C per token (N = parameters without wpe; causal attention)"
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                  "mlp.up_proj", "mlp.down_proj")  # nn.Linear weights [out, in]

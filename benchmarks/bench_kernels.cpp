@@ -152,54 +152,17 @@ void report(const std::string& name, const std::string& shape, const std::functi
     std::fflush(stdout);
 }
 
-// The machine's ceiling: every thread runs 12 independent chains of vector FMAs (fp32) or of AVX-512 BF16
-// dot products (vdpbf16ps: 16 lanes x 2 products), registers only, no memory traffic (the chains unrolled: at -O2
-// GCC kept them in a stack array, and the store-to-load round trips halved both rates). Matmul rates are
-// read against these. This program is built for the baseline ISA; the probes are compiled for the widest
-// vectors (target attributes) and run only where the CPU has them.
-constexpr int PEAK_ITERS = 1 << 22;
-#define FMA_CHAINS(V)                                                                              \
-    _Pragma("omp parallel") {                                                                      \
-        V a[12], m = (V){} + 0.999999f, c = (V){} + 1e-7f;                                         \
-        for (int i = 0; i < 12; i++) a[i] = (V){} + (float)i;                                      \
-        for (int it = 0; it < PEAK_ITERS; it++) {                                                  \
-            _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;               \
-            asm volatile("" : "+x"(m)); /* keep the multiplier opaque: no folding of the chains */ \
-        }                                                                                          \
-        float sum = 0.0f;                                                                          \
-        for (int i = 0; i < 12; i++) sum += a[i][0];                                               \
-        asm volatile("" : : "x"(sum));                                                             \
-    }
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-#if defined(__x86_64__)
-[[gnu::target("avx512f")]] void peak_fp32_16() { FMA_CHAINS(v16) }
-[[gnu::target("avx2,fma")]] void peak_fp32_8() { FMA_CHAINS(v8) }
-int peak_lanes() { return __builtin_cpu_supports("avx512f") ? 16 : __builtin_cpu_supports("fma") ? 8 : 0; }
-void peak_fp32() { peak_lanes() == 16 ? peak_fp32_16() : peak_fp32_8(); }
-bool has_bf16_dot() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f"); }
-[[gnu::target("avx512f,avx512bf16")]] void peak_bf16() {
+// The machine's ceiling: every thread runs the core's peak probes (isa.h: 12 independent chains of vector FMAs, or
+// of AVX-512 BF16 dot products, registers only). Matmul rates are read against these.
+constexpr long PEAK_ITERS = 1 << 22;
+void peak_fp32() {
     #pragma omp parallel
-    {
-        __m512 acc[12];
-        for (int i = 0; i < 12; i++) acc[i] = _mm512_setzero_ps();
-        __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // pairs of bf16 1.0
-        for (int it = 0; it < PEAK_ITERS; it++) {
-            #pragma GCC unroll 12
-            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], x, x);
-            asm volatile("" : "+v"(x));
-        }
-        float sum = 0.0f;
-        for (int i = 0; i < 12; i++) sum += _mm512_reduce_add_ps(acc[i]);
-        asm volatile("" : : "x"(sum));
-    }
+    cllm::peak_fp32_chains(PEAK_ITERS);
 }
-#else
-int peak_lanes() { return 0; }
-void peak_fp32() {}
-bool has_bf16_dot() { return false; }
-void peak_bf16() {}
-#endif
+void peak_bf16() {
+    #pragma omp parallel
+    cllm::peak_bf16_chains(PEAK_ITERS);
+}
 
 // The GEMMs of one linear layer out[N,OC] = inp[N,IC] @ w[IC,OC] + b, as the model calls them:
 // forward (NN + bias), and the two backward products: dinp = dout @ w^T (NT), dw += inp^T @ dout (TN).
@@ -244,13 +207,12 @@ int run_config(const BenchConfig& c, int threads) {
     std::printf("%-28s %-34s %13s %17s %13s %4s %6s\n", "kernel", "shape", "median", "rate (median)", "min", "reps",
                 "other");
 
-    const double lanes = peak_lanes(), threads_d = threads;
-    if (lanes > 0)
-        report("peak.fp32_fma", std::to_string((int)lanes) + " lanes x 12 chains x threads", peak_fp32,
-               2.0 * lanes * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
-    if (has_bf16_dot())
-        report("peak.bf16_dot", "vdpbf16ps x 12 chains x threads", peak_bf16,
-               4.0 * 16 * 12 * PEAK_ITERS * threads_d, Unit::GFLOPS);
+    if (cllm::peak_fp32_lanes() > 0)
+        report("peak.fp32_fma", std::to_string(cllm::peak_fp32_lanes()) + " lanes x 12 chains x threads", peak_fp32,
+               cllm::peak_fp32_flops(PEAK_ITERS) * threads, Unit::GFLOPS);
+    if (cllm::has_bf16_dot())
+        report("peak.bf16_dot", "vdpbf16ps x 12 chains x threads", peak_bf16, cllm::peak_bf16_flops(PEAK_ITERS) * threads,
+               Unit::GFLOPS);
 
     // ---- linear layers of one block (x L in a step), then the tied LM head ----
     bench_linear("attn.c_attn", N, C, 3 * C);

@@ -11,7 +11,8 @@ peak RSS is its own and no engine inherits another's thread pools or caches: `wa
 (torch.compile compiles there), then `steps` timed steps of forward + backward + clip_grad_norm(1.0) + AdamW on
 random tokens.
 
-Engines: ``cllm`` (float32), ``cllm-bf16`` (``cllm.Model(..., precision="bf16")``), ``torch`` (PyTorch eager,
+Engines: ``cllm`` (float32), ``cllm-bf16`` (``cllm.Model(..., precision="bf16")``), ``cllm-bf16-dot`` (the same on
+the avx512bf16 kernels, CLLM_ISA=avx512bf16: the peer where the dispatcher runs bf16 on the FMAs), ``torch`` (PyTorch eager,
 the model of torch_gpt2.py, or of torch_llama.py for the llama configs), ``torch-compile`` (``torch.compile`` of
 the same model), and ``torch-bf16`` / ``torch-bf16-compile`` (the same under PyTorch's own bf16 mixed precision,
 ``torch.autocast("cpu", bfloat16)`` with fp32 master weights: the fair peer of cllm-bf16), the PyTorch ones only
@@ -35,20 +36,29 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import BLAS_ENV_UNSET, CONFIGS, ENGINES, FLOP_FORMULA, RESULT_TAG, wait_for_idle
+from bench_common import BLAS_ENV_UNSET, CONFIGS, ENGINE_ISA, ENGINES, FLOP_FORMULA, RESULT_TAG, wait_for_idle
 from bench_report import markdown_report, print_matmul_table, print_train_table
 
 CHILD = Path(__file__).resolve().with_name("bench_child.py")  # one measurement in a fresh process
 
 
 # ---- the parent: one subprocess per measurement -------------------------------------------------------
-def child_env(threads: int) -> dict:
+def child_env(threads: int, engine: str = "") -> dict:
     env = dict(os.environ)
+    if engine in ENGINE_ISA:
+        env["CLLM_ISA"] = ENGINE_ISA[engine]
     for var in BLAS_ENV_UNSET:
         env.pop(var, None)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     return env
+
+
+def _cllm_variants() -> list:
+    """The kernel variants this CPU runs (asked in a subprocess: the parent never loads the core)."""
+    out = subprocess.run([sys.executable, "-c", "import cllm; print(','.join(cllm.build_info()['variants_supported']))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip().split(",") if out.returncode == 0 else []
 
 
 def run_child(spec: dict, timeout: float, wait_idle: float = 0.0) -> dict:
@@ -57,7 +67,7 @@ def run_child(spec: dict, timeout: float, wait_idle: float = 0.0) -> dict:
         print(f"    (machine still busy: other processes use {load:.1f} cores)", flush=True)
     cmd = [sys.executable, str(CHILD), json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=child_env(spec["threads"], spec.get("engine", "")), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(spec, error=f"timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
@@ -247,6 +257,8 @@ def _median_run(runs: list) -> dict:
 
 def _run_train(args) -> list:
     skip = {} if torch_available() else {e: "skipped: torch is not installed" for e in ENGINES if e.startswith("torch")}
+    if "avx512bf16" not in _cllm_variants():
+        skip["cllm-bf16-dot"] = "skipped: this CPU has no AVX512_BF16"
     results = []
     for name in args.configs:
         c = CONFIGS[name]

@@ -409,6 +409,8 @@ py::dict build_info() {
     d["reason"] = isa.reason;
     d["library"] = isa.library;
     d["cpu_features"] = isa.cpu_features;
+    // measured: the automatic choice uses AVX512_BF16 only where its dot products beat the fp32 FMAs
+    d["bf16_dot_speed"] = has_bf16_dot() ? py::object(py::float_(bf16_dot_speed())) : py::object(py::none());
     if (!isa.selected.empty())
         d["bf16"] = kernels().native_bf16 ? "native (AVX-512 BF16 dot products, fp32 accumulation)"
                                           : "emulated exactly (bf16-rounded inputs, fp32 FMAs)";

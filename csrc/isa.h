@@ -54,5 +54,20 @@ void select_isa(const std::string& name);
 
 }  // namespace cllm
 
+namespace cllm {
+// The peak probes (isa_dispatch.cpp): on the calling thread, `iters` rounds of 12 independent chains of fp32 FMAs
+// (peak_fp32_lanes() wide: 16, 8, or 0 without FMA) or of AVX-512 BF16 dot products (where has_bf16_dot()).
+int peak_fp32_lanes();
+bool has_bf16_dot();
+void peak_fp32_chains(long iters);
+void peak_bf16_chains(long iters);
+inline double peak_fp32_flops(long iters) { return 2.0 * peak_fp32_lanes() * 12 * iters; }
+inline double peak_bf16_flops(long iters) { return 4.0 * 16 * 12 * iters; }
+// AVX512_BF16 dot-product FLOP/s over fp32 FMA FLOP/s, measured once per process (0 without AVX512_BF16). Below
+// kNativeBf16Speedup the automatic choice runs bf16 matmuls as FMAs (the avx512 kernels) instead.
+double bf16_dot_speed();
+constexpr double kNativeBf16Speedup = 1.25;
+}  // namespace cllm
+
 // The one symbol each variant library exports.
 extern "C" const cllm::KernelTable* cllm_kernel_table();

@@ -2,8 +2,10 @@
 // the baseline ISA: nothing here may use an instruction an old CPU lacks.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -11,11 +13,106 @@
 
 #include "isa.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #ifndef CLLM_BUILT_VARIANTS
 #error "CLLM_BUILT_VARIANTS (the comma-separated variants of this build, best first) must be defined by the build"
 #endif
 
 namespace cllm {
+
+// ---- the machine's ceilings: peak probes (the dispatcher's choice and the kernel benchmark's reference) -------
+// 12 independent chains of vector FMAs (fp32) or of AVX-512 BF16 dot products (vdpbf16ps: 16 lanes x 2 products),
+// registers only, no memory traffic; the chains unrolled (kept in a stack array they ran at half rate). This file is
+// built for the baseline ISA: the probes are compiled for their instructions (target attributes) and run only where
+// the CPU has them.
+namespace {
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+#define CLLM_FMA_CHAINS(V)                                                                         \
+    V a[12], m = (V){} + 0.999999f, c = (V){} + 1e-7f;                                             \
+    for (int i = 0; i < 12; i++) a[i] = (V){} + (float)i;                                          \
+    for (long it = 0; it < iters; it++) {                                                          \
+        _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;                   \
+        asm volatile("" : "+x"(m)); /* the multiplier opaque: no folding of the chains */          \
+    }                                                                                              \
+    float sum = 0.0f;                                                                              \
+    for (int i = 0; i < 12; i++) sum += a[i][0];                                                   \
+    asm volatile("" : : "x"(sum));
+#if defined(__x86_64__)
+[[gnu::target("avx512f")]] void fma_chains_16(long iters) { CLLM_FMA_CHAINS(v16) }
+[[gnu::target("avx2,fma")]] void fma_chains_8(long iters) { CLLM_FMA_CHAINS(v8) }
+[[gnu::target("avx512f,avx512bf16")]] void bf16_dot_chains(long iters) {
+    __m512 acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = (__m512){};
+    __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // pairs of bf16 1.0
+    for (long it = 0; it < iters; it++) {
+        #pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], x, x);
+        asm volatile("" : "+v"(x));
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < 12; i++) sum += acc[i][0];
+    asm volatile("" : : "x"(sum));
+}
+#endif
+#undef CLLM_FMA_CHAINS
+
+// FLOP/s of one thread running probe(iters), the best of a few runs (a busy machine only lowers a run).
+template <class F>
+double probe_rate(F&& probe, long iters, double flops) {
+    double best = 0;
+    for (int run = 0; run < 5; run++) {
+        const auto t0 = std::chrono::steady_clock::now();
+        probe(iters);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, s > 0 ? flops / s : 0.0);
+    }
+    return best;
+}
+}  // namespace
+
+int peak_fp32_lanes() {
+#if defined(__x86_64__)
+    return __builtin_cpu_supports("avx512f") ? 16 : __builtin_cpu_supports("fma") ? 8 : 0;
+#else
+    return 0;
+#endif
+}
+
+bool has_bf16_dot() {
+#if defined(__x86_64__)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+void peak_fp32_chains(long iters) {
+#if defined(__x86_64__)
+    if (peak_fp32_lanes() == 16) fma_chains_16(iters);
+    else if (peak_fp32_lanes() == 8) fma_chains_8(iters);
+#endif
+}
+
+void peak_bf16_chains(long iters) {
+#if defined(__x86_64__)
+    if (has_bf16_dot()) bf16_dot_chains(iters);
+#endif
+}
+
+double bf16_dot_speed() {
+    static const double ratio = [] {  // measured once per process: the choice must not change within a run
+        if (!has_bf16_dot() || peak_fp32_lanes() == 0) return 0.0;
+        const long iters = 1 << 15;
+        const double fma = probe_rate(peak_fp32_chains, iters, peak_fp32_flops(iters));
+        const double dot = probe_rate(peak_bf16_chains, iters, peak_bf16_flops(iters));
+        return fma > 0 ? dot / fma : 0.0;
+    }();
+    return ratio;
+}
 
 namespace {
 
@@ -135,6 +232,22 @@ void select_locked(State& s, const std::string& requested, const std::string& so
         if (supported.empty()) throw std::invalid_argument("no kernel variant of this build runs on this CPU");
         name = supported.front();
         reason = "the best of this build's variants that this CPU runs";
+        // AVX512_BF16 by its speed, not its presence: where its dot products are no faster than the fp32 FMAs
+        // (Intel's, at half the rate), bf16 matmuls run faster as FMAs on bf16-rounded inputs (the avx512
+        // kernels: bf16 emulated exactly, everything else the same code); where they are (AMD Zen 4/5: twice
+        // the FMA rate), natively.
+        const bool avx512 = std::find(supported.begin(), supported.end(), "avx512") != supported.end();
+        if (name == "avx512bf16" && avx512) {
+            char speed[64];
+            std::snprintf(speed, sizeof speed, "%.2fx", bf16_dot_speed());
+            if (bf16_dot_speed() < kNativeBf16Speedup) {
+                name = "avx512";
+                reason = std::string("AVX512_BF16's dot products run at ") + speed + " the fp32 FMA rate here "
+                         "(measured): bf16 matmuls run faster as fp32 FMAs on bf16-rounded inputs";
+            } else {
+                reason += std::string(" (AVX512_BF16's dot products at ") + speed + " the fp32 FMA rate)";
+            }
+        }
     } else {
         const std::string what = source + "=" + shown(requested);
         const Variant* v = find_variant(requested);

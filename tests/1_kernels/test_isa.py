@@ -29,11 +29,28 @@ def run_cllm(*args, isa=None, runner=()):
 
 
 def test_build_info_reports_the_variant_in_use():
-    assert INFO["variant"] == SUPPORTED[0], "auto picks the best variant the CPU runs"
+    slow_bf16 = SUPPORTED[:2] == ["avx512bf16", "avx512"] and INFO["bf16_dot_speed"] < 1.25
+    assert INFO["variant"] == (SUPPORTED[1] if slow_bf16 else SUPPORTED[0]), "auto picks the best variant here"
     assert set(SUPPORTED) <= set(INFO["variants_built"])
     assert os.path.isfile(INFO["library"]) and INFO["variant"] in os.path.basename(INFO["library"])
     assert INFO["bf16"].startswith("native" if INFO["variant"] == "avx512bf16" else "emulated")
     assert INFO["threads"] == cllm.get_num_threads() and INFO["openmp"].startswith("OpenMP")
+    assert (INFO["bf16_dot_speed"] is None) == ("avx512bf16" not in INFO["cpu_features"])
+
+
+@pytest.mark.skipif("avx512bf16" not in INFO["cpu_features"], reason="needs a CPU with AVX512_BF16")
+def test_bf16_dot_products_are_used_where_they_beat_the_fma_units():
+    """AVX512_BF16 by its measured speed, not its presence: where vdpbf16ps is no faster than the fp32 FMAs (Intel's
+    run at half their rate) the automatic choice is the avx512 kernels, whose bf16 matmuls are FMAs on bf16-rounded
+    inputs; where it is (AMD Zen 4: twice), the avx512bf16 kernels. The reason says which and the ratio."""
+    speed = INFO["bf16_dot_speed"]
+    assert 0.1 < speed < 8, speed  # a real measurement (16 lanes x 2 products against 16 lanes x 1 FMA)
+    if speed < 1.25:
+        assert INFO["variant"] == "avx512" and f"{speed:.2f}x the fp32 FMA rate" in INFO["reason"]
+        assert INFO["bf16"].startswith("emulated")
+    else:
+        assert INFO["variant"] == "avx512bf16" and "the fp32 FMA rate" in INFO["reason"]
+    assert cllm.build_info()["bf16_dot_speed"] == speed  # measured once per process: the choice cannot change
     if X86:
         assert INFO["variants_built"][-1] == "baseline" and "baseline" in SUPPORTED
         assert ("avx2" in SUPPORTED) == ("avx2" in INFO["cpu_features"] and "fma" in INFO["cpu_features"])
