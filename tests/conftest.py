@@ -193,6 +193,20 @@ def perturb_params(model, rng, ln_scale=0.1, bias_scale=0.05):
             p += (bias_scale * rng.standard_normal(p.shape)).astype(np.float32)
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (a disk that fills up for real), or a skip where mounting one is not allowed."""
+    import subprocess
+
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """Small shared helpers: helpers.f32, helpers.snapshot, helpers.perturb_params."""

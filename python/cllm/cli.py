@@ -114,8 +114,10 @@ def _run_train(args) -> int:
     with abort_on_error(comm, prog="cllm train"):  # an error on one rank ends the whole job
         summary = Trainer(config, comm=comm).fit()
     if summary["stop_reason"] == "nonfinite":  # the run failed: say so in the exit status, not only in the log
+        kept = [p for p in (summary["best_checkpoint"], summary["last_checkpoint"]) if p and Path(p).is_file()]
+        where = f"{' and '.join(kept)} hold the last finite weights" if kept else "no checkpoint was written"
         print(f"cllm train: error: stopped at step {summary['steps']} on a non-finite loss or gradient "
-              f"(on_nonfinite=stop); the checkpoints hold the last finite weights", file=sys.stderr)
+              f"(on_nonfinite=stop); {where}", file=sys.stderr)
         return 1
     return 130 if summary["stop_reason"] == "interrupted" else 0
 

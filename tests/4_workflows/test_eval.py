@@ -188,3 +188,19 @@ def test_cli_eval_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, word
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
+
+
+def test_figures_of_huge_or_non_finite_losses_are_not_made_up():
+    """A loss above 709 nats has an infinite perplexity (it was capped at exp(709)); rows whose logits are NaN or
+    Inf rank nothing, so they count against accuracy and top-5 (NaN compared false everywhere: top-5 was 1.0)."""
+    from cllm.infer.evaluation import Totals
+
+    big = Totals()
+    big.add(np.array([[0.0, 1e4, 0.0]]), np.array([0]), np.ones(3, np.int64))
+    figures = big.figures()
+    assert figures["loss"] > 709 and figures["perplexity"] == math.inf
+    bad = Totals()
+    bad.add(np.array([[np.nan, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]]), np.array([1, 1]), np.ones(4, np.int64))
+    figures = bad.figures()
+    assert figures["accuracy"] == 0.5 and figures["top5_accuracy"] == 0.5
+    assert math.isnan(figures["loss"]) and math.isnan(figures["perplexity"])

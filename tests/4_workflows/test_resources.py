@@ -139,17 +139,6 @@ def test_disk_full_at_a_checkpoint_write_simulated(data_dir, tmp_path, monkeypat
     assert s["steps"] == 6
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
 def test_disk_full_for_real_on_a_tiny_tmpfs(tiny_tmpfs):
     """A real ENOSPC (256 KiB tmpfs): save_checkpoint raises an OSError naming the file, the previous checkpoint
     stays loadable and no partial file is left behind."""

@@ -95,3 +95,39 @@ def test_hyperparameters_set_in_range_are_used(model):
     assert opt.hyperparameters()["lr"] == pytest.approx(2e-3)
     with pytest.raises(TypeError, match="lr"):
         opt.lr = "0.1"
+
+
+@pytest.mark.parametrize("alias", ["other-moment", "parameters", "gradients"])
+def test_moments_sharing_memory_with_another_buffer_are_refused(model, alias):
+    """A moment that is the other moment, the weights or the gradients would be overwritten by the update (the
+    weights given as exp_avg were wrecked in one step)."""
+    opt = cllm.AdamW(model, lr=1e-3)
+    other = {"other-moment": opt.exp_avg_sq, "parameters": model.flat_parameters(),
+             "gradients": model.flat_gradients()}[alias]
+    with pytest.raises(ValueError, match="exp_avg shares its memory with"):
+        opt.exp_avg = other
+    with pytest.raises(ValueError, match="shares its memory"):
+        opt.with_moments(opt.exp_avg, opt.exp_avg)
+    with pytest.raises(ValueError, match="momentum_buffer shares its memory with"):
+        cllm.SGD(model, lr=1e-3).momentum_buffer = model.flat_parameters()
+
+
+def test_loaded_moments_must_be_finite_and_the_step_bounded(model):
+    """load_state of NaN moments, a negative second moment or a step past the core's int64 count is one clear
+    error (NaN moments were taken silently; a step of 2**70 failed later inside the core's call)."""
+    opt = cllm.AdamW(model, lr=1e-3)
+    state = opt.state()
+    good = {k: np.zeros_like(v) for k, v in state["exp_avg"].items()}
+    nan = {k: np.full_like(v, np.nan) for k, v in good.items()}
+    negative = {k: np.full_like(v, -1.0) for k, v in good.items()}
+    with pytest.raises(ValueError, match="exp_avg.* holds NaN or Inf"):
+        opt.load_state(1, nan, good)
+    with pytest.raises(ValueError, match="exp_avg_sq.* holds negative values"):
+        opt.load_state(1, good, negative)
+    with pytest.raises(ValueError, match="optimizer step"):
+        opt.load_state(2**70, good, good)
+    with pytest.raises(ValueError, match="momentum_buffer.* holds NaN or Inf"):
+        cllm.SGD(model, lr=1e-3).load_state(1, nan)
+    opt.load_state(5, good, good)
+    opt.step()
+    assert opt.step_count == 6

@@ -2,6 +2,7 @@
 of range in a checkpoint, foreign lines in metrics.jsonl, another corpus prepared into the run's data/. Each case:
 one line and status 2 where it is an error, never a hang, a traceback or a run on the wrong data."""
 import json
+import os
 import struct
 import time
 from pathlib import Path
@@ -108,3 +109,33 @@ def test_another_corpus_prepared_into_the_run_is_not_trained_on(tmp_path, capsys
     assert code == 0, err
     assert "using prepared data" not in out and "another preparation replaced them" in out
     assert (run / "data" / "train.bin").read_bytes() == mine_tokens
+
+
+def test_a_nonfinite_stop_says_which_checkpoints_hold_finite_weights(data_dir, tmp_path, capsys):
+    """on_nonfinite=stop after an update that made the weights NaN (a weight decay of 1e300): no checkpoint can be
+    written, and the error says so (it claimed "the checkpoints hold the last finite weights" with none there)."""
+    out = tmp_path / "nan"
+    with pytest.warns(RuntimeWarning):
+        code, _, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-steps", "3", "--weight-decay",
+                             "1e300", "--on-nonfinite", "stop")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "no checkpoint was written" in err and not list(out.glob("*.safetensors")), err
+
+
+@pytest.mark.parametrize("free_kib", [0, 96], ids=["full", "almost-full"])
+def test_prepare_onto_a_full_disk_names_what_it_could_not_write(tiny_tmpfs, tmp_path, capsys, free_kib):
+    """A disk with no room for the lock file or for the token stream: one line naming the file or the directory
+    (it was "[Errno 28] No space left on device", naming nothing)."""
+    src = corpus(tmp_path, "c", "def f(x): return x * 2  # a line of text to fill the token files")
+    fd = os.open(tiny_tmpfs / "fill", os.O_WRONLY | os.O_CREAT)  # fill the disk, then free free_kib of it
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - free_kib * 1024))
+    os.close(fd)
+    capsys.readouterr()
+    code = cli.main(["prepare", str(src), "--out", str(tiny_tmpfs / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert f"{tiny_tmpfs / 'p'}" in err, err

@@ -98,8 +98,12 @@ class DirLock:
             os.close(fd)
             raise CLLMError(f"{directory}: {holder or 'another process is writing'} in this directory (pid "
                             f"{pid or 'unknown'}); wait for it to finish or choose another {option}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        except OSError as e:  # a full disk: named by the lock file, which names the directory
+            os.close(fd)
+            raise OSError(e.errno, f"cannot write the lock file: {e.strerror}", str(Path(directory) / ".lock")) from None
         self._fd = fd
 
     def release(self) -> None:

@@ -247,10 +247,16 @@ def _write_tail_split(out_dir: Path, tok: Tokenizer, docs, val_fraction: float, 
     dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<u4")
     with tempfile.TemporaryFile(dir=out_dir, prefix=".stream.") as raw:
         n = 0
-        for ids in _token_stream(tok, docs):
-            raw.write(np.asarray(ids).astype(dtype).tobytes())
-            n += len(ids)
-        raw.flush()
+        try:
+            for ids in _token_stream(tok, docs):
+                raw.write(np.asarray(ids).astype(dtype).tobytes())
+                n += len(ids)
+            raw.flush()
+        except OSError as e:  # a full disk: the stream is the temporary file in out_dir, which names nothing
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, f"cannot write the token stream before the split: {e.strerror}",
+                          str(out_dir)) from None
         n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
         if n - n_val == 0 or n_val == 0:
             raise ValueError(f"corpus in {where} is too small to split: {n - n_val} train and {n_val} "

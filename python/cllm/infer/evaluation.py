@@ -64,12 +64,13 @@ class Totals:
         self.nats += float((lse - target).sum())
         self.tokens += len(targets)
         self.bytes += int(token_bytes[targets].sum())
-        self.correct += int((z.argmax(axis=1) == targets).sum())  # ties: the lowest id
-        self.top_k += int(((z > target[:, None]).sum(axis=1) < TOP_K).sum())  # fewer than k strictly better
+        finite = np.isfinite(z).all(axis=1)  # a row with NaN/Inf logits ranks nothing: never correct
+        self.correct += int(((z.argmax(axis=1) == targets) & finite).sum())  # ties: the lowest id
+        self.top_k += int((((z > target[:, None]).sum(axis=1) < TOP_K) & finite).sum())  # fewer than k better
 
     def figures(self) -> Dict[str, float]:
         loss = self.nats / self.tokens
-        return {"loss": loss, "perplexity": math.exp(min(loss, 709.0)),
+        return {"loss": loss, "perplexity": float("inf") if loss >= 709.0 else math.exp(loss),  # NaN stays NaN
                 "bits_per_byte": self.nats / (math.log(2) * self.bytes) if self.bytes else float("nan"),
                 "accuracy": self.correct / self.tokens, "top5_accuracy": self.top_k / self.tokens,
                 "tokens": self.tokens, "bytes": self.bytes}

@@ -67,6 +67,12 @@ def _state_buffer(opt, name, value) -> np.ndarray:
     if not value.flags.c_contiguous or not value.flags.writeable:
         raise ValueError(f"{name} must be C-contiguous and writeable: the optimizer updates it in place (a strided "
                          f"or read-only array would be copied at each step and its updates lost)")
+    others = {"the model's parameters": opt.model.flat_parameters(), "the model's gradients": opt.model.flat_gradients()}
+    others.update({slot: getattr(opt, "_" + slot) for slot, d in vars(type(opt)).items()
+                   if isinstance(d, _Checked) and d.check is _state_buffer and slot != name and hasattr(opt, "_" + slot)})
+    for what, buf in others.items():
+        if np.may_share_memory(value, buf):  # (contiguous arrays: exactly when they overlap)
+            raise ValueError(f"{name} shares its memory with {what}: the optimizer would overwrite one with the other")
     return value
 
 
@@ -134,14 +140,18 @@ class AdamW:
         lo, hi = self.shard
         for flat, src, name in ((self.exp_avg, exp_avg, "exp_avg"), (self.exp_avg_sq, exp_avg_sq, "exp_avg_sq")):
             whole = flat if not self.sharded else np.zeros(self.model.layout.total, dtype=np.float32)
-            _load_flat(self.model, whole, src, f"optimizer state {name}")
+            _load_flat(self.model, whole, src, f"optimizer state {name}", non_negative=name == "exp_avg_sq")
             if self.sharded:
                 flat[...] = whole[lo:hi]
-        self.step_count = check_int("optimizer step", step, 0, integral_float=True)
+        self.step_count = check_int("optimizer step", step, 0, MAX_STEP, integral_float=True)
 
 
-def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str) -> None:
-    """Copy name -> array into the flat buffer laid out like the model's parameters."""
+MAX_STEP = 2**62  # the core counts steps in int64 (bias corrections: beta ** step)
+
+
+def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str, non_negative: bool = False) -> None:
+    """Copy name -> array into the flat buffer laid out like the model's parameters; every value finite (and >= 0
+    for a second moment, whose square root the update takes)."""
     views = _views(model, flat)
     if set(views) != set(src):
         raise ValueError(f"{what} names do not match the model")
@@ -150,6 +160,8 @@ def _load_flat(model: Model, flat: np.ndarray, src: dict, what: str) -> None:
         if a.shape != v.shape:
             raise ValueError(f"{what}.{name}: shape {a.shape} != {v.shape}")
         v[...] = a
+        if not np.isfinite(v).all() or (non_negative and (v < 0).any()):
+            raise ValueError(f"{what}.{name} holds {'NaN or Inf' if not np.isfinite(v).all() else 'negative values'}")
 
 
 class SGD:
@@ -190,7 +202,7 @@ class SGD:
 
     def load_state(self, step: int, momentum_buffer: dict) -> None:
         _load_flat(self.model, self.momentum_buffer, momentum_buffer, "optimizer state momentum_buffer")
-        self.step_count = check_int("optimizer step", step, 0, integral_float=True)
+        self.step_count = check_int("optimizer step", step, 0, MAX_STEP, integral_float=True)
 
 
 class EMA:
