@@ -25,7 +25,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(cllm.__file__).p
 def _interrupt_after(cmd, ready, sig=signal.SIGINT, settle=0.0, timeout=60):
     """Run cmd, send `sig` `settle` seconds after ready() holds, return (status, stderr, seconds from the signal
     to the exit)."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) as p:
+    # the child hears SIGINT even when this run inherited it ignored (pytest started as a shell's background job)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                          preexec_fn=default_sigint) as p:
         try:
             deadline = time.time() + timeout
             while time.time() < deadline and not ready() and p.poll() is None:
