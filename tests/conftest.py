@@ -194,23 +194,72 @@ def perturb_params(model, rng, ln_scale=0.1, bias_scale=0.05):
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 256 KiB tmpfs (a disk that fills up for real), or a skip where mounting one is not allowed."""
+def tmpfs(tmp_path):
+    """mount(name, options): a fresh tmpfs at tmp_path/name ("size=256k", "ro,size=64k"), unmounted after the test;
+    None where mounting is not allowed."""
     import subprocess
 
-    d = tmp_path / "tmpfs"
+    mounted = []
+
+    def mount(name: str, options: str):
+        d = tmp_path / name
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True).returncode:
+            return None
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmpfs):
+    """A 256 KiB tmpfs (a disk that fills up for real), or a skip where mounting one is not allowed."""
+    d = tmpfs("tmpfs", "size=256k")
+    if d is None:
+        pytest.skip("cannot mount a tmpfs here")
+    return d
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, tmpfs):
+    """A directory this process cannot write into, even as root (chmod does not stop root: the immutable attribute
+    or a read-only tmpfs, whichever works here)."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "ro"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    if os.geteuid() != 0:
+        d.chmod(0o500)
+        yield d
+        d.chmod(0o700)
+        return
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0:
+        yield d
+        subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+        return
+    ro = tmpfs("ro-tmpfs", "ro,size=64k")
+    if ro is None:
+        pytest.skip("no way to make a directory read-only for root here")
+    yield ro
+
+
+def add_noise(model, seed: int, scale: float):
+    """The model with N(0, scale) noise added to every parameter, in layout order (a non-trivial model to
+    generate or evaluate with); returns it."""
+    rng = np.random.default_rng(seed)
+    for v in model.parameters().values():
+        v += rng.normal(0, scale, v.shape).astype(np.float32)
+    return model
 
 
 @pytest.fixture(scope="session")
 def helpers():
-    """Small shared helpers: helpers.f32, helpers.snapshot, helpers.perturb_params."""
-    return SimpleNamespace(f32=f32, snapshot=snapshot, perturb_params=perturb_params)
+    """Small shared helpers: helpers.f32, helpers.snapshot, helpers.perturb_params, helpers.add_noise."""
+    return SimpleNamespace(f32=f32, snapshot=snapshot, perturb_params=perturb_params, add_noise=add_noise)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -17,12 +17,8 @@ TEXT = "def add(a, b):\n    return a + b  # sum\n\nclass Point:\n    x = 1\n    
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = cllm.Model(CFG, seed=3)
-    rng = np.random.default_rng(0)
-    for v in m.parameters().values():
-        v += rng.normal(0, 0.1, v.shape).astype(np.float32)
-    return m
+def model(helpers):
+    return helpers.add_noise(cllm.Model(CFG, seed=3), seed=0, scale=0.1)
 
 
 @pytest.fixture(scope="module")

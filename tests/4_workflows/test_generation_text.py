@@ -16,12 +16,8 @@ BYTES = ByteTokenizer()
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = cllm.Model(CFG, seed=2)
-    rng = np.random.default_rng(1)
-    for v in m.parameters().values():
-        v += rng.normal(0, 0.2, v.shape).astype(np.float32)
-    return m
+def model(helpers):
+    return helpers.add_noise(cllm.Model(CFG, seed=2), seed=1, scale=0.2)
 
 
 @pytest.fixture(scope="module")

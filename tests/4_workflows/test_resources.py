@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,29 +65,6 @@ def test_output_directory_under_a_regular_file(data_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="run directory is not usable") as e:
         Trainer(tiny(data_dir, out, max_steps=3)).fit()
     assert e.value.filename == str(out)
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory this process cannot write into, even as root (chmod does not stop root: use the immutable
-    attribute or a read-only tmpfs, whichever works here)."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    if os.geteuid() != 0:
-        d.chmod(0o500)
-        yield d
-        d.chmod(0o700)
-        return
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0:
-        yield d
-        subprocess.run(["chattr", "-i", str(d)], capture_output=True)
-        return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)],
-                      capture_output=True).returncode == 0:
-        yield d
-        subprocess.run(["umount", str(d)], capture_output=True)
-        return
-    pytest.skip("no way to make a directory read-only for root here")
 
 
 def test_read_only_output_directory_fails_before_training(data_dir, read_only_dir, monkeypatch):

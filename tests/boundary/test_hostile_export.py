@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -79,38 +77,12 @@ def test_f16_export_refuses_weights_beyond_float16(tmp_path, fixture_model):
 
 # ---- item 5: an unwritable directory, a full disk --------------------------------------------------------------
 @pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory this process cannot write into, even as root (chmod does not stop root: a read-only tmpfs or
-    the immutable attribute, whichever works here)."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    if os.geteuid() != 0:
-        d.chmod(0o500)
-        yield d
-        d.chmod(0o700)
-        return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)],
-                      capture_output=True).returncode == 0:
-        yield d
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-        return
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0:
-        yield d
-        subprocess.run(["chattr", "-i", str(d)], capture_output=True)
-        return
-    pytest.skip("no way to make a directory read-only for root here")
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
+def tiny_tmpfs(tmpfs):
     """A 64 KiB tmpfs: the fixture's exports (~150 KiB) do not fit."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    d = tmpfs("tmpfs", "size=64k")
+    if d is None:
+        pytest.skip("cannot mount a tmpfs here")
+    return d
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
